@@ -1,0 +1,54 @@
+"""fastpipe: move bytes between file descriptors without holding the GIL.
+
+Low level, the compiled core::
+
+    copy_fd(src_fd, dst_fd, count=None, *, zerocopy=True) -> int
+    buffer_stats() -> dict; trim_buffers() -> int; BUFFER_SIZE
+
+High level, a pool of persistent worker threads::
+
+    relay(src, dst, *, close=True, count=None, zerocopy=True) -> Relay
+    default_pool() -> WorkerPool
+"""
+
+from __future__ import annotations
+
+from fastpipe._impl import (
+    BUFFER_SIZE,
+    IMPLEMENTATION,
+    buffer_stats,
+    copy_fd,
+    trim_buffers,
+)
+from fastpipe._pool import WorkerPool, default_pool
+from fastpipe._relay import FdLike, Relay
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BUFFER_SIZE",
+    "IMPLEMENTATION",
+    "FdLike",
+    "Relay",
+    "WorkerPool",
+    "buffer_stats",
+    "copy_fd",
+    "default_pool",
+    "relay",
+    "trim_buffers",
+]
+
+
+def relay(
+    src: FdLike,
+    dst: FdLike,
+    *,
+    close: bool = True,
+    count: int | None = None,
+    zerocopy: bool = True,
+    idle_timeout: float | None = None,
+) -> Relay:
+    """Copy ``src`` to ``dst`` in the default pool; see ``WorkerPool.relay``."""
+    return default_pool().relay(
+        src, dst, close=close, count=count, zerocopy=zerocopy, idle_timeout=idle_timeout
+    )

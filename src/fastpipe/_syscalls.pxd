@@ -1,0 +1,65 @@
+# cython: language_level=3
+# System calls and types used by the copy loop, declared from _compat.h so
+# that every feature macro is in force before the system headers are read.
+
+from posix.types cimport mode_t
+from posix.uio cimport iovec
+
+
+cdef extern from "_compat.h" nogil:
+    ctypedef unsigned long nfds_t
+
+    struct pollfd:
+        int fd
+        short events
+        short revents
+
+    int poll(pollfd *fds, nfds_t nfds, int timeout)
+    enum:
+        POLLIN
+        POLLOUT
+        POLLERR
+        POLLHUP
+        POLLNVAL
+
+    struct msghdr:
+        void *msg_name
+        unsigned int msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
+
+    ssize_t sendmsg(int fd, const msghdr *msg, int flags)
+    enum:
+        MSG_NOSIGNAL
+
+    ssize_t readv(int fd, const iovec *iov, int iovcnt)
+    ssize_t writev(int fd, const iovec *iov, int iovcnt)
+
+    int fcntl(int fd, int cmd, ...)
+    enum:
+        F_GETFL
+        O_NONBLOCK
+
+    struct stat:
+        mode_t st_mode
+        long st_size
+
+    int fstat(int fd, stat *buf)
+    bint S_ISREG(mode_t m)
+    bint S_ISFIFO(mode_t m)
+    bint S_ISSOCK(mode_t m)
+    bint S_ISCHR(mode_t m)
+    bint S_ISBLK(mode_t m)
+
+    ctypedef struct pthread_mutex_t:
+        pass
+
+    int pthread_mutex_init(pthread_mutex_t *m, void *attr)
+    int pthread_mutex_lock(pthread_mutex_t *m)
+    int pthread_mutex_unlock(pthread_mutex_t *m)
+
+    void fp_store_ll(long long *p, long long v)
+    long long fp_load_ll(const long long *p)
