@@ -1,0 +1,230 @@
+"""Fixtures: endpoints of every fd kind, and the leak checks run after each test."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+import fastpipe
+
+KINDS = ["file", "pipe", "unix", "tcp"]
+
+
+@pytest.fixture(autouse=True)
+def no_buffer_left_in_use() -> Iterator[None]:
+    """Every test must give back every pooled buffer it took."""
+    yield
+    # A relay completes its future only after its buffers are back, but a
+    # test that failed half-way may leave one finishing: give it a moment.
+    deadline = time.monotonic() + 2.0
+    while fastpipe.buffer_stats()["in_use"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert fastpipe.buffer_stats()["in_use"] == 0, fastpipe.buffer_stats()
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected TCP loopback pair (client, server side)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    return client, server
+
+
+def socket_pair(kind: str) -> tuple[socket.socket, socket.socket]:
+    if kind == "unix":
+        return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    return tcp_pair()
+
+
+class _OwnedFd:
+    """An fd the fixture closes at teardown, unless the test closed or gave it away.
+
+    Closing a number twice is a real bug, not a tidiness issue: by the second
+    close the number may belong to someone else.
+    """
+
+    fd: int
+    closed: bool = False
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            os.close(self.fd)
+
+    def disown(self) -> int:
+        """The code under test closes the fd now (relay's close=True)."""
+        self.closed = True
+        return self.fd
+
+
+@dataclass
+class Source(_OwnedFd):
+    """A readable fd for the code under test, fed with ``data`` by a helper."""
+
+    fd: int
+    data: bytes
+    keep: list[object] = field(default_factory=list)
+    feeder: threading.Thread | None = None
+
+    def leftover(self) -> bytes:
+        """Read what the code under test left in the source."""
+        chunks = []
+        os.set_blocking(self.fd, True)
+        while chunk := os.read(self.fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+@dataclass
+class Sink(_OwnedFd):
+    """A writable fd for the code under test; ``received()`` is what arrived."""
+
+    fd: int
+    read_back: Callable[[], bytes]
+    keep: list[object] = field(default_factory=list)
+
+    def received(self) -> bytes:
+        """What arrived; for a stream, closes our fd first so the reader sees EOF."""
+        self.close()
+        return self.read_back()
+
+
+def _feed_in_thread(write: Callable[[bytes], object], data: bytes, done: Callable[[], None]):
+    def run() -> None:
+        try:
+            view = memoryview(data)
+            while view:
+                n = write(view[: 1 << 16])
+                view = view[n:] if isinstance(n, int) else view[len(view[: 1 << 16]) :]
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the test closed its end early on purpose
+        finally:
+            done()
+
+    return threading.Thread(target=run, daemon=True)
+
+
+class Endpoints:
+    """Builds sources and sinks of each kind and tears all of them down."""
+
+    def __init__(self, tmp_path: str) -> None:
+        self.tmp_path = tmp_path
+        self._cleanup: list[Callable[[], None]] = []
+        self._threads: list[threading.Thread] = []
+
+    def _close_later(self, fd_or_obj: object) -> None:
+        def close() -> None:
+            with contextlib.suppress(OSError):
+                if isinstance(fd_or_obj, int):
+                    os.close(fd_or_obj)
+                else:
+                    fd_or_obj.close()  # type: ignore[attr-defined]
+
+        self._cleanup.append(close)
+
+    def source(self, kind: str, data: bytes, *, nonblocking: bool = False) -> Source:
+        if kind == "file":
+            fd_, path = tempfile.mkstemp(dir=self.tmp_path)
+            with os.fdopen(fd_, "wb") as f:
+                f.write(data)
+            src = Source(os.open(path, os.O_RDONLY), data)
+        elif kind == "pipe":
+            r, w = os.pipe()
+            src = Source(r, data)
+            t = _feed_in_thread(lambda b: os.write(w, b), data, lambda: os.close(w))
+            src.feeder = t
+        else:
+            a, b = socket_pair(kind)
+            self._close_later(b)
+            fd = a.detach()
+
+            def done(b: socket.socket = b) -> None:
+                with contextlib.suppress(OSError):
+                    b.shutdown(socket.SHUT_WR)
+
+            src = Source(fd, data, keep=[b])
+            src.feeder = _feed_in_thread(b.send, data, done)
+        self._cleanup.append(src.close)
+        if nonblocking:
+            os.set_blocking(src.fd, False)
+        if src.feeder is not None:
+            self._threads.append(src.feeder)
+            src.feeder.start()
+        return src
+
+    def sink(self, kind: str, *, nonblocking: bool = False) -> Sink:
+        if kind == "file":
+            fd_, path = tempfile.mkstemp(dir=self.tmp_path)
+
+            def read_back() -> bytes:
+                with open(path, "rb") as f:
+                    return f.read()
+
+            sink = Sink(fd_, read_back)
+        else:
+            chunks: list[bytes] = []
+            if kind == "pipe":
+                r, w = os.pipe()
+                fd, reader = w, (lambda: os.read(r, 1 << 20))
+                self._close_later(r)
+            else:
+                a, b = socket_pair(kind)
+                self._close_later(b)
+                fd, reader = a.detach(), (lambda: b.recv(1 << 20))
+
+            def drain() -> None:
+                while chunk := reader():
+                    chunks.append(chunk)
+
+            t = threading.Thread(target=drain, daemon=True)
+            self._threads.append(t)
+            t.start()
+
+            def read_back_stream() -> bytes:
+                # The caller must have closed (or let relay close) the fd
+                # for the drainer to see end of file.
+                t.join(30)
+                assert not t.is_alive(), "the sink never saw end of file"
+                return b"".join(chunks)
+
+            sink = Sink(fd, read_back_stream)
+        self._cleanup.append(sink.close)
+        if nonblocking:
+            os.set_blocking(sink.fd, False)
+        return sink
+
+    def close(self) -> None:
+        for close in reversed(self._cleanup):
+            with contextlib.suppress(OSError):
+                close()
+        for t in self._threads:
+            t.join(10)
+
+
+@pytest.fixture
+def endpoints(tmp_path: os.PathLike[str]) -> Iterator[Endpoints]:
+    eps = Endpoints(str(tmp_path))
+    yield eps
+    eps.close()
+
+
+def close_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def open_fds() -> set[int]:
+    return {int(n) for n in os.listdir("/proc/self/fd")}
+
+
+compiled_only = pytest.mark.skipif(
+    fastpipe.IMPLEMENTATION != "c", reason="needs the compiled core (GIL-free loop)"
+)

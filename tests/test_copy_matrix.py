@@ -1,0 +1,113 @@
+"""Every byte arrives once and in order: fd kinds x blocking x sizes x paths."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from conftest import KINDS, Endpoints
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastpipe
+
+SIZES = [0, 1, 32 * 1024 - 1, 32 * 1024, 32 * 1024 + 1, 3 * 1024 * 1024 + 7]
+
+
+def payload(size: int) -> bytes:
+    # Random bytes: a shifted, repeated or dropped chunk cannot compare equal.
+    return os.urandom(size)
+
+
+@pytest.mark.parametrize("zerocopy", [True, False], ids=["zerocopy", "readwrite"])
+@pytest.mark.parametrize("nonblocking", [False, True], ids=["blocking", "nonblocking"])
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("dst_kind", KINDS)
+@pytest.mark.parametrize("src_kind", KINDS)
+def test_copy_fd_matrix(
+    endpoints: Endpoints, src_kind: str, dst_kind: str, size: int, nonblocking: bool, zerocopy: bool
+) -> None:
+    data = payload(size)
+    src = endpoints.source(src_kind, data, nonblocking=nonblocking)
+    dst = endpoints.sink(dst_kind, nonblocking=nonblocking)
+    assert fastpipe.copy_fd(src.fd, dst.fd, zerocopy=zerocopy) == size
+    assert dst.received() == data
+
+
+@pytest.mark.parametrize("nonblocking", [False, True], ids=["blocking", "nonblocking"])
+@pytest.mark.parametrize("size", [0, 32 * 1024 + 1, 3 * 1024 * 1024 + 7])
+@pytest.mark.parametrize("dst_kind", KINDS)
+@pytest.mark.parametrize("src_kind", KINDS)
+def test_relay_matrix(
+    endpoints: Endpoints, src_kind: str, dst_kind: str, size: int, nonblocking: bool
+) -> None:
+    data = payload(size)
+    src = endpoints.source(src_kind, data, nonblocking=nonblocking)
+    dst = endpoints.sink(dst_kind, nonblocking=nonblocking)
+    relay = fastpipe.relay(src.disown(), dst.disown())
+    assert relay.result(timeout=30) == size
+    assert relay.bytes_copied == size
+    assert relay.method == "readwrite"
+    assert dst.received() == data
+
+
+@pytest.mark.parametrize("zerocopy", [True, False], ids=["zerocopy", "readwrite"])
+@pytest.mark.parametrize("count", [0, 1, 32 * 1024, 100_000])
+@pytest.mark.parametrize("src_kind", KINDS)
+def test_count_leaves_the_rest_in_the_source(
+    endpoints: Endpoints, src_kind: str, count: int, zerocopy: bool
+) -> None:
+    data = payload(300_000)
+    src = endpoints.source(src_kind, data)
+    dst = endpoints.sink("pipe")
+    assert fastpipe.copy_fd(src.fd, dst.fd, count, zerocopy=zerocopy) == count
+    assert dst.received() == data[:count]
+    # Not one byte more was taken from the source (file offset included).
+    assert src.leftover() == data[count:]
+
+
+@pytest.mark.parametrize("src_kind", KINDS)
+def test_count_beyond_end_of_file_copies_everything(endpoints: Endpoints, src_kind: str) -> None:
+    data = payload(50_000)
+    src = endpoints.source(src_kind, data)
+    dst = endpoints.sink("file")
+    assert fastpipe.copy_fd(src.fd, dst.fd, 10 * len(data)) == len(data)
+    assert dst.received() == data
+
+
+def test_file_offsets_advance_like_read_and_write(endpoints: Endpoints) -> None:
+    data = payload(200_000)
+    src = endpoints.source("file", data)
+    dst = endpoints.sink("file")
+    os.lseek(src.fd, 1000, os.SEEK_SET)
+    os.write(dst.fd, b"head")
+    assert fastpipe.copy_fd(src.fd, dst.fd, 5000) == 5000
+    assert os.lseek(src.fd, 0, os.SEEK_CUR) == 6000
+    assert os.lseek(dst.fd, 0, os.SEEK_CUR) == 5004
+    assert fastpipe.copy_fd(src.fd, dst.fd) == len(data) - 6000
+    assert dst.received() == b"head" + data[1000:]
+
+
+def test_nonblocking_flags_are_left_as_they_were(endpoints: Endpoints) -> None:
+    src = endpoints.source("pipe", payload(100_000), nonblocking=True)
+    dst = endpoints.sink("unix")
+    fastpipe.copy_fd(src.fd, dst.fd)
+    assert os.get_blocking(src.fd) is False
+    assert os.get_blocking(dst.fd) is True
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    data=st.binary(min_size=0, max_size=200_000),
+    count=st.one_of(st.none(), st.integers(min_value=0, max_value=250_000)),
+    zerocopy=st.booleans(),
+)
+def test_pipe_to_file_any_size_and_count(
+    endpoints: Endpoints, data: bytes, count: int | None, zerocopy: bool
+) -> None:
+    src = endpoints.source("pipe", data)
+    dst = endpoints.sink("file")
+    expect = data if count is None else data[:count]
+    assert fastpipe.copy_fd(src.fd, dst.fd, count, zerocopy=zerocopy) == len(expect)
+    assert dst.received() == expect
+    assert src.leftover() == data[len(expect) :]

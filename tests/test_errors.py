@@ -1,0 +1,200 @@
+"""Bad input fails at once with TypeError/ValueError; OS errors carry their errno."""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import socket
+
+import pytest
+from conftest import Endpoints, close_quietly, open_fds
+
+import fastpipe
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "exc"),
+    [
+        (("0", 1), {}, TypeError),
+        ((0, 1.0), {}, TypeError),
+        ((None, 1), {}, TypeError),
+        ((True, 1), {}, TypeError),
+        ((-1, 1), {}, ValueError),
+        ((0, -5), {}, ValueError),
+        ((0, 1 << 40), {}, ValueError),
+        ((0, 1, -1), {}, ValueError),
+        ((0, 1, "10"), {}, TypeError),
+        ((0, 1, 2.5), {}, TypeError),
+    ],
+)
+def test_copy_fd_rejects_bad_arguments_at_once(args, kwargs, exc) -> None:
+    with pytest.raises(exc):
+        fastpipe.copy_fd(*args, **kwargs)
+
+
+def test_copy_fd_bad_fd_is_ebadf() -> None:
+    r, w = os.pipe()
+    os.close(r)
+    os.close(w)
+    with pytest.raises(OSError) as info:
+        fastpipe.copy_fd(r, w)
+    assert info.value.errno == errno.EBADF
+
+
+def test_copy_fd_directory_source_is_eisdir(tmp_path) -> None:
+    fd = os.open(tmp_path, os.O_RDONLY)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        with pytest.raises(IsADirectoryError):
+            fastpipe.copy_fd(fd, devnull)
+    finally:
+        os.close(fd)
+        os.close(devnull)
+
+
+def test_pipe_with_no_reader_raises_broken_pipe(endpoints: Endpoints) -> None:
+    src = endpoints.source("file", os.urandom(100_000))
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        with pytest.raises(BrokenPipeError) as info:
+            fastpipe.copy_fd(src.fd, w)
+        assert info.value.errno == errno.EPIPE
+    finally:
+        os.close(w)
+
+
+@pytest.mark.parametrize("family", ["unix", "tcp"])
+def test_socket_with_closed_peer_raises_epipe_not_sigpipe(endpoints: Endpoints, family) -> None:
+    from conftest import socket_pair
+
+    src = endpoints.source("file", os.urandom(3_000_000))
+    a, b = socket_pair(family)
+    b.close()
+    try:
+        # A closed TCP peer answers with RST: EPIPE or ECONNRESET, both
+        # OSError subclasses; never a SIGPIPE that kills the process.
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            fastpipe.copy_fd(src.fd, a.fileno())
+    finally:
+        a.close()
+
+
+def test_full_device_raises_enospc(endpoints: Endpoints) -> None:
+    src = endpoints.source("file", os.urandom(100_000))
+    full = os.open("/dev/full", os.O_WRONLY)
+    try:
+        with pytest.raises(OSError) as info:
+            fastpipe.copy_fd(src.fd, full)
+        assert info.value.errno == errno.ENOSPC
+    finally:
+        os.close(full)
+
+
+class NoFileno:
+    pass
+
+
+class BadFileno:
+    def fileno(self) -> str:
+        return "3"
+
+
+@pytest.mark.parametrize(
+    ("obj", "exc"),
+    [
+        (NoFileno(), TypeError),
+        (BadFileno(), TypeError),
+        ("/etc/passwd", TypeError),
+        (b"data", TypeError),
+        (3.0, TypeError),
+        (None, TypeError),
+        (False, TypeError),
+        (io.BytesIO(b"x"), TypeError),
+        (io.StringIO("x"), TypeError),
+        (-1, ValueError),
+    ],
+)
+def test_relay_rejects_bad_ends_at_once(obj, exc) -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        with pytest.raises(exc):
+            fastpipe.relay(obj, devnull)
+        with pytest.raises(exc):
+            fastpipe.relay(devnull, obj)
+    finally:
+        os.close(devnull)
+
+
+def test_relay_rejects_text_mode_files(tmp_path) -> None:
+    path = tmp_path / "f"
+    path.write_text("hello")
+    with open(path) as text, open(os.devnull, "wb") as out, pytest.raises(TypeError):
+        fastpipe.relay(text, out)
+
+
+def test_relay_rejects_closed_socket() -> None:
+    a, b = socket.socketpair()
+    a.close()
+    try:
+        with pytest.raises(ValueError):
+            fastpipe.relay(a, b)
+    finally:
+        b.close()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc"),
+    [
+        ({"count": -1}, ValueError),
+        ({"count": "1"}, TypeError),
+        ({"count": 1.5}, TypeError),
+        ({"idle_timeout": 0}, ValueError),
+        ({"idle_timeout": -1.0}, ValueError),
+        ({"idle_timeout": "1"}, TypeError),
+    ],
+)
+def test_relay_rejects_bad_keywords_at_once(kwargs, exc) -> None:
+    r, w = os.pipe()
+    before = fastpipe.default_pool().stats()["busy"]
+    try:
+        with pytest.raises(exc):
+            fastpipe.relay(r, w, **kwargs)
+        # Nothing was started, and nothing was closed.
+        assert fastpipe.default_pool().stats()["busy"] == before
+        os.fstat(r)
+        os.fstat(w)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_relay_reports_os_errors_through_the_future_not_at_once() -> None:
+    r, w = os.pipe()
+    os.close(r)
+    os.close(w)
+    relay = fastpipe.relay(r, w, close=False)  # no exception here
+    with pytest.raises(OSError) as info:
+        relay.result(timeout=10)
+    assert info.value.errno == errno.EBADF
+    assert relay.exception() is info.value
+
+
+def test_relay_enospc_through_the_future_and_ends_are_closed(endpoints: Endpoints) -> None:
+    before = open_fds()
+    src = endpoints.source("file", os.urandom(100_000))
+    full = os.open("/dev/full", os.O_WRONLY)
+    relay = fastpipe.relay(src.disown(), full)
+    with pytest.raises(OSError) as info:
+        relay.result(timeout=10)
+    assert info.value.errno == errno.ENOSPC
+    assert open_fds() <= before
+
+
+def test_relay_broken_pipe_through_the_future(endpoints: Endpoints) -> None:
+    src = endpoints.source("file", os.urandom(300_000))
+    r, w = os.pipe()
+    close_quietly(r)
+    relay = fastpipe.relay(src.disown(), w)
+    assert isinstance(relay.exception(timeout=10), BrokenPipeError)

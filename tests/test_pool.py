@@ -1,0 +1,238 @@
+"""WorkerPool: persistent workers, growth to the peak, reuse, queueing, shutdown."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+import fastpipe
+from fastpipe import WorkerPool
+
+
+def idle_relay(pool: WorkerPool) -> tuple[fastpipe.Relay, int]:
+    """A relay parked on an idle pipe; write to and close the fd to finish it."""
+    r, w = os.pipe()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    return pool.relay(r, devnull), w
+
+
+def wait_for(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.005)
+
+
+def worker_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("fastpipe-worker-")}
+
+
+def finish(writers: list[int], payload: bytes = b"x" * 1000) -> None:
+    for w in writers:
+        os.write(w, payload)
+        os.close(w)
+
+
+def test_stats_has_the_contract_keys() -> None:
+    with WorkerPool() as pool:
+        assert set(pool.stats()) == {"workers", "idle", "busy", "queued", "peak"}
+        assert pool.stats() == {"workers": 0, "idle": 0, "busy": 0, "queued": 0, "peak": 0}
+
+
+def test_sequential_relays_start_no_new_threads() -> None:
+    with WorkerPool() as pool:
+        relay, w = idle_relay(pool)
+        finish([w])
+        relay.result(timeout=10)
+        threads = worker_threads()
+        for _ in range(50):
+            relay, w = idle_relay(pool)
+            finish([w])
+            assert relay.result(timeout=10) == 1000
+        assert worker_threads() == threads
+        assert pool.stats()["workers"] == 1
+        assert pool.stats()["peak"] == 1
+
+
+@pytest.mark.parametrize("n", [1, 5, 16])
+def test_n_simultaneous_relays_grow_to_n_workers_and_are_reused(n: int) -> None:
+    with WorkerPool() as pool:
+        before = worker_threads()
+        wave = [idle_relay(pool) for _ in range(n)]
+        wait_for(lambda: pool.stats()["busy"] == n)
+        assert pool.stats() == {"workers": n, "idle": 0, "busy": n, "queued": 0, "peak": n}
+        first = worker_threads() - before
+        assert len(first) == n
+        finish([w for _, w in wave])
+        assert [r.result(timeout=10) for r, _ in wave] == [1000] * n
+        wait_for(lambda: pool.stats()["idle"] == n)
+
+        wave = [idle_relay(pool) for _ in range(n)]
+        wait_for(lambda: pool.stats()["busy"] == n)
+        assert pool.stats()["workers"] == n
+        assert worker_threads() - before == first  # the same threads again
+        finish([w for _, w in wave])
+        assert [r.result(timeout=10) for r, _ in wave] == [1000] * n
+        assert pool.stats()["peak"] == n
+
+
+def test_worker_threads_are_named_daemons() -> None:
+    with WorkerPool() as pool:
+        relay, w = idle_relay(pool)
+        wait_for(lambda: pool.stats()["busy"] == 1)
+        (thread,) = worker_threads() & {t for t in threading.enumerate()}
+        assert thread.daemon
+        finish([w])
+        relay.result(timeout=10)
+
+
+def test_max_workers_queues_in_order() -> None:
+    with WorkerPool(max_workers=1) as pool:
+        order: list[int] = []
+        relays = []
+        writers = []
+        for i in range(4):
+            relay, w = idle_relay(pool)
+            relay.add_done_callback(lambda _f, i=i: order.append(i))
+            relays.append(relay)
+            writers.append(w)
+        wait_for(lambda: pool.stats()["busy"] == 1)
+        assert pool.stats()["queued"] == 3
+        assert pool.stats()["workers"] == 1
+        # Feed them all at once; only queue order decides who runs next.
+        finish(writers)
+        assert [r.result(timeout=10) for r in relays] == [1000] * 4
+        assert order == [0, 1, 2, 3]
+        assert pool.stats()["peak"] == 1
+
+
+def test_queued_relay_can_be_cancelled_and_its_ends_are_closed() -> None:
+    with WorkerPool(max_workers=1) as pool:
+        first, w1 = idle_relay(pool)
+        r, w = os.pipe()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        queued = pool.relay(r, devnull)
+        wait_for(lambda: pool.stats()["queued"] == 1)
+        assert queued.cancel()
+        finish([w1])
+        first.result(timeout=10)
+        wait_for(lambda: pool.stats()["queued"] == 0 and pool.stats()["busy"] == 0)
+        with pytest.raises(OSError):
+            os.fstat(r)
+        with pytest.raises(OSError):
+            os.fstat(devnull)
+        os.close(w)
+
+
+def test_idle_worker_timeout_lets_workers_exit() -> None:
+    with WorkerPool(idle_worker_timeout=0.2) as pool:
+        wave = [idle_relay(pool) for _ in range(3)]
+        wait_for(lambda: pool.stats()["workers"] == 3)
+        finish([w for _, w in wave])
+        for r, _ in wave:
+            r.result(timeout=10)
+        wait_for(lambda: pool.stats()["workers"] == 0, timeout=5)
+        assert pool.stats()["idle"] == 0
+        # And the pool still works afterwards.
+        relay, w = idle_relay(pool)
+        finish([w])
+        assert relay.result(timeout=10) == 1000
+
+
+def test_shutdown_is_idempotent_and_refuses_new_relays() -> None:
+    pool = WorkerPool()
+    relay, w = idle_relay(pool)
+    finish([w])
+    relay.result(timeout=10)
+    threads = worker_threads()
+    pool.shutdown()
+    pool.shutdown()
+    for t in threads:
+        t.join(5)
+    assert pool.stats()["workers"] == 0
+    r, w = os.pipe()
+    try:
+        with pytest.raises(RuntimeError):
+            pool.relay(r, w)
+        # Refused before anything was taken over: both fds are still open.
+        os.fstat(r)
+        os.fstat(w)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_shutdown_waits_for_running_relays() -> None:
+    pool = WorkerPool()
+    relay, w = idle_relay(pool)
+    wait_for(lambda: pool.stats()["busy"] == 1)
+    threading.Timer(0.2, finish, ([w],)).start()
+    pool.shutdown(wait=True)
+    assert relay.done()
+    assert relay.result() == 1000
+
+
+def test_shutdown_cancel_relays_cancels_queued_ones() -> None:
+    pool = WorkerPool(max_workers=1)
+    running, w = idle_relay(pool)
+    queued, w2 = idle_relay(pool)
+    wait_for(lambda: pool.stats()["queued"] == 1)
+    pool.shutdown(wait=False, cancel_relays=True)
+    assert queued.cancelled()
+    finish([w])
+    assert running.result(timeout=10) == 1000
+    os.close(w2)
+
+
+def test_context_manager_shuts_down() -> None:
+    with WorkerPool() as pool:
+        relay, w = idle_relay(pool)
+        finish([w])
+    assert relay.result() == 1000
+    with pytest.raises(RuntimeError):
+        pool.relay(0, 1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc"),
+    [
+        ({"max_workers": 0}, ValueError),
+        ({"max_workers": 1.5}, TypeError),
+        ({"idle_worker_timeout": 0}, ValueError),
+        ({"idle_worker_timeout": "1"}, TypeError),
+    ],
+)
+def test_pool_rejects_bad_arguments(kwargs, exc) -> None:
+    with pytest.raises(exc):
+        WorkerPool(**kwargs)
+
+
+def test_default_pool_is_shared() -> None:
+    assert fastpipe.default_pool() is fastpipe.default_pool()
+
+
+def test_done_callbacks_run() -> None:
+    with WorkerPool() as pool:
+        done = threading.Event()
+        relay, w = idle_relay(pool)
+        relay.add_done_callback(lambda f: done.set())
+        finish([w])
+        assert done.wait(10)
+        assert relay.result() == 1000
+
+
+def test_bytes_copied_is_live_while_running() -> None:
+    with WorkerPool() as pool:
+        relay, w = idle_relay(pool)
+        assert relay.bytes_copied == 0
+        os.write(w, b"a" * 5000)
+        wait_for(lambda: relay.bytes_copied == 5000)
+        assert not relay.done()
+        assert relay.method == "readwrite"
+        os.write(w, b"b" * 10)
+        os.close(w)
+        assert relay.result(timeout=10) == 5010
+        assert relay.bytes_copied == 5010
