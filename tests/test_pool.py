@@ -81,11 +81,14 @@ def test_n_simultaneous_relays_grow_to_n_workers_and_are_reused(n: int) -> None:
 
 def test_worker_threads_are_named_daemons() -> None:
     with WorkerPool() as pool:
+        before = worker_threads()
         relay, w = idle_relay(pool)
-        wait_for(lambda: pool.stats()["busy"] == 1)
-        (thread,) = worker_threads() & {t for t in threading.enumerate()}
-        assert thread.daemon
-        finish([w])
+        try:
+            wait_for(lambda: pool.stats()["busy"] == 1)
+            (thread,) = worker_threads() - before
+            assert thread.daemon
+        finally:
+            finish([w])
         relay.result(timeout=10)
 
 

@@ -1,0 +1,1423 @@
+"""``fastpipe bench``: fastpipe.relay side by side with ``shutil.copyfileobj``.
+
+One implementation of every workload, shared by the command line
+(``python -m fastpipe bench``) and the pytest-benchmark files in ``bench/``.
+Standard library only: this module ships in the wheel and fastpipe has no
+run-time dependencies.
+
+A ``Case`` is one workload run by one method.  It is driven round by round:
+``setup()`` (not timed: endpoint processes, fds), ``run()`` (timed) and
+``finish()`` (not timed: verifies every byte, reaps the processes), which is
+the shape of ``benchmark.pedantic(run, setup=..., teardown=...)``.  ``run()``
+also measures itself (wall and CPU time), so the figures are the same
+whoever drives it.
+
+Endpoints that produce or consume bytes run in other processes, started as
+``python -I -S <this file> endpoint ROLE ...``, so that their CPU time is not
+counted as the relay's and the relay process does nothing but relay.  They
+talk to the parent in lines on stdin/stdout: ``ready ...`` once set up,
+``go`` from the parent when the timed part starts, ``done ...`` at the end.
+
+The bytes are a pseudo-random block repeated with a period that is not a
+power of two, so a lost, repeated or reordered chunk shows.  Whoever receives
+them (the sink process, or this process reading the destination file after
+the round) compares every byte with the pattern and reports the length and
+the offset of the first wrong byte.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import platform
+import select
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, TextIO, TypeAlias
+
+# No ``import fastpipe`` up here: this file also runs as a script, in
+# isolated mode, for the endpoint processes, where fastpipe may not be
+# importable.  The cases import it when they are built.
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+DEFAULT_SIZE_MIB = 64
+DEFAULT_REPEAT = 3
+#: Small relays: bytes per relay, relays in flight at once, relays per round.
+SMALL_PAYLOAD = 16 * 1024
+SMALL_IN_FLIGHT = 64
+SMALL_RELAYS = 2048
+#: copyfileobj in a thread against a spinning main thread waits for the GIL
+#: at every 64 KiB read and write (up to the 5 ms switch interval each), so
+#: that case moves this fraction of the bytes: compare MiB/s, not time.
+SPIN_BASELINE_DIVISOR = 32
+
+#: The longest wait for a relay, an endpoint or a drain before failing
+#: loudly: a hang is a bug to report, not something to wait out.
+TIMEOUT = 120.0
+
+# The pattern's period: 1 MiB plus an odd amount, so that no copy chunk (all
+# powers of two) lines up with it.
+_PERIOD = MiB + 4093
+_SEED = 0xFA57
+
+# Method names, also the pytest parametrize ids.
+FASTPIPE = "fastpipe"
+COPYFILEOBJ = "copyfileobj"
+COPYFILEOBJ_POOL = "copyfileobj-pool"
+SETUP_ONLY = "setup-only"
+FASTPIPE_IDLE = "fastpipe-idle-main"
+
+METHOD_TITLES = {
+    FASTPIPE: "fastpipe.relay",
+    COPYFILEOBJ: "copyfileobj",
+    COPYFILEOBJ_POOL: "copyfileobj+pool",
+}
+
+#: One end of a copy: an fd, or a socket (relay() closes either kind).
+End: TypeAlias = "int | socket.socket"
+
+
+class BenchError(RuntimeError):
+    """A benchmark could not run, or moved the wrong bytes."""
+
+
+# ---------------------------------------------------------------------------
+# The byte pattern
+# ---------------------------------------------------------------------------
+
+
+@functools.cache
+def pattern_block() -> bytes:
+    """Return one period of the pattern (about 1 MiB of pseudo-random bytes)."""
+    import random  # here: only the processes that need it pay for it
+
+    return random.Random(_SEED).randbytes(_PERIOD)
+
+
+@functools.cache
+def _doubled_block() -> memoryview:
+    # Two periods back to back: any piece of up to one period is one slice.
+    return memoryview(pattern_block() * 2)
+
+
+def iter_pattern(nbytes: int, chunk: int = MiB) -> Iterator[memoryview]:
+    """Yield the first ``nbytes`` of the endless pattern, ``chunk`` at a time.
+
+    Args:
+        nbytes: how many bytes in all.
+        chunk: the most bytes per piece (at most one period).
+
+    Yields:
+        Read-only views into one doubled block: nothing is copied.
+    """
+    doubled = _doubled_block()
+    chunk = min(chunk, _PERIOD)
+    pos = 0
+    left = nbytes
+    while left > 0:
+        n = min(chunk, left)
+        yield doubled[pos : pos + n]
+        pos = (pos + n) % _PERIOD
+        left -= n
+
+
+class PatternCheck:
+    """Compare a byte stream, piece by piece, with the pattern.
+
+    Every byte is compared: ``bytearray == memoryview`` is a ``memcmp`` (over
+    10 GB/s), stronger than a checksum and cheaper than one, which matters
+    because a sink must stay far faster than the copy it helps to measure.
+    """
+
+    def __init__(self) -> None:
+        self._doubled = _doubled_block()
+        self.total = 0
+        #: The offset of the first wrong byte, or -1.
+        self.first_bad = -1
+
+    def update(self, data: bytearray) -> None:
+        """Check the next ``len(data)`` bytes of the stream."""
+        n = len(data)
+        done = 0
+        while done < n and self.first_bad < 0:
+            pos = (self.total + done) % _PERIOD
+            step = min(n - done, _PERIOD)
+            piece = data if step == n else data[done : done + step]
+            expect = self._doubled[pos : pos + step]
+            # A bytearray on the left: its __eq__ takes any buffer and memcmps
+            # (memoryview.__eq__ compares item by item, 50 times slower).
+            if piece != expect:
+                bad = next(i for i in range(step) if piece[i] != expect[i])
+                self.first_bad = self.total + done + bad
+            done += step
+        self.total += n
+
+    def problem(self, nbytes: int) -> str | None:
+        """None if exactly the first ``nbytes`` of the pattern went by, else what differs."""
+        return describe_mismatch(self.total, self.first_bad, nbytes)
+
+
+def describe_mismatch(total: int, first_bad: int, nbytes: int) -> str | None:
+    """None if ``total == nbytes`` and no byte was wrong, else a description."""
+    if first_bad >= 0:
+        return f"byte {first_bad} differs from the byte sent ({total} bytes received)"
+    if total != nbytes:
+        return f"{total} bytes arrived, {nbytes} were sent"
+    return None
+
+
+def write_pattern_file(path: str, nbytes: int) -> None:
+    """Write the first ``nbytes`` of the pattern to a new file at ``path``."""
+    with open(path, "wb") as f:
+        for piece in iter_pattern(nbytes):
+            f.write(piece)
+
+
+def check_file(path: str, nbytes: int, what: str) -> None:
+    """Check that ``path`` holds exactly the first ``nbytes`` of the pattern.
+
+    Raises:
+        BenchError: a byte or the length differs.
+    """
+    check = PatternCheck()
+    buf = bytearray(MiB)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            check.update(buf if n == len(buf) else buf[:n])
+    problem = check.problem(nbytes)
+    if problem:
+        raise BenchError(f"{what}: {problem}")
+
+
+# ---------------------------------------------------------------------------
+# Endpoint processes
+# ---------------------------------------------------------------------------
+
+
+class Endpoint:
+    """A producer or consumer of bytes running in another process.
+
+    Args:
+        role: ``tcp-send`` (args: PORT NBYTES), ``tcp-sink`` (no args) or
+            ``pipe-send`` (args: FD NBYTES).
+        args: the role's arguments.
+        pass_fds: fds the child inherits (the write end of a pipe).
+
+    Raises:
+        BenchError: the interpreter is unknown.
+        OSError: the process could not start.
+    """
+
+    def __init__(self, role: str, *args: object, pass_fds: Sequence[int] = ()) -> None:
+        if not sys.executable:
+            raise BenchError("sys.executable is unknown: cannot start endpoint processes")
+        self.role = role
+        # -I: no PYTHON* variables and no script directory on sys.path (this
+        # file lives inside the package); -S: no site, a faster start.
+        cmd = [sys.executable, "-I", "-S", os.path.abspath(__file__), "endpoint", role]
+        self.proc = subprocess.Popen(
+            cmd + [str(a) for a in args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            pass_fds=tuple(pass_fds),
+        )
+        self._reaped = False
+
+    def ready(self) -> list[str]:
+        """Wait for the ``ready`` line; return its words after ``ready``.
+
+        Raises:
+            BenchError: the process died, or said nothing for TIMEOUT seconds.
+        """
+        stdout = self.proc.stdout
+        assert stdout is not None
+        readable, _, _ = select.select([stdout], [], [], TIMEOUT)
+        line = stdout.readline() if readable else b""
+        words = line.decode("ascii", "replace").split()
+        if not words or words[0] != "ready":
+            err = self.kill().decode("utf-8", "replace").strip()
+            raise BenchError(f"endpoint {self.role}: not ready (said {line!r}): {err}")
+        return words[1:]
+
+    def go(self) -> None:
+        """Tell the endpoint to start sending."""
+        stdin = self.proc.stdin
+        assert stdin is not None
+        stdin.write(b"go\n")
+        stdin.flush()
+
+    def finish(self) -> list[str]:
+        """Wait for the endpoint to exit; return its words after ``done``.
+
+        Raises:
+            BenchError: it failed, said nothing, or ran for TIMEOUT seconds more.
+        """
+        try:
+            out, err = self.proc.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise BenchError(f"endpoint {self.role}: still running after {TIMEOUT:g} s") from None
+        self._reaped = True
+        words = out.decode("ascii", "replace").split()
+        if self.proc.returncode != 0 or "done" not in words:
+            tail = " / ".join(err.decode("utf-8", "replace").strip().splitlines()[-3:])
+            raise BenchError(
+                f"endpoint {self.role}: exit status {self.proc.returncode}, said {out!r}: {tail}"
+            )
+        return words[words.index("done") + 1 :]
+
+    def kill(self) -> bytes:
+        """Kill the process if it still runs, and reap it (idempotent).
+
+        Returns:
+            What it wrote on stderr, unless that was collected already.
+        """
+        if self._reaped:
+            return b""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        # communicate() closes our ends of its pipes and waits: no zombie.
+        _, err = self.proc.communicate()
+        self._reaped = True
+        return err or b""
+
+
+def _say(line: str) -> None:
+    os.write(1, (line + "\n").encode("ascii"))
+
+
+def _wait_go() -> None:
+    if sys.stdin.buffer.readline() != b"go\n":
+        raise SystemExit("endpoint: no 'go' from the parent")
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        data = data[os.write(fd, data) :]
+
+
+def _endpoint_main(argv: list[str]) -> int:
+    """Run one endpoint role in this (child) process; see ``Endpoint``."""
+    role, args = argv[0], argv[1:]
+    _doubled_block()  # before "ready": making the pattern is not part of the copy
+    if role == "tcp-sink":
+        check = PatternCheck()
+        buf = bytearray(MiB)
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            _say(f"ready {listener.getsockname()[1]}")
+            conn, _ = listener.accept()
+        with conn:
+            while n := conn.recv_into(buf):
+                check.update(buf if n == len(buf) else buf[:n])
+        _say(f"done {check.total} {check.first_bad}")
+    elif role == "tcp-send":
+        port, nbytes = int(args[0]), int(args[1])
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            _say("ready")
+            _wait_go()
+            for piece in iter_pattern(nbytes):
+                sock.sendall(piece)
+        _say(f"done {nbytes}")
+    elif role == "pipe-send":
+        fd, nbytes = int(args[0]), int(args[1])
+        _say("ready")
+        _wait_go()
+        for piece in iter_pattern(nbytes):
+            _write_all(fd, piece)
+        os.close(fd)
+        _say(f"done {nbytes}")
+    else:
+        raise SystemExit(f"endpoint: unknown role {role!r}")
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# The baseline, and the main thread's busy loop
+# ---------------------------------------------------------------------------
+
+
+def close_end(end: End) -> None:
+    """Close an end the way ``relay(close=True)`` does."""
+    if isinstance(end, int):
+        os.close(end)
+    else:
+        end.close()
+
+
+def copyfileobj_fds(src_fd: int, dst_fd: int) -> None:
+    """The baseline copy: ``shutil.copyfileobj`` between two fds.
+
+    The reader is raw (``FileIO``: no read-ahead buffer to copy through);
+    the writer is buffered only so that a short ``write`` is finished: each
+    64 KiB chunk (``shutil.COPY_BUFSIZE``) is larger than its buffer and
+    goes straight to the fd.  Neither fd is closed.
+    """
+    with (
+        open(src_fd, "rb", buffering=0, closefd=False) as fsrc,
+        open(dst_fd, "wb", closefd=False) as fdst,
+    ):
+        shutil.copyfileobj(fsrc, fdst)
+
+
+def copyfileobj_and_close(src: End, dst: End) -> None:
+    """``copyfileobj_fds``, then close both ends, as ``relay`` does."""
+    try:
+        src_fd = src if isinstance(src, int) else src.fileno()
+        dst_fd = dst if isinstance(dst, int) else dst.fileno()
+        copyfileobj_fds(src_fd, dst_fd)
+    finally:
+        close_end(src)
+        close_end(dst)
+
+
+def copyfileobj_in_thread(
+    src: End, dst: End, start: threading.Event
+) -> tuple[Future[None], threading.Thread]:
+    """Run ``copyfileobj_and_close`` in a new thread once ``start`` is set.
+
+    Returns:
+        A future that completes with the copy, and the thread.
+    """
+    future: Future[None] = Future()
+    future.set_running_or_notify_cancel()
+
+    def target() -> None:
+        try:
+            start.wait()
+            copyfileobj_and_close(src, dst)
+        except BaseException as exc:  # noqa: B036 - delivered through the future
+            future.set_exception(exc)
+        else:
+            future.set_result(None)
+
+    thread = threading.Thread(target=target, name="bench-copyfileobj")
+    thread.start()
+    return future, thread
+
+
+def spin_until_done(future: Future[Any]) -> int:
+    """Keep this thread busy in pure Python until ``future`` is done.
+
+    Returns:
+        How many 200-step loops ran: what the thread got done meanwhile.
+    """
+    loops = 0
+    x = 1
+    while not future.done():
+        for _ in range(200):
+            x = (x * 1103515245 + 12345) & 0x7FFFFFFF
+        loops += 1
+    return loops
+
+
+# ---------------------------------------------------------------------------
+# Cases
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One verified round.
+
+    Attributes:
+        wall: seconds of the timed part.
+        cpu: CPU seconds of the relay: this process's CPU time, minus the
+            main thread's when it spins (the endpoints are other processes).
+        nbytes: bytes moved.
+        main_cpu: CPU seconds of the main thread when it spins, else 0.
+        spin_loops: loops the spinning main thread ran.
+    """
+
+    wall: float
+    cpu: float
+    nbytes: int
+    main_cpu: float = 0.0
+    spin_loops: int = 0
+
+
+class _Held:
+    """The fds and processes a round holds, released on every path."""
+
+    def __init__(self) -> None:
+        self.ends: list[End] = []
+        self.endpoints: list[Endpoint] = []
+
+    def hand_over(self) -> None:
+        """The copy owns the ends now, and closes them however it ends."""
+        self.ends.clear()
+
+    def release(self) -> None:
+        for end in self.ends:
+            with contextlib.suppress(OSError):
+                close_end(end)
+        self.ends.clear()
+        for endpoint in self.endpoints:
+            endpoint.kill()
+        self.endpoints.clear()
+
+
+class Case:
+    """One workload run by one method; see the module docstring.
+
+    Subclasses set ``workload``, ``title`` and ``methods``, implement
+    ``_round`` (the timed part) and, as needed, ``_prepare``,
+    ``_setup_round``, ``_verify_round`` and ``_close``.  What a round opens
+    goes in ``self._held``, which is released after every round and on
+    every error.
+
+    Args:
+        method: one of ``methods``.
+        nbytes: bytes moved per round.
+
+    Raises:
+        ValueError: an unknown method.
+    """
+
+    workload: ClassVar[str]
+    title: ClassVar[str]
+    methods: ClassVar[tuple[str, ...]]
+    #: How each method runs, for the figures' description.
+    how: ClassVar[dict[str, str]] = {
+        FASTPIPE: "fastpipe.relay(src, dst).result(): a pool worker copies, the caller waits",
+        COPYFILEOBJ: "shutil.copyfileobj in the calling thread, then both ends closed",
+    }
+    #: The main thread spins during the copy: its CPU time is not the relay's.
+    main_spins: ClassVar[bool] = False
+    #: Verified but unrecorded rounds first; an instance may change it.
+    warmup_rounds = 0
+
+    def __init__(self, method: str, nbytes: int) -> None:
+        if method not in self.methods:
+            raise ValueError(f"{self.workload}: unknown method {method!r}")
+        self.method = method
+        self.nbytes = nbytes
+        self.samples: list[Sample] = []
+        self._held = _Held()
+        self._pending: Sample | None = None
+        self._spin_loops = 0
+        self._prepared = False
+        self._unrecorded = 0
+        self._relay: Callable[..., Any] | None = None
+        if method in (FASTPIPE, FASTPIPE_IDLE):
+            import fastpipe
+
+            self._relay = fastpipe.relay
+
+    # -- the pedantic protocol ---------------------------------------------
+
+    def prepare(self) -> None:
+        """Once, before the first round (``setup`` calls it if need be)."""
+        if not self._prepared:
+            self._prepared = True
+            self._unrecorded = self.warmup_rounds
+            self._prepare()
+
+    def setup(self) -> None:
+        """Before each round, not timed."""
+        self.prepare()
+        self._pending = None
+        self._spin_loops = 0
+        self._setup_round()
+
+    def run(self) -> None:
+        """The timed part of a round; measures its own wall and CPU time."""
+        cpu0 = time.process_time()
+        main0 = time.thread_time()
+        t0 = time.perf_counter()
+        self._round()
+        t1 = time.perf_counter()
+        main1 = time.thread_time()
+        cpu1 = time.process_time()
+        main_cpu = main1 - main0 if self.main_spins else 0.0
+        self._pending = Sample(
+            wall=t1 - t0,
+            cpu=max(0.0, cpu1 - cpu0 - main_cpu),
+            nbytes=self.nbytes,
+            main_cpu=main_cpu,
+            spin_loops=self._spin_loops,
+        )
+
+    def finish(self) -> None:
+        """After each round, not timed: verify it, then keep its sample.
+
+        Raises:
+            BenchError: the round moved the wrong bytes, or did not run.
+        """
+        try:
+            if self._pending is None:
+                raise BenchError(f"{self.workload}/{self.method}: the round did not run")
+            self._verify_round()
+            if self._unrecorded > 0:
+                self._unrecorded -= 1  # a warm-up round: verified, not kept
+            else:
+                self.samples.append(self._pending)
+        finally:
+            self._pending = None
+            self._held.release()
+
+    def close(self) -> None:
+        """After the last round, or on an error: free everything (idempotent)."""
+        self._held.release()
+        self._close()
+
+    # -- for subclasses ----------------------------------------------------
+
+    def _prepare(self) -> None:
+        pass
+
+    def _setup_round(self) -> None:
+        pass
+
+    def _round(self) -> None:
+        raise NotImplementedError
+
+    def _verify_round(self) -> None:
+        pass
+
+    def _close(self) -> None:
+        pass
+
+    def _fastpipe_relay(self, src: End, dst: End) -> Any:
+        assert self._relay is not None
+        return self._relay(src, dst)
+
+    def _copy(self, src: End, dst: End) -> None:
+        """Copy src to dst by this case's method; both ends end up closed."""
+        self._held.hand_over()
+        if self.method == COPYFILEOBJ:
+            copyfileobj_and_close(src, dst)
+            return
+        copied = self._fastpipe_relay(src, dst).result(timeout=TIMEOUT)
+        if copied != self.nbytes:
+            raise BenchError(f"{self.workload}: relay() returned {copied}, not {self.nbytes}")
+
+    # -- figures -----------------------------------------------------------
+
+    def extra_info(self) -> dict[str, Any]:
+        """Figures for pytest-benchmark's ``extra_info``: medians of the rounds."""
+        info: dict[str, Any] = {
+            "workload": self.workload,
+            "method": self.method,
+            "how": self.how[self.method],
+            "bytes": self.nbytes,
+            "size_MiB": round(self.nbytes / MiB, 3),
+            "verified_rounds": len(self.samples),
+        }
+        if self.samples:
+            wall = statistics.median(s.wall for s in self.samples)
+            cpu = statistics.median(s.cpu for s in self.samples)
+            info.update(wall_s=round(wall, 6), relay_cpu_s=round(cpu, 6))
+            if self.nbytes:
+                info.update(
+                    MiB_per_s=round(self.nbytes / MiB / wall, 1),
+                    ms_per_MiB=round(wall * 1000 / (self.nbytes / MiB), 4),
+                    cpu_s_per_GiB=round(cpu * GiB / self.nbytes, 4),
+                )
+        return info
+
+
+def _new_file(path: str) -> int:
+    if os.path.exists(path):
+        os.unlink(path)
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+
+
+class FileToFile(Case):
+    """A file on tmpfs relayed into a new file next to it.
+
+    Args:
+        method: ``fastpipe``, or ``copyfileobj`` in the calling thread.
+        nbytes: the file size.
+        directory: where to put the two files (tmpfs if possible).
+    """
+
+    workload = "file-to-file"
+    title = "file -> file"
+    methods = (FASTPIPE, COPYFILEOBJ)
+
+    def __init__(self, method: str, nbytes: int, directory: str) -> None:
+        super().__init__(method, nbytes)
+        base = os.path.join(directory, f"{self.workload}-{method}-{id(self):x}")
+        self.src_path = base + ".src"
+        self.dst_path = base + ".dst"
+
+    def _prepare(self) -> None:
+        write_pattern_file(self.src_path, self.nbytes)
+
+    def _setup_round(self) -> None:
+        self._src = os.open(self.src_path, os.O_RDONLY | os.O_CLOEXEC)
+        self._held.ends.append(self._src)
+        # A new file each round: freeing the last round's pages is not timed.
+        self._dst = _new_file(self.dst_path)
+        self._held.ends.append(self._dst)
+
+    def _round(self) -> None:
+        self._copy(self._src, self._dst)
+
+    def _verify_round(self) -> None:
+        check_file(self.dst_path, self.nbytes, f"{self.workload}/{self.method}")
+
+    def _close(self) -> None:
+        for path in (self.src_path, self.dst_path):
+            if os.path.exists(path):
+                os.unlink(path)
+
+
+class PipeToFile(Case):
+    """A producer process writes into an ``os.pipe``; the pipe is relayed to a file.
+
+    Args:
+        method: ``fastpipe``, or ``copyfileobj`` in the calling thread.
+        nbytes: bytes the producer writes.
+        directory: where to put the file (tmpfs if possible).
+    """
+
+    workload = "pipe-to-file"
+    title = "pipe -> file"
+    methods = (FASTPIPE, COPYFILEOBJ)
+
+    def __init__(self, method: str, nbytes: int, directory: str) -> None:
+        super().__init__(method, nbytes)
+        self.dst_path = os.path.join(directory, f"{self.workload}-{method}-{id(self):x}.dst")
+
+    def _setup_round(self) -> None:
+        self._src, w = os.pipe()
+        self._held.ends.append(self._src)
+        try:
+            self._producer = Endpoint("pipe-send", w, self.nbytes, pass_fds=(w,))
+        finally:
+            os.close(w)  # the producer holds the only write end: EOF when it is done
+        self._held.endpoints.append(self._producer)
+        self._dst = _new_file(self.dst_path)
+        self._held.ends.append(self._dst)
+        self._producer.ready()
+
+    def _round(self) -> None:
+        self._producer.go()
+        self._copy(self._src, self._dst)
+
+    def _verify_round(self) -> None:
+        self._producer.finish()
+        check_file(self.dst_path, self.nbytes, f"{self.workload}/{self.method}")
+
+    def _close(self) -> None:
+        if os.path.exists(self.dst_path):
+            os.unlink(self.dst_path)
+
+
+class TcpToTcp(Case):
+    """A sender process -> this process -> a sink process, over TCP loopback.
+
+    This process accepts the sender's connection and connects to the sink,
+    both in setup; the timed part tells the sender to go and relays until
+    end of file.  The sink compares every byte and reports the length.
+
+    Args:
+        method: ``fastpipe``, or ``copyfileobj`` in the calling thread.
+        nbytes: bytes the sender sends.
+    """
+
+    workload = "tcp-to-tcp"
+    title = "TCP -> TCP"
+    methods = (FASTPIPE, COPYFILEOBJ)
+
+    def __init__(self, method: str, nbytes: int) -> None:
+        super().__init__(method, nbytes)
+        self._listener: socket.socket | None = None
+
+    def _prepare(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(TIMEOUT)
+
+    def _setup_round(self) -> None:
+        assert self._listener is not None
+        self._sink = Endpoint("tcp-sink")
+        self._held.endpoints.append(self._sink)
+        self._sender = Endpoint("tcp-send", self._listener.getsockname()[1], self.nbytes)
+        self._held.endpoints.append(self._sender)
+        (sink_port,) = self._sink.ready()
+        self._sender.ready()
+        self._src, _ = self._listener.accept()
+        self._held.ends.append(self._src)
+        self._dst = socket.create_connection(("127.0.0.1", int(sink_port)))
+        self._held.ends.append(self._dst)
+        # Both blocking, as copyfileobj needs (FileIO.read returns None on EAGAIN).
+        self._src.setblocking(True)
+        self._dst.setblocking(True)
+
+    def _round(self) -> None:
+        self._sender.go()
+        self._copy(self._src, self._dst)
+
+    def _verify_round(self) -> None:
+        self._sender.finish()
+        total, first_bad = (int(word) for word in self._sink.finish())
+        problem = describe_mismatch(total, first_bad, self.nbytes)
+        if problem:
+            raise BenchError(f"{self.workload}/{self.method}: the sink says {problem}")
+
+    def _close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
+
+class TcpMainSpins(TcpToTcp):
+    """``TcpToTcp`` while the main thread runs a pure-Python loop.
+
+    ``fastpipe`` relays in its worker and ``copyfileobj`` copies in a
+    ``threading.Thread``; meanwhile the main thread spins until the copy's
+    future is done.  ``fastpipe-idle-main`` is the same relay with the main
+    thread waiting in ``result()``, for the spinning/idle ratio.
+    ``copyfileobj`` moves ``size // SPIN_BASELINE_DIVISOR`` bytes, as it
+    waits for the GIL at every chunk: compare MiB/s or ms/MiB.
+
+    Args:
+        method: ``fastpipe``, ``copyfileobj`` or ``fastpipe-idle-main``.
+        size: the fastpipe cases' byte count.
+    """
+
+    workload = "tcp-main-spins"
+    title = "TCP, main spins"
+    methods = (FASTPIPE, COPYFILEOBJ, FASTPIPE_IDLE)
+    main_spins = True
+    how: ClassVar[dict[str, str]] = {
+        FASTPIPE: "fastpipe.relay(src, dst) in a pool worker; the main thread spins until done",
+        COPYFILEOBJ: (
+            f"shutil.copyfileobj in a threading.Thread, 1/{SPIN_BASELINE_DIVISOR} of the "
+            "bytes; the main thread spins until done"
+        ),
+        FASTPIPE_IDLE: "fastpipe.relay(src, dst).result(): the main thread just waits",
+    }
+
+    def __init__(self, method: str, size: int) -> None:
+        nbytes = size
+        if method == COPYFILEOBJ:
+            nbytes = max(MiB, size // SPIN_BASELINE_DIVISOR)
+        super().__init__(method, nbytes)
+
+    def _round(self) -> None:
+        self._sender.go()
+        if self.method == FASTPIPE_IDLE:
+            self._copy(self._src, self._dst)
+            return
+        self._held.hand_over()
+        if self.method == FASTPIPE:
+            relay = self._fastpipe_relay(self._src, self._dst)
+            self._spin_loops = spin_until_done(relay)
+            copied = relay.result()
+            if copied != self.nbytes:
+                raise BenchError(f"{self.workload}: relay() returned {copied}, not {self.nbytes}")
+        else:
+            # The thread starts copying once this thread spins: a new thread
+            # holds the GIL as Thread.start() returns, and a short copy could
+            # finish before the spinning even began.
+            start = threading.Event()
+            future, thread = copyfileobj_in_thread(self._src, self._dst, start)
+            start.set()
+            self._spin_loops = spin_until_done(future)
+            thread.join()
+            future.result()
+
+    def extra_info(self) -> dict[str, Any]:
+        info = super().extra_info()
+        if self.method == COPYFILEOBJ:
+            info["note"] = (
+                f"moves 1/{SPIN_BASELINE_DIVISOR} of the bytes: compare MiB_per_s or "
+                "ms_per_MiB, not the time"
+            )
+        if self.samples and self.method != FASTPIPE_IDLE:
+            loops = sum(s.spin_loops for s in self.samples)
+            wall = sum(s.wall for s in self.samples)
+            info["main_loops_per_s"] = round(loops / wall)
+            info["main_cpu_s"] = round(statistics.median(s.main_cpu for s in self.samples), 6)
+        return info
+
+
+def _drain(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class SmallRelays(Case):
+    """Many small relays, ``in_flight`` at a time, over AF_UNIX socketpairs.
+
+    Per relay: a source pair (a, b) gets the payload written into ``a`` and
+    ``a``'s write side shut down; the relay copies b -> c, where (c, d) is
+    the destination pair; then ``d`` is drained and compared with the
+    payload.  A round is ``relays // in_flight`` batches, and the
+    socketpairs are made inside the timed part, so ``setup-only`` does all
+    of it but the relay (it closes b and c itself and drains an empty d):
+    subtract it for figures net of setup.  Every method closes b and c
+    (fastpipe through ``close=True``); the round closes a and d.
+
+    Args:
+        method: ``fastpipe``, ``copyfileobj`` (a new ``threading.Thread`` per
+            relay), ``copyfileobj-pool`` (``ThreadPoolExecutor(in_flight)``)
+            or ``setup-only``.
+        relays: relays per round, a multiple of ``in_flight``.
+        payload: bytes per relay.
+        in_flight: relays started before the first is drained.
+
+    Raises:
+        ValueError: ``relays`` is not a positive multiple of ``in_flight``.
+    """
+
+    workload = "small-relays"
+    title = "small relays"
+    methods = (FASTPIPE, COPYFILEOBJ, COPYFILEOBJ_POOL, SETUP_ONLY)
+    how: ClassVar[dict[str, str]] = {
+        FASTPIPE: "fastpipe.relay(b, c) per relay (close=True), results checked",
+        COPYFILEOBJ: "a new threading.Thread per relay: shutil.copyfileobj, then b and c closed",
+        COPYFILEOBJ_POOL: (
+            f"ThreadPoolExecutor({SMALL_IN_FLIGHT}).submit per relay: shutil.copyfileobj, "
+            "then b and c closed"
+        ),
+        SETUP_ONLY: "no relay: b and c closed at once, d drained (empty)",
+    }
+
+    def __init__(
+        self,
+        method: str,
+        relays: int = SMALL_RELAYS,
+        payload: int = SMALL_PAYLOAD,
+        in_flight: int = SMALL_IN_FLIGHT,
+    ) -> None:
+        if relays <= 0 or relays % in_flight:
+            raise ValueError(f"relays must be a positive multiple of {in_flight}, got {relays}")
+        super().__init__(method, 0 if method == SETUP_ONLY else relays * payload)
+        self.relays = relays
+        self.payload = payload
+        self.in_flight = in_flight
+        block = pattern_block()
+        # A different payload per slot, so that crossed wires show.
+        self._payloads = [block[i * 4099 : i * 4099 + payload] for i in range(in_flight)]
+        self._executor: ThreadPoolExecutor | None = None
+        self._errors: list[BaseException] = []
+        # One verified, unrecorded round grows fastpipe's pool and the
+        # executor to in_flight workers, which both keep for the next rounds.
+        self.warmup_rounds = 1 if method in (FASTPIPE, COPYFILEOBJ_POOL) else 0
+
+    def _prepare(self) -> None:
+        if self.method == COPYFILEOBJ_POOL:
+            self._executor = ThreadPoolExecutor(self.in_flight, thread_name_prefix="bench-pool")
+
+    def _round(self) -> None:
+        for _ in range(self.relays // self.in_flight):
+            self._batch()
+
+    def _batch(self) -> None:
+        srcs: list[tuple[socket.socket, socket.socket]] = []
+        dsts: list[tuple[socket.socket, socket.socket]] = []
+        handles: list[Any] = []
+        ok = False
+        try:
+            for pairs in (srcs, dsts):
+                for _ in range(self.in_flight):
+                    pairs.append(socket.socketpair())
+            for (a, _), data in zip(srcs, self._payloads, strict=True):
+                a.sendall(data)
+                a.shutdown(socket.SHUT_WR)
+            for _, d in dsts:
+                d.settimeout(TIMEOUT)  # a hung relay fails the round, not the whole run
+            for (_, b), (c, _) in zip(srcs, dsts, strict=True):
+                handles.append(self._start(b, c))
+            expected = [b""] * self.in_flight if self.method == SETUP_ONLY else self._payloads
+            for i, ((_, d), want) in enumerate(zip(dsts, expected, strict=True)):
+                got = _drain(d)
+                if got != want:
+                    raise BenchError(
+                        f"{self.workload}/{self.method}: relay {i} of a batch delivered "
+                        f"{len(got)} bytes, not the {len(want)} bytes written"
+                    )
+            for handle in handles:
+                self._wait(handle)
+            if self._errors:
+                raise BenchError(f"{self.workload}/{self.method}: {self._errors[0]!r}")
+            ok = True
+        finally:
+            # Our own ends first: on an error path, a copy still running
+            # then ends (EOF, EPIPE) before its fds are closed under it.
+            for a, _ in srcs:
+                a.close()
+            for _, d in dsts:
+                d.close()
+            if not ok:
+                for handle in handles:
+                    with contextlib.suppress(Exception):
+                        self._wait(handle)
+            for _, b in srcs:
+                b.close()  # a no-op when the copy closed it
+            for c, _ in dsts:
+                c.close()
+            self._errors.clear()
+
+    def _copy_close(self, b: socket.socket, c: socket.socket) -> None:
+        try:
+            copyfileobj_and_close(b, c)
+        except BaseException as exc:  # noqa: B036 - reported by the round
+            self._errors.append(exc)
+
+    def _start(self, b: socket.socket, c: socket.socket) -> Any:
+        if self.method == FASTPIPE:
+            return self._fastpipe_relay(b, c)
+        if self.method == COPYFILEOBJ:
+            thread = threading.Thread(target=self._copy_close, args=(b, c))
+            thread.start()
+            return thread
+        if self.method == COPYFILEOBJ_POOL:
+            assert self._executor is not None
+            return self._executor.submit(self._copy_close, b, c)
+        b.close()
+        c.close()
+        return None
+
+    def _wait(self, handle: Any) -> None:
+        if isinstance(handle, threading.Thread):
+            handle.join(TIMEOUT)
+            if handle.is_alive():
+                raise BenchError(f"{self.workload}: a copyfileobj thread hung")
+        elif handle is not None:
+            copied = handle.result(timeout=TIMEOUT)
+            if self.method == FASTPIPE and copied != self.payload:
+                raise BenchError(f"{self.workload}: relay() returned {copied}, not {self.payload}")
+
+    def _close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def extra_info(self) -> dict[str, Any]:
+        info = super().extra_info()
+        info.update(relays=self.relays, payload=self.payload, in_flight=self.in_flight)
+        if self.samples:
+            wall = statistics.median(s.wall for s in self.samples)
+            info["us_per_relay"] = round(wall * 1e6 / self.relays, 2)
+        return info
+
+
+# ---------------------------------------------------------------------------
+# The command line: run every workload, print the tables
+# ---------------------------------------------------------------------------
+
+
+@functools.cache
+def scratch_root() -> str:
+    """A tmpfs directory (``/dev/shm``) when there is one, else the temp dir."""
+    shm = "/dev/shm"
+    if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK):
+        return shm
+    return tempfile.gettempdir()
+
+
+@dataclass
+class Result:
+    """The verified rounds of one case, as printed and written to JSON."""
+
+    workload: str
+    title: str
+    method: str
+    nbytes: int
+    walls: list[float]
+    cpus: list[float]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.walls)
+
+    @property
+    def best(self) -> float:
+        return min(self.walls)
+
+    @property
+    def cpu(self) -> float:
+        return statistics.median(self.cpus)
+
+    @property
+    def mib_s(self) -> float:
+        return self.nbytes / MiB / self.median if self.nbytes else 0.0
+
+    @property
+    def cpu_per_gib(self) -> float:
+        return self.cpu * GiB / self.nbytes if self.nbytes else 0.0
+
+
+def build_cases(size: int, relays: int, directory: str) -> list[list[Case]]:
+    """The command line's workloads, each a list of cases (one per method)."""
+    return [
+        [FileToFile(m, size, directory) for m in FileToFile.methods],
+        [PipeToFile(m, size, directory) for m in PipeToFile.methods],
+        [TcpToTcp(m, size) for m in TcpToTcp.methods],
+        [SmallRelays(m, relays) for m in SmallRelays.methods],
+        [TcpMainSpins(m, size) for m in TcpMainSpins.methods],
+    ]
+
+
+def run_round(case: Case) -> None:
+    """One round of ``case``: setup, the timed part, verification."""
+    case.setup()
+    case.run()
+    case.finish()
+
+
+def run_workload(
+    cases: Sequence[Case], repeat: int, progress: Callable[[str], None] | None = None
+) -> list[Result]:
+    """Run each case's warm-up rounds, then ``repeat`` rounds with the methods taking turns.
+
+    Taking turns (A B A B, not A A B B) spreads a noisy neighbour over all
+    the methods alike.
+
+    Raises:
+        BenchError: a round moved the wrong bytes, or an endpoint failed.
+    """
+    try:
+        for case in cases:
+            case.prepare()
+            for _ in range(case.warmup_rounds):
+                run_round(case)
+        for i in range(repeat):
+            for case in cases:
+                if progress is not None:
+                    progress(f"{case.title}: {case.method} {i + 1}/{repeat}")
+                run_round(case)
+    finally:
+        for case in cases:
+            case.close()
+    return [
+        Result(
+            workload=case.workload,
+            title=case.title,
+            method=case.method,
+            nbytes=case.nbytes,
+            walls=[s.wall for s in case.samples],
+            cpus=[s.cpu for s in case.samples],
+            extra=case.extra_info(),
+        )
+        for case in cases
+    ]
+
+
+def _fmt_ms(seconds: float) -> str:
+    ms = seconds * 1000
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}"
+
+
+def _fmt_size(nbytes: int) -> str:
+    if nbytes >= MiB and nbytes % MiB == 0:
+        return f"{nbytes // MiB} MiB"
+    return f"{nbytes / MiB:.1f} MiB"
+
+
+def _ratio(x: float, y: float) -> str:
+    return f"{x / y:.2f}x" if x > 0 and y > 0 else "-"
+
+
+_COLUMNS = (FASTPIPE, COPYFILEOBJ, COPYFILEOBJ_POOL)
+_WIDTHS = (26, 17, 17, 18)  # the label, then one per method; the last column is free
+
+
+@dataclass
+class _Row:
+    """One table row: a workload's results, or the same net of setup."""
+
+    label: str
+    cases: dict[str, Result]
+    #: Subtracted from every case (the setup-only figures, for the net row).
+    minus_wall: float = 0.0
+    minus_cpu: float = 0.0
+
+    def wall(self, method: str) -> float:
+        return self.cases[method].median - self.minus_wall
+
+    def mib_s(self, method: str) -> float:
+        wall = self.wall(method)
+        return self.cases[method].nbytes / MiB / wall if wall > 0 else 0.0
+
+    def cpu(self, method: str) -> float:
+        return max(0.0, self.cases[method].cpu - self.minus_cpu)
+
+    def cpu_per_byte(self, method: str) -> float:
+        return self.cpu(method) / self.cases[method].nbytes
+
+    def ratios(self, value: Callable[[str], float], *, baseline_over_fastpipe: bool) -> str:
+        parts = []
+        for method in _COLUMNS[1:]:
+            if method in self.cases:
+                fp, base = value(FASTPIPE), value(method)
+                parts.append(_ratio(base, fp) if baseline_over_fastpipe else _ratio(fp, base))
+        return " | ".join(parts)
+
+
+def _line(cells: Sequence[str]) -> str:
+    padded = [c.ljust(w) for c, w in zip(cells, _WIDTHS, strict=False)]
+    return "".join(padded + list(cells[len(_WIDTHS) :])).rstrip()
+
+
+def _rows(grouped: dict[str, dict[str, Result]]) -> list[_Row]:
+    rows = []
+    for workload, cases in grouped.items():
+        fp = cases[FASTPIPE]
+        if workload == SmallRelays.workload:
+            label = f"small relays {fp.extra['relays']}x{fp.extra['payload'] // 1024} KiB"
+        else:
+            label = f"{fp.title:<16} {_fmt_size(fp.nbytes)}"
+        rows.append(_Row(label, cases))
+        if SETUP_ONLY in cases:
+            setup = cases[SETUP_ONLY]
+            rows.append(_Row("  net of setup", cases, setup.median, setup.cpu))
+    return rows
+
+
+def _wall_table(rows: list[_Row]) -> list[str]:
+    head = [METHOD_TITLES[m] for m in _COLUMNS]
+    lines = [_line(["wall ms: median [best]", *head, "reference"])]
+    for row in rows:
+        cells = [row.label]
+        for method in _COLUMNS:
+            r = row.cases.get(method)
+            if r is None:
+                cells.append("-")
+            elif row.minus_wall:
+                cells.append(_fmt_ms(row.wall(method)))
+            else:
+                # The spinning copyfileobj moves fewer bytes: flag its time.
+                mark = "*" if r.workload == TcpMainSpins.workload and method != FASTPIPE else ""
+                cells.append(f"{_fmt_ms(r.median)} [{_fmt_ms(r.best)}]{mark}")
+        ref = ""
+        for method, what in ((SETUP_ONLY, "setup only"), (FASTPIPE_IDLE, "fastpipe, main idle")):
+            r = row.cases.get(method)
+            if r is not None and not row.minus_wall:
+                ref = f"{_fmt_ms(r.median)} [{_fmt_ms(r.best)}] {what}"
+        lines.append(_line([*cells, ref]))
+    return lines
+
+
+def _throughput_table(rows: list[_Row]) -> list[str]:
+    head = [METHOD_TITLES[m] for m in _COLUMNS]
+    pool = any(COPYFILEOBJ_POOL in row.cases for row in rows)
+    title = "speed-up" + (" (vs copyfileobj | +pool)" if pool else "")
+    lines = [_line(["MiB/s (median)", *head, title])]
+    for row in rows:
+        cells = [row.label]
+        cells += [f"{row.mib_s(m):.0f}" if m in row.cases else "-" for m in _COLUMNS]
+        lines.append(_line([*cells, row.ratios(row.mib_s, baseline_over_fastpipe=False)]))
+    return lines
+
+
+def _cpu_table(rows: list[_Row]) -> list[str]:
+    head = [METHOD_TITLES[m] for m in _COLUMNS]
+    lines = [_line(["relay CPU s [s/GiB]", *head, "CPU/byte: baseline/fastpipe"])]
+    for row in rows:
+        cells = [row.label]
+        for method in _COLUMNS:
+            if method in row.cases:
+                per_gib = row.cpu_per_byte(method) * GiB
+                cells.append(f"{row.cpu(method):.3f} [{per_gib:.2f}]")
+            else:
+                cells.append("-")
+        lines.append(_line([*cells, row.ratios(row.cpu_per_byte, baseline_over_fastpipe=True)]))
+    return lines
+
+
+def _footnotes(grouped: dict[str, dict[str, Result]]) -> list[str]:
+    # Paragraphs; one starting with "  " continues the one before it.
+    paragraphs = [
+        "copyfileobj = shutil.copyfileobj (64 KiB chunks) from open(fd, 'rb', buffering=0) to "
+        "open(fd, 'wb'), in the calling thread for the bulk rows; fastpipe = relay(...).result() "
+        "(a pool worker copies). Both close the same ends. The endpoints run in other processes: "
+        "CPU is this process's, i.e. the relay's (plus the main thread's when it only waits).",
+    ]
+    small = grouped.get(SmallRelays.workload)
+    if small:
+        n = small[FASTPIPE].extra["in_flight"]
+        paragraphs += [
+            f"small relays: AF_UNIX socketpairs, {n} in flight; copyfileobj = a new "
+            f"threading.Thread per relay, +pool = ThreadPoolExecutor({n}); setup only = the same "
+            "socketpairs, writes, closes and drain without a relay.",
+        ]
+    spin = grouped.get(TcpMainSpins.workload)
+    if spin:
+        paragraphs.append(
+            "TCP, main spins: the main thread runs a Python loop until the copy is done; "
+            "relay CPU excludes it."
+        )
+        if COPYFILEOBJ in spin:
+            loops = ", ".join(
+                f"{METHOD_TITLES[m]} {spin[m].extra.get('main_loops_per_s', 0):,}"
+                for m in (FASTPIPE, COPYFILEOBJ)
+            )
+            paragraphs += [
+                f"  * copyfileobj runs in a thread and moves {_fmt_size(spin[COPYFILEOBJ].nbytes)}"
+                f" (1/{SPIN_BASELINE_DIVISOR}): compare MiB/s and s/GiB, not ms.",
+                f"  Main-thread loops/s meanwhile: {loops}.",
+            ]
+        if FASTPIPE_IDLE in spin:
+            ratio = _ratio(spin[FASTPIPE].median, spin[FASTPIPE_IDLE].median)
+            paragraphs.append(
+                f"  fastpipe spinning/idle wall time: {ratio} (the spinning thread also takes "
+                f"one of the {os.cpu_count()} CPUs from the relay and the endpoints)."
+            )
+    lines = []
+    for text in paragraphs:
+        indent = "  " if text.startswith("  ") else ""
+        lines += textwrap.wrap(
+            text.strip(), width=98, initial_indent=indent, subsequent_indent=indent + "  "
+        )
+    return lines
+
+
+def format_report(results: Sequence[Result], header: str) -> str:
+    """The side-by-side tables: workloads down, methods across.
+
+    Args:
+        results: what ``run_workload`` returned, for any of the workloads.
+        header: the lines to print first.
+
+    Returns:
+        Three tables (wall time, throughput, relay CPU) and their footnotes.
+    """
+    grouped: dict[str, dict[str, Result]] = {}
+    for r in results:
+        grouped.setdefault(r.workload, {})[r.method] = r
+    rows = _rows(grouped)
+    lines = [header, ""]
+    for table in (_wall_table, _throughput_table, _cpu_table):
+        lines += [*table(rows), ""]
+    lines += _footnotes(grouped)
+    return "\n".join(lines)
+
+
+def _header(size: int, relays: int, repeat: int) -> str:
+    import fastpipe
+
+    return (
+        f"fastpipe {fastpipe.__version__} ({fastpipe.IMPLEMENTATION} core) vs shutil.copyfileobj"
+        f" | {platform.python_implementation()} {platform.python_version()}, "
+        f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs\n"
+        f"bulk: {_fmt_size(size)} per copy; small: {relays} relays x {SMALL_PAYLOAD // 1024} "
+        f"KiB, {SMALL_IN_FLIGHT} in flight; {repeat} runs each, every byte verified"
+    )
+
+
+def _progress_line(err: TextIO) -> Callable[[str], None]:
+    def progress(text: str) -> None:
+        err.write(f"\r\x1b[K{text}")
+        err.flush()
+
+    return progress
+
+
+def run_bench(
+    size_mib: int = DEFAULT_SIZE_MIB,
+    repeat: int = DEFAULT_REPEAT,
+    relays: int = SMALL_RELAYS,
+    json_path: str | None = None,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """``fastpipe bench``: run every workload, print the tables, maybe write JSON.
+
+    Args:
+        size_mib: bytes per bulk copy, in MiB.
+        repeat: rounds per case; the tables show the median and the best.
+        relays: small relays per round, a multiple of ``SMALL_IN_FLIGHT``.
+        json_path: a file for the machine-readable results; ``-`` for stdout.
+        out: where the tables go (stdout; ``err`` when the JSON goes to stdout).
+        err: where progress goes, when it is a terminal (stderr).
+
+    Returns:
+        The exit status: 0.
+
+    Raises:
+        BenchError: a copy moved the wrong bytes, or an endpoint failed.
+        ValueError: ``relays`` is not a positive multiple of ``SMALL_IN_FLIGHT``.
+    """
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    tables = err if json_path == "-" else out
+    if json_path not in (None, "-"):
+        # Fail before the run, not after it.
+        where = os.path.dirname(os.path.abspath(json_path))
+        if not os.access(where, os.W_OK):
+            raise BenchError(f"cannot write the JSON file {json_path!r}: {where} is not writable")
+    size = size_mib * MiB
+    progress = _progress_line(err) if err.isatty() else None
+    started = time.perf_counter()
+    directory = tempfile.mkdtemp(prefix="fastpipe-bench-", dir=scratch_root())
+    results: list[Result] = []
+    try:
+        for cases in build_cases(size, relays, directory):
+            results += run_workload(cases, repeat, progress)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+        if progress is not None:
+            progress("")
+    elapsed = time.perf_counter() - started
+    report = format_report(results, _header(size, relays, repeat))
+    tables.write(f"{report}\n(total {elapsed:.1f} s)\n")
+    if json_path is not None:
+        _write_json(json_path, results, size, relays, repeat, out)
+    return 0
+
+
+def _write_json(
+    path: str, results: Sequence[Result], size: int, relays: int, repeat: int, out: TextIO
+) -> None:
+    import fastpipe
+
+    doc = {
+        "fastpipe": fastpipe.__version__,
+        "implementation": fastpipe.IMPLEMENTATION,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "size_bytes": size,
+        "small_relays": relays,
+        "small_payload": SMALL_PAYLOAD,
+        "small_in_flight": SMALL_IN_FLIGHT,
+        "spin_baseline_divisor": SPIN_BASELINE_DIVISOR,
+        "repeat": repeat,
+        "results": [
+            asdict(r)
+            | {
+                "median_s": r.median,
+                "best_s": r.best,
+                "MiB_per_s": r.mib_s,
+                "relay_cpu_s": r.cpu,
+                "cpu_s_per_GiB": r.cpu_per_gib,
+            }
+            for r in results
+        ],
+    }
+    text = json.dumps(doc, indent=2) + "\n"
+    if path == "-":
+        out.write(text)
+        return
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    # The endpoint processes: python -I -S _bench.py endpoint ROLE ARGS...
+    if sys.argv[1:2] != ["endpoint"] or len(sys.argv) < 3:
+        raise SystemExit("usage: _bench.py endpoint ROLE [ARGS...] (internal to fastpipe bench)")
+    sys.exit(_endpoint_main(sys.argv[2:]))
