@@ -118,6 +118,7 @@ class Endpoints:
     def __init__(self, tmp_path: str) -> None:
         self.tmp_path = tmp_path
         self._cleanup: list[Callable[[], None]] = []
+        self._owned: list[_OwnedFd] = []
         self._threads: list[threading.Thread] = []
 
     def _close_later(self, fd_or_obj: object) -> None:
@@ -152,7 +153,7 @@ class Endpoints:
 
             src = Source(fd, data, keep=[b])
             src.feeder = _feed_in_thread(b.send, data, done)
-        self._cleanup.append(src.close)
+        self._owned.append(src)
         if nonblocking:
             os.set_blocking(src.fd, False)
         if src.feeder is not None:
@@ -196,17 +197,22 @@ class Endpoints:
                 return b"".join(chunks)
 
             sink = Sink(fd, read_back_stream)
-        self._cleanup.append(sink.close)
+        self._owned.append(sink)
         if nonblocking:
             os.set_blocking(sink.fd, False)
         return sink
 
     def close(self) -> None:
+        # The test's own ends first: that is the end of file the feeder and
+        # drainer threads wait for.  Their ends only once they are done.
+        for owned in self._owned:
+            with contextlib.suppress(OSError):
+                owned.close()
+        for t in self._threads:
+            t.join(10)
         for close in reversed(self._cleanup):
             with contextlib.suppress(OSError):
                 close()
-        for t in self._threads:
-            t.join(10)
 
 
 @pytest.fixture

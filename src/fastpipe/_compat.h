@@ -11,6 +11,8 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
+#include <semaphore.h>
+#include <time.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
@@ -18,6 +20,46 @@
 
 #ifndef MSG_NOSIGNAL
 #define MSG_NOSIGNAL 0
+/* Wait on a semaphore for at most ms milliseconds of CLOCK_MONOTONIC time
+ * (a wall-clock jump must not wake or strand an idle worker).  Returns 0,
+ * or -1 with errno ETIMEDOUT; EINTR is retried here. */
+static inline int fp_sem_wait_ms(sem_t *s, long long ms) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    ts.tv_sec += ms / 1000;
+    ts.tv_nsec += (ms % 1000) * 1000000L;
+    if (ts.tv_nsec >= 1000000000L) {
+        ts.tv_sec += 1;
+        ts.tv_nsec -= 1000000000L;
+    }
+    for (;;) {
+        if (sem_clockwait(s, CLOCK_MONOTONIC, &ts) == 0)
+            return 0;
+        if (errno != EINTR)
+            return -1;
+    }
+}
+
+/* A condition variable that times out on CLOCK_MONOTONIC. */
+static inline int fp_cond_init_monotonic(pthread_cond_t *c) {
+    pthread_condattr_t attr;
+    int r;
+    pthread_condattr_init(&attr);
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    r = pthread_cond_init(c, &attr);
+    pthread_condattr_destroy(&attr);
+    return r;
+}
+
+/* Wait until woken or until the CLOCK_MONOTONIC time deadline_ms. */
+static inline int fp_cond_wait_until_ms(pthread_cond_t *c, pthread_mutex_t *m,
+                                        long long deadline_ms) {
+    struct timespec ts;
+    ts.tv_sec = deadline_ms / 1000;
+    ts.tv_nsec = (deadline_ms % 1000) * 1000000L;
+    return pthread_cond_timedwait(c, m, &ts);
+}
+
 #endif
 
 static inline void fp_store_ll(long long *p, long long v) {
@@ -26,6 +68,46 @@ static inline void fp_store_ll(long long *p, long long v) {
 
 static inline long long fp_load_ll(const long long *p) {
     return __atomic_load_n(p, __ATOMIC_RELAXED);
+}
+
+/* Wait on a semaphore for at most ms milliseconds of CLOCK_MONOTONIC time
+ * (a wall-clock jump must not wake or strand an idle worker).  Returns 0,
+ * or -1 with errno ETIMEDOUT; EINTR is retried here. */
+static inline int fp_sem_wait_ms(sem_t *s, long long ms) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    ts.tv_sec += ms / 1000;
+    ts.tv_nsec += (ms % 1000) * 1000000L;
+    if (ts.tv_nsec >= 1000000000L) {
+        ts.tv_sec += 1;
+        ts.tv_nsec -= 1000000000L;
+    }
+    for (;;) {
+        if (sem_clockwait(s, CLOCK_MONOTONIC, &ts) == 0)
+            return 0;
+        if (errno != EINTR)
+            return -1;
+    }
+}
+
+/* A condition variable that times out on CLOCK_MONOTONIC. */
+static inline int fp_cond_init_monotonic(pthread_cond_t *c) {
+    pthread_condattr_t attr;
+    int r;
+    pthread_condattr_init(&attr);
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    r = pthread_cond_init(c, &attr);
+    pthread_condattr_destroy(&attr);
+    return r;
+}
+
+/* Wait until woken or until the CLOCK_MONOTONIC time deadline_ms. */
+static inline int fp_cond_wait_until_ms(pthread_cond_t *c, pthread_mutex_t *m,
+                                        long long deadline_ms) {
+    struct timespec ts;
+    ts.tv_sec = deadline_ms / 1000;
+    ts.tv_nsec = (deadline_ms % 1000) * 1000000L;
+    return pthread_cond_timedwait(c, m, &ts);
 }
 
 #endif

@@ -21,15 +21,19 @@ from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from posix.uio cimport iovec
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
 
 import os as _os
 import threading as _threading
 
 from fastpipe._syscalls cimport (
-    F_GETFL, MSG_NOSIGNAL, O_NONBLOCK, POLLIN, POLLNVAL, POLLOUT, S_ISBLK,
+    F_GETFL, MSG_DONTWAIT, MSG_NOSIGNAL, O_NONBLOCK, recvmsg, POLLIN, POLLNVAL, POLLOUT, S_ISBLK,
     S_ISCHR, S_ISFIFO, S_ISREG, S_ISSOCK, fcntl, fp_load_ll, fp_store_ll,
     fstat, msghdr, poll, pollfd, pthread_mutex_init, pthread_mutex_lock,
     pthread_mutex_t, pthread_mutex_unlock, readv, sendmsg, stat, writev,
+    pthread_cond_t, pthread_cond_init, pthread_cond_wait, pthread_cond_signal,
+    sem_t, sem_init, sem_destroy, sem_wait, sem_post, fp_sem_wait_ms, close,
+    fp_cond_init_monotonic, fp_cond_wait_until_ms, pthread_cond_broadcast,
 )
 
 
@@ -204,10 +208,21 @@ cdef struct CopyState:
     bint src_wait_first     # a blocking, pollable source: poll before read
     bint dst_wait_first     # a blocking, pollable sink in the main thread
     bint dst_is_socket      # send with MSG_NOSIGNAL: EPIPE, never SIGPIPE
+    bint src_is_socket      # recv with MSG_DONTWAIT: never blocks, whatever
+                            # the fd's own flag, so no poll before each read
     int wait_ms             # poll timeout: -1, or a tick in the main thread
     long long idle_ms       # idle_timeout in ms, or -1
     long long deadline_ms   # CLOCK_MONOTONIC ms by which a byte must move
     bint idle_expired       # the ETIMEDOUT is ours, not the socket's
+    # Worker-pool fields.  owner is the CopyJob; the pool holds one reference
+    # to it from submit() until the completer takes the job back.
+    PyObject *owner
+    CopyState *link         # next in the pool's queue or done list
+    bint needs_prologue     # run CopyJob.prologue with the GIL first
+    bint in_worker          # a worker has taken the job
+    bint close_src          # close these int fds in C when the copy ends
+    bint close_dst
+    int status              # STEP_DONE or STEP_ERROR once finished
     long long limit         # bytes left to read, or -1 for "to end of file"
     long long copied        # bytes written to dst; read live by other threads
     int want                # buffers per read
@@ -354,6 +369,7 @@ cdef int _write_pending(CopyState *st) noexcept nogil:
 cdef int _copy_step(CopyState *st) noexcept nogil:
     """Run the copy until it ends, fails, or must let signal handlers run."""
     cdef iovec iov[MAX_IOV]
+    cdef msghdr msg
     cdef int cnt, r, err, got
     cdef Py_ssize_t want_bytes, left
     cdef ssize_t n
@@ -394,7 +410,13 @@ cdef int _copy_step(CopyState *st) noexcept nogil:
             iov[cnt].iov_len = BUF_SIZE if left > BUF_SIZE else left
             left -= iov[cnt].iov_len
             cnt += 1
-        n = readv(st.src, iov, cnt)
+        if st.src_is_socket:
+            memset(&msg, 0, sizeof(msg))
+            msg.msg_iov = iov
+            msg.msg_iovlen = cnt
+            n = recvmsg(st.src, &msg, MSG_DONTWAIT)
+        else:
+            n = readv(st.src, iov, cnt)
         if n < 0:
             err = errno
             if err == EINTR:
@@ -424,11 +446,13 @@ cdef int _copy_step(CopyState *st) noexcept nogil:
                 st.want = MAX_IOV
 
 
-cdef int _fd_kind(int fd, int *kind, bint *nonblock) except -1:
+cdef int _classify(int fd, int *kind, bint *nonblock, bint need_flags,
+                   int *err) noexcept nogil:
     cdef stat sb
     cdef int flags
     if fstat(fd, &sb) < 0:
-        _raise_errno(errno)
+        err[0] = errno
+        return -1
     if S_ISREG(sb.st_mode) or S_ISBLK(sb.st_mode):
         kind[0] = KIND_FILE
     elif S_ISFIFO(sb.st_mode):
@@ -437,11 +461,76 @@ cdef int _fd_kind(int fd, int *kind, bint *nonblock) except -1:
         kind[0] = KIND_SOCKET
     else:
         kind[0] = KIND_CHAR
+    if not need_flags or kind[0] == KIND_FILE:
+        nonblock[0] = False  # not asked, or a regular file: never blocks
+        return 0
     flags = fcntl(fd, F_GETFL)
     if flags < 0:
-        _raise_errno(errno)
+        err[0] = errno
+        return -1
     nonblock[0] = (flags & O_NONBLOCK) != 0
     return 0
+
+
+cdef int _prepare(CopyState *st, bint in_main_thread) noexcept nogil:
+    """Look at both ends and choose how to wait; -1 with st.err on error."""
+    cdef bint src_nb, dst_nb
+    # Whether the source blocks only matters for pipes and devices (sockets
+    # read with MSG_DONTWAIT); the sink's only when something must interrupt
+    # a blocked write: a main-thread tick or idle_timeout.
+    if _classify(st.src, &st.src_kind, &src_nb, True, &st.err) < 0:
+        return -1
+    if _classify(st.dst, &st.dst_kind, &dst_nb, in_main_thread or st.idle_ms >= 0,
+                 &st.err) < 0:
+        return -1
+    st.src_is_socket = st.src_kind == KIND_SOCKET
+    st.dst_is_socket = st.dst_kind == KIND_SOCKET
+    st.src_wait_first = not src_nb and st.src_kind != KIND_FILE and not st.src_is_socket
+    if st.src_kind == KIND_FILE:
+        st.want = MAX_IOV
+    # In the main thread, poll with a tick so that a signal landing just
+    # before a blocking call still gets its handler run within the tick.
+    st.wait_ms = MAIN_THREAD_TICK_MS if in_main_thread else -1
+    # A blocking write can sit in the kernel for as long as the reader
+    # stalls; poll first wherever something must interrupt that wait.
+    st.dst_wait_first = (
+        not dst_nb and st.dst_kind != KIND_FILE and (st.wait_ms >= 0 or st.idle_ms >= 0)
+    )
+    if st.idle_ms >= 0:
+        st.deadline_ms = _now_ms() + st.idle_ms
+    return 0
+
+
+cdef void _copy_in_worker(CopyState *st) noexcept nogil:
+    """The whole copy of a pool job; never needs the GIL past the prologue."""
+    cdef int r
+    st.in_worker = True
+    if st.needs_prologue:
+        with gil:
+            r = (<CopyJob>st.owner)._run_prologue()
+        if r < 0:
+            st.status = STEP_ERROR
+            st.err = 0  # the error is a Python exception on the job
+    if st.status == STEP_AGAIN:
+        if _prepare(st, False) < 0:
+            st.status = STEP_ERROR
+        else:
+            while True:
+                r = _copy_step(st)
+                # EINTR in a worker: handlers run in the main thread, retry.
+                if r != STEP_SIGNALS:
+                    break
+            st.status = r
+    _release(st)
+    st.pend_len = 0
+    st.pre_len = 0
+    # Closing int ends here, before completion, keeps the promise that a
+    # finished relay's fds are closed, at no GIL cost.  Objects are closed
+    # through their own close() by the completer.
+    if st.close_src:
+        close(st.src)
+    if st.close_dst and not (st.close_src and st.dst == st.src):
+        close(st.dst)
 
 
 cdef int _raise_errno(int err) except -1:
@@ -487,19 +576,28 @@ cdef long long _check_idle_timeout(object seconds) except -2:
 cdef class CopyJob:
     """One copy from ``src_fd`` to ``dst_fd``, runnable once.
 
-    ``copy_fd`` is ``CopyJob(...).run()``.  The worker pool keeps the job so
-    that ``bytes_copied`` can be read live from another thread while ``run``
-    copies with the GIL released.
+    ``copy_fd`` is ``CopyJob(...).run()`` in the caller's thread.  A
+    ``PoolCore`` runs it in a worker instead; then ``bytes_copied`` can be
+    read live from any thread, and ``task`` is what the completer reports to.
+
+    Attributes:
+        task: any object; the pool's completer calls ``task.complete(job)``.
+        prologue: None, or a callable ``prologue(job)`` that a worker runs
+            with the GIL before the copy (flushing a buffered writer, taking
+            a reader's read-ahead).
     """
 
     cdef CopyState st
     cdef bint _started
     cdef bint _zerocopy
-    cdef bint _started_clock
     cdef object _prefix       # keeps the bytes at st.pre_ptr alive
+    cdef public object task
+    cdef object _prologue
+    cdef object _error        # a Python exception from the prologue
 
     def __cinit__(self):
         memset(&self.st, 0, sizeof(CopyState))
+        self.st.status = STEP_AGAIN
 
     def __init__(self, src_fd, dst_fd, count=None, *, zerocopy=True, idle_timeout=None):
         self.st.src = _check_fd(src_fd, "src_fd")
@@ -510,7 +608,7 @@ cdef class CopyJob:
         self._zerocopy = bool(zerocopy)
 
     def __dealloc__(self):
-        # Normally run() has already given the buffers back; this covers a
+        # Normally the copy has already given the buffers back; this covers a
         # job dropped half-way (an exception raised through run()).
         _release(&self.st)
 
@@ -537,13 +635,27 @@ cdef class CopyJob:
         """Bytes still allowed by ``count``, or None without a count."""
         return None if self.st.limit < 0 else self.st.limit
 
+    @property
+    def finished(self):
+        """True once the copy has ended, successfully or not."""
+        return self.st.status != STEP_AGAIN
+
+    @property
+    def started(self):
+        """True once the copy has begun, in this thread or a worker."""
+        return self._started or self.st.in_worker or self.st.status != STEP_AGAIN
+
+    def close_fds(self, bint src, bint dst):
+        """Have the worker close these int fds in C when the copy ends."""
+        self.st.close_src = src
+        self.st.close_dst = dst
+
     def prepend(self, bytes data not None):
         """Queue ``data`` to be written before anything read from the source.
 
-        The bytes count towards ``count`` and ``bytes_copied``; the caller
-        must have read no more than ``remaining`` bytes.
+        The bytes count towards ``count`` and ``bytes_copied``.
         """
-        if self._started:
+        if self._started or self.st.status != STEP_AGAIN:
             raise RuntimeError("the copy has already started")
         cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
         if self.st.limit >= 0:
@@ -554,6 +666,34 @@ cdef class CopyJob:
         self.st.pre_ptr = PyBytes_AS_STRING(data)
         self.st.pre_len = n
 
+    @property
+    def prologue(self):
+        return self._prologue
+
+    @prologue.setter
+    def prologue(self, value):
+        self._prologue = value
+        self.st.needs_prologue = value is not None
+
+    cdef int _run_prologue(self) noexcept:
+        # Called by a worker with the GIL; 0, or -1 with the error kept.
+        try:
+            self._prologue(self)
+        except BaseException as exc:  # delivered through the relay
+            self._error = exc
+            return -1
+        return 0
+
+    def result(self):
+        """After a pool ran the job: the byte count, or raise its error."""
+        if self.st.status == STEP_DONE:
+            return fp_load_ll(&self.st.copied)
+        if self.st.status != STEP_ERROR:
+            raise RuntimeError("the job has not finished")
+        if self._error is not None:
+            raise self._error
+        self._raise_error()
+
     cdef int _raise_error(self) except -1:
         if self.st.idle_expired:
             raise TimeoutError(
@@ -561,69 +701,38 @@ cdef class CopyJob:
             )
         _raise_errno(self.st.err)
 
-    cdef int _setup_waits(self) except -1:
-        # In the main thread, poll with a tick so that a signal landing just
-        # before a blocking call still gets its handler run within the tick.
-        self.st.wait_ms = MAIN_THREAD_TICK_MS if _in_main_thread() else -1
-        if self.st.idle_ms >= 0 and not self._started_clock:
-            self._started_clock = True
-            self.st.deadline_ms = _now_ms() + self.st.idle_ms
-        return 0
-
-    def wait_readable(self):
-        """Block, without the GIL, until the source has bytes or end of file.
-
-        Raises:
-            OSError: poll failed (EBADF for a closed fd).
-        """
-        cdef int r
-        self._setup_waits()
-        while True:
-            with nogil:
-                r = _wait_step(&self.st, self.st.src, POLLIN)
-            if r == STEP_AGAIN:
-                return
-            if r == STEP_ERROR:
-                self._raise_error()
-            PyErr_CheckSignals()
-
     def run(self):
-        """Copy until end of file or ``count`` bytes; return the bytes copied.
+        """Copy in this thread until end of file or ``count`` bytes.
+
+        Returns:
+            The number of bytes copied.
 
         Raises:
             OSError: with the errno of the failing syscall: EBADF for a bad
                 or closed fd, EPIPE (BrokenPipeError) or ECONNRESET
                 (ConnectionResetError) from a closed peer, ENOSPC from a full
                 device, EISDIR for a directory, ...
+            TimeoutError: no byte moved for ``idle_timeout`` seconds.
             RuntimeError: the job has already run.
             Exception: whatever a signal handler raises, such as
                 KeyboardInterrupt, when run in the main thread.
         """
         cdef int rc
-        cdef bint src_nb, dst_nb
-        if self._started:
+        if self._started or self.st.status != STEP_AGAIN:
             raise RuntimeError("a CopyJob runs only once")
         self._started = True
-        _fd_kind(self.st.src, &self.st.src_kind, &src_nb)
-        _fd_kind(self.st.dst, &self.st.dst_kind, &dst_nb)
-        self.st.src_wait_first = not src_nb and self.st.src_kind != KIND_FILE
-        self.st.dst_is_socket = self.st.dst_kind == KIND_SOCKET
-        if self.st.src_kind == KIND_FILE:
-            self.st.want = MAX_IOV
-        self._setup_waits()
-        # A blocking write can sit in the kernel for as long as the reader
-        # stalls; poll first wherever something must interrupt that wait.
-        self.st.dst_wait_first = (
-            not dst_nb and self.st.dst_kind != KIND_FILE
-            and (self.st.wait_ms >= 0 or self.st.idle_ms >= 0)
-        )
+        if _prepare(&self.st, _in_main_thread()) < 0:
+            self.st.status = STEP_ERROR
+            _raise_errno(self.st.err)
         try:
             while True:
                 with nogil:
                     rc = _copy_step(&self.st)
                 if rc == STEP_DONE:
+                    self.st.status = STEP_DONE
                     return fp_load_ll(&self.st.copied)
                 if rc == STEP_ERROR:
+                    self.st.status = STEP_ERROR
                     self._raise_error()
                 # STEP_SIGNALS: PEP 475, run the handlers and retry unless
                 # one of them raised.
@@ -677,3 +786,427 @@ def fd_ready(fd):
     if r < 0:
         _raise_errno(errno)
     return r > 0
+
+
+# ---------------------------------------------------------------------------
+# The worker pool's GIL-free half
+# ---------------------------------------------------------------------------
+#
+# A worker thread spends its whole life in PoolCore.worker_main with the GIL
+# released: parked on its own semaphore, copying, or handing the finished job
+# to the completer.  The hand-off (submit) and the completion (take_done)
+# are the only steps that need the GIL, and completion happens in batches:
+# one GIL acquisition finishes every job that ended meanwhile.
+
+cdef struct CWorker:
+    sem_t wake
+    CWorker *prev           # idle list links, valid while idle is true
+    CWorker *next
+    CopyState *job          # set by whoever posts wake; read by the worker
+    bint idle
+    bint exit_flag
+
+
+cdef class WorkerHandle:
+    """A new worker's C half, handed from submit() to its thread once."""
+
+    cdef CWorker *w
+
+    def __dealloc__(self):
+        # Only reached with w set if the thread could not be started.
+        if self.w != NULL:
+            sem_destroy(&self.w.wake)
+            free(self.w)
+            self.w = NULL
+
+
+cdef class PoolCore:
+    """Idle workers, the FIFO of waiting jobs, and the finished jobs.
+
+    All of it lives under one mutex that is only ever held for a few pointer
+    moves, so workers take it without the GIL.
+    """
+
+    cdef pthread_mutex_t lock
+    cdef pthread_cond_t done_cond
+    cdef CWorker *idle_head
+    cdef CopyState *queue_head
+    cdef CopyState *queue_tail
+    cdef CopyState *done_head
+    cdef CopyState *done_tail
+    cdef int n_workers, n_idle, n_busy, n_queued, peak
+    cdef int max_workers      # -1: no limit
+    cdef long long idle_ms    # -1: idle workers never exit
+    cdef bint shutting_down
+    cdef bint completer_waiting
+    # Threads blocked in Relay.result() that finish jobs themselves: a
+    # finished job wakes one of them before it wakes the completer thread.
+    cdef pthread_cond_t helper_cond
+    cdef int helpers_waiting
+
+    def __cinit__(self, max_workers=None, idle_worker_timeout=None):
+        pthread_mutex_init(&self.lock, NULL)
+        pthread_cond_init(&self.done_cond, NULL)
+        fp_cond_init_monotonic(&self.helper_cond)
+        self.max_workers = -1 if max_workers is None else max_workers
+        self.idle_ms = _check_idle_timeout(idle_worker_timeout)
+
+    def reset_after_fork(self):
+        # The child has none of the parent's threads.  Their CWorker structs
+        # and the jobs they ran are unreachable here; dropping them without
+        # freeing is the only safe choice (another thread may have been in
+        # the middle of using them at fork time).
+        pthread_mutex_init(&self.lock, NULL)
+        pthread_cond_init(&self.done_cond, NULL)
+        fp_cond_init_monotonic(&self.helper_cond)
+        self.helpers_waiting = 0
+        self.idle_head = NULL
+        self.queue_head = self.queue_tail = NULL
+        self.done_head = self.done_tail = NULL
+        self.n_workers = self.n_idle = self.n_busy = self.n_queued = 0
+        self.completer_waiting = False
+
+    def stats(self):
+        cdef int workers, idle, busy, queued, peak
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+            workers = self.n_workers
+            idle = self.n_idle
+            busy = self.n_busy
+            queued = self.n_queued
+            peak = self.peak
+            pthread_mutex_unlock(&self.lock)
+        return {"workers": workers, "idle": idle, "busy": busy, "queued": queued, "peak": peak}
+
+    cdef inline void _note_busy(self) noexcept nogil:
+        self.n_busy += 1
+        if self.n_busy > self.peak:
+            self.peak = self.n_busy
+
+    def submit(self, CopyJob job not None):
+        """Hand a job to an idle worker, or queue it.
+
+        Returns:
+            True when an idle worker took the job, False when it was queued,
+            or a WorkerHandle when a new worker must be started for it (the
+            caller starts a thread running ``worker_main(handle)``).
+
+        Raises:
+            RuntimeError: after shutdown().
+        """
+        cdef CopyState *st = &job.st
+        cdef CWorker *w = NULL
+        cdef WorkerHandle handle = None
+        if job._started or st.status != STEP_AGAIN or st.owner != NULL:
+            raise RuntimeError("a CopyJob runs only once")
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+        if self.shutting_down:
+            pthread_mutex_unlock(&self.lock)
+            raise RuntimeError("cannot start a relay after shutdown")
+        # The pool owns a reference from here until take_done().
+        Py_INCREF(job)
+        st.owner = <PyObject *>job
+        st.link = NULL
+        if self.idle_head != NULL:
+            w = self.idle_head
+            self._unlink_idle(w)
+            self._note_busy()
+            w.job = st
+            pthread_mutex_unlock(&self.lock)
+            sem_post(&w.wake)
+            return True
+        if self.max_workers < 0 or self.n_workers < self.max_workers:
+            w = <CWorker *>malloc(sizeof(CWorker))
+            if w == NULL:
+                st.owner = NULL
+                pthread_mutex_unlock(&self.lock)
+                Py_DECREF(job)
+                raise MemoryError()
+            memset(w, 0, sizeof(CWorker))
+            sem_init(&w.wake, 0, 0)
+            w.job = st
+            self.n_workers += 1
+            self._note_busy()
+            pthread_mutex_unlock(&self.lock)
+            handle = WorkerHandle.__new__(WorkerHandle)
+            handle.w = w
+            return handle
+        if self.queue_tail == NULL:
+            self.queue_head = st
+        else:
+            self.queue_tail.link = st
+        self.queue_tail = st
+        self.n_queued += 1
+        pthread_mutex_unlock(&self.lock)
+        return False
+
+    def unqueue(self, CopyJob job not None):
+        """Take a job off the queue if no worker has it yet; True if taken."""
+        cdef CopyState *st = &job.st
+        cdef CopyState *prev = NULL
+        cdef CopyState *cur
+        cdef bint found = False
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+            cur = self.queue_head
+            while cur != NULL:
+                if cur == st:
+                    if prev == NULL:
+                        self.queue_head = cur.link
+                    else:
+                        prev.link = cur.link
+                    if self.queue_tail == cur:
+                        self.queue_tail = prev
+                    self.n_queued -= 1
+                    found = True
+                    break
+                prev = cur
+                cur = cur.link
+            pthread_mutex_unlock(&self.lock)
+        if found:
+            st.link = NULL
+            st.owner = NULL
+            Py_DECREF(job)  # the pool's reference
+        return found
+
+    def abandon(self, WorkerHandle handle not None):
+        """The thread for a new worker could not start: undo its submit.
+
+        Returns:
+            The job it was carrying, to be failed by the caller.
+        """
+        cdef CWorker *w = handle.w
+        cdef CopyState *st = w.job
+        cdef object job = <object>st.owner
+        handle.w = NULL
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+            self.n_workers -= 1
+            self.n_busy -= 1
+            pthread_mutex_unlock(&self.lock)
+        sem_destroy(&w.wake)
+        free(w)
+        st.owner = NULL
+        Py_DECREF(job)  # the pool's reference; `job` still holds one
+        return job
+
+    cdef inline void _unlink_idle(self, CWorker *w) noexcept nogil:
+        if w.prev != NULL:
+            w.prev.next = w.next
+        else:
+            self.idle_head = w.next
+        if w.next != NULL:
+            w.next.prev = w.prev
+        w.prev = w.next = NULL
+        w.idle = False
+        self.n_idle -= 1
+
+    cdef bint _park(self, CWorker *w) noexcept nogil:
+        """Wait for the next job; True when the worker must exit instead."""
+        cdef int r
+        while True:
+            if self.idle_ms >= 0:
+                r = fp_sem_wait_ms(&w.wake, self.idle_ms)
+            else:
+                r = sem_wait(&w.wake)
+                if r < 0 and errno == EINTR:
+                    continue
+            if r == 0:
+                return w.exit_flag
+            # Timed out: leave the pool, unless a job or the exit sentinel
+            # was handed over just now (then w is no longer on the idle list
+            # and the post is on its way).
+            pthread_mutex_lock(&self.lock)
+            if w.idle:
+                self._unlink_idle(w)
+                self.n_workers -= 1
+                pthread_mutex_unlock(&self.lock)
+                return True
+            pthread_mutex_unlock(&self.lock)
+
+    cdef CopyState *_finish(self, CWorker *w, CopyState *st, bint *leave) noexcept nogil:
+        """File a finished job; return the next queued one, or go idle.
+
+        Sets leave when the worker must exit (the pool is shutting down).
+        """
+        cdef CopyState *nxt = NULL
+        pthread_mutex_lock(&self.lock)
+        if self.done_tail == NULL:
+            self.done_head = st
+        else:
+            self.done_tail.link = st
+        self.done_tail = st
+        st.link = NULL
+        if self.queue_head != NULL:
+            nxt = self.queue_head
+            self.queue_head = nxt.link
+            if self.queue_head == NULL:
+                self.queue_tail = NULL
+            nxt.link = NULL
+            self.n_queued -= 1
+        else:
+            self.n_busy -= 1
+            if self.shutting_down:
+                self.n_workers -= 1
+                leave[0] = True
+            else:
+                # From here on only submit() may write w.job, and only after
+                # taking w off this list; it posts w.wake after the write.
+                w.idle = True
+                w.prev = NULL
+                w.next = self.idle_head
+                if self.idle_head != NULL:
+                    self.idle_head.prev = w
+                self.idle_head = w
+                self.n_idle += 1
+        if self.helpers_waiting:
+            pthread_cond_signal(&self.helper_cond)
+        elif self.completer_waiting:
+            pthread_cond_signal(&self.done_cond)
+        pthread_mutex_unlock(&self.lock)
+        return nxt
+
+    def worker_main(self, WorkerHandle handle not None):
+        """The body of a worker thread: returns when the worker exits."""
+        cdef CWorker *w = handle.w
+        cdef CopyState *st
+        cdef bint leave = False
+        handle.w = NULL  # this thread owns it now
+        with nogil:
+            # The first job was stored before this thread started.
+            st = w.job
+            w.job = NULL
+            while True:
+                if st == NULL:
+                    if self._park(w):
+                        break
+                    # The post in submit() orders its write of w.job
+                    # before this read.
+                    st = w.job
+                    w.job = NULL
+                    if st == NULL:
+                        continue
+                _copy_in_worker(st)
+                st = self._finish(w, st, &leave)
+                if leave:
+                    break
+            sem_destroy(&w.wake)
+            free(w)
+
+    def take_done(self):
+        """Wait for finished jobs and take them all, in the order they ended.
+
+        The completer thread's loop; it waits without the GIL.
+
+        Returns:
+            A list of CopyJobs; None once the pool is shut down and has no
+            worker and no finished job left, which tells the completer to
+            exit.
+        """
+        cdef CopyState *head
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+            while self.done_head == NULL and not (
+                self.shutting_down and self.n_workers == 0 and self.queue_head == NULL
+            ):
+                self.completer_waiting = True
+                pthread_cond_wait(&self.done_cond, &self.lock)
+                self.completer_waiting = False
+            head = self.done_head
+            self.done_head = self.done_tail = NULL
+            pthread_mutex_unlock(&self.lock)
+        if head == NULL:
+            return None
+        return self._adopt(head)
+
+    def help_done(self, CopyJob job not None, double timeout):
+        """Wait up to ``timeout`` seconds for ``job`` to finish, taking over
+        the completer's work meanwhile.
+
+        A thread about to block in ``Relay.result()`` calls this, so the
+        common pattern, submit then wait, completes futures in the waiting
+        thread, with no hand-over to the completer and back.
+
+        Returns:
+            The finished jobs it took (possibly empty), for the caller to
+            complete.
+        """
+        cdef CopyState *head = NULL
+        cdef CopyState *st = &job.st
+        cdef long long deadline_ms = -1
+        if timeout >= 0:
+            deadline_ms = _now_ms() + <long long>(timeout * 1000.0)
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+            while self.done_head == NULL and st.status == STEP_AGAIN:
+                if deadline_ms >= 0 and _now_ms() >= deadline_ms:
+                    break
+                self.helpers_waiting += 1
+                if deadline_ms >= 0:
+                    fp_cond_wait_until_ms(&self.helper_cond, &self.lock, deadline_ms)
+                else:
+                    pthread_cond_wait(&self.helper_cond, &self.lock)
+                self.helpers_waiting -= 1
+            head = self.done_head
+            self.done_head = self.done_tail = NULL
+            if head != NULL and self.helpers_waiting:
+                # Other helpers' jobs may be in this batch: let them look.
+                pthread_cond_broadcast(&self.helper_cond)
+            pthread_mutex_unlock(&self.lock)
+        return self._adopt(head)
+
+    cdef list _adopt(self, CopyState *head):
+        # Turn the C list into CopyJobs, taking over submit()'s references.
+        cdef CopyState *nxt
+        cdef PyObject *owner
+        cdef list jobs = []
+        while head != NULL:
+            nxt = head.link
+            head.link = NULL
+            owner = head.owner
+            head.owner = NULL
+            jobs.append(<object>owner)
+            Py_DECREF(<object>owner)  # the reference submit() took
+            head = nxt
+        return jobs
+
+    def shutdown(self, bint cancel_queued):
+        """Refuse new jobs and let idle workers exit.
+
+        Returns:
+            The queued jobs taken off the queue when ``cancel_queued``.
+        """
+        cdef CWorker *w
+        cdef CWorker *leaving = NULL
+        cdef CopyState *queued = NULL
+        cdef CopyState *nxt
+        cdef list jobs = []
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+            self.shutting_down = True
+            while self.idle_head != NULL:
+                w = self.idle_head
+                self._unlink_idle(w)
+                self.n_workers -= 1
+                w.exit_flag = True
+                w.next = leaving
+                leaving = w
+            if cancel_queued:
+                queued = self.queue_head
+                self.queue_head = self.queue_tail = NULL
+                self.n_queued = 0
+            pthread_cond_signal(&self.done_cond)
+            pthread_mutex_unlock(&self.lock)
+            while leaving != NULL:
+                w = leaving
+                leaving = w.next
+                sem_post(&w.wake)
+        while queued != NULL:
+            nxt = queued.link
+            queued.link = NULL
+            jobs.append(<object>queued.owner)
+            Py_DECREF(<object>queued.owner)
+            queued.owner = NULL
+            queued = nxt
+        return jobs

@@ -16,6 +16,8 @@ import socket
 import stat
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 
 BUFFER_SIZE = 32768
 _MAX_IOV = 16
@@ -136,7 +138,47 @@ class CopyJob:
         self._deadline: float | None = None
         self._prefix = b""
         self._started = False
+        self._close_src = False
+        self._close_dst = False
+        self._result: int | None = None
+        self._error: BaseException | None = None
         self.bytes_copied = 0
+        self.task: object = None
+        self.prologue: Callable[[CopyJob], object] | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._started
+
+    @property
+    def finished(self) -> bool:
+        return self._result is not None or self._error is not None
+
+    def close_fds(self, src: bool, dst: bool) -> None:
+        self._close_src = bool(src)
+        self._close_dst = bool(dst)
+
+    def result(self) -> int:
+        if self._error is not None:
+            raise self._error
+        if self._result is None:
+            raise RuntimeError("the job has not finished")
+        return self._result
+
+    def run_in_worker(self) -> None:
+        """What PoolCore's worker does with a job: never raises."""
+        try:
+            if self.prologue is not None:
+                self.prologue(self)
+            self._result = self.run()
+        except BaseException as exc:  # noqa: B036 - kept for the completer
+            self._error = exc
+        finally:
+            self._started = True
+            if self._close_src:
+                _close_quietly(self._src)
+            if self._close_dst and not (self._close_src and self._dst == self._src):
+                _close_quietly(self._dst)
 
     @property
     def method(self) -> str:
@@ -189,10 +231,6 @@ class CopyJob:
                     raise OSError(errno.EBADF, os.strerror(errno.EBADF))
                 return
 
-    def wait_readable(self) -> None:
-        self._start_clock()
-        self._wait(self._src, select.POLLIN)
-
     def _write_all(self, dst_sock: socket.socket | None, views: list[memoryview]) -> None:
         while views:
             try:
@@ -214,7 +252,7 @@ class CopyJob:
                     n = 0
 
     def run(self) -> int:
-        if self._started:
+        if self._started or self.finished:
             raise RuntimeError("a CopyJob runs only once")
         self._started = True
         src_mode = os.fstat(self._src).st_mode
@@ -291,3 +329,162 @@ def copy_fd(
 ) -> int:
     """Copy from ``src_fd`` to ``dst_fd``; see ``fastpipe.copy_fd``."""
     return CopyJob(src_fd, dst_fd, count, zerocopy=zerocopy).run()
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+class WorkerHandle:
+    """A new worker's state, handed from submit() to its thread once."""
+
+    __slots__ = ("wake", "job", "idle", "exit")
+
+    def __init__(self, job: CopyJob | None) -> None:
+        self.wake = threading.Lock()
+        self.wake.acquire()
+        self.job = job
+        self.idle = False
+        self.exit = False
+
+
+class PoolCore:
+    """The twin of ``_core.PoolCore``: the same protocol, with threading locks."""
+
+    def __init__(self, max_workers: int | None = None, idle_worker_timeout: float | None = None):
+        self._max = -1 if max_workers is None else max_workers
+        idle = _check_idle_timeout(idle_worker_timeout)
+        self._idle_timeout = -1.0 if idle is None else idle
+        self.reset_after_fork()
+        self._peak = 0
+        self._shutting_down = False
+
+    def reset_after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._done_cond = threading.Condition(self._lock)
+        self._idle: list[WorkerHandle] = []
+        self._queue: deque[CopyJob] = deque()
+        self._done: list[CopyJob] = []
+        self._workers = 0
+        self._busy = 0
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "workers": self._workers,
+                "idle": len(self._idle),
+                "busy": self._busy,
+                "queued": len(self._queue),
+                "peak": self._peak,
+            }
+
+    def _note_busy(self) -> None:
+        self._busy += 1
+        self._peak = max(self._peak, self._busy)
+
+    def submit(self, job: CopyJob) -> bool | WorkerHandle:
+        if job.started or job.finished:
+            raise RuntimeError("a CopyJob runs only once")
+        with self._lock:
+            if self._shutting_down:
+                raise RuntimeError("cannot start a relay after shutdown")
+            if self._idle:
+                w = self._idle.pop()
+                w.idle = False
+                self._note_busy()
+                w.job = job
+                w.wake.release()
+                return True
+            if self._max < 0 or self._workers < self._max:
+                self._workers += 1
+                self._note_busy()
+                return WorkerHandle(job)
+            self._queue.append(job)
+            return False
+
+    def unqueue(self, job: CopyJob) -> bool:
+        with self._lock:
+            try:
+                self._queue.remove(job)
+            except ValueError:
+                return False
+            return True
+
+    def abandon(self, handle: WorkerHandle) -> CopyJob:
+        with self._lock:
+            self._workers -= 1
+            self._busy -= 1
+        job = handle.job
+        assert job is not None
+        return job
+
+    def _park(self, w: WorkerHandle) -> bool:
+        while True:
+            if w.wake.acquire(timeout=self._idle_timeout):
+                return w.exit
+            with self._lock:
+                if w.idle:
+                    self._idle.remove(w)
+                    w.idle = False
+                    self._workers -= 1
+                    return True
+
+    def worker_main(self, w: WorkerHandle) -> None:
+        job, w.job = w.job, None
+        while True:
+            if job is None:
+                if self._park(w):
+                    return
+                job, w.job = w.job, None
+                continue
+            job.run_in_worker()
+            with self._lock:
+                self._done.append(job)
+                self._done_cond.notify_all()
+                if self._queue:
+                    job = self._queue.popleft()
+                    continue
+                job = None
+                self._busy -= 1
+                if self._shutting_down:
+                    self._workers -= 1
+                    return
+                w.idle = True
+                self._idle.append(w)
+
+    def _finished(self) -> bool:
+        return self._shutting_down and self._workers == 0 and not self._queue
+
+    def take_done(self) -> list[CopyJob] | None:
+        with self._lock:
+            while not self._done and not self._finished():
+                self._done_cond.wait()
+            jobs, self._done = self._done, []
+        return jobs or None
+
+    def help_done(self, job: CopyJob, timeout: float) -> list[CopyJob]:
+        with self._lock:
+            if not self._done and not job.finished:
+                self._done_cond.wait(None if timeout < 0 else timeout)
+            jobs, self._done = self._done, []
+        return jobs
+
+    def shutdown(self, cancel_queued: bool) -> list[CopyJob]:
+        with self._lock:
+            self._shutting_down = True
+            leaving, self._idle = self._idle, []
+            for w in leaving:
+                w.idle = False
+                w.exit = True
+                self._workers -= 1
+            cancelled: list[CopyJob] = []
+            if cancel_queued:
+                cancelled = list(self._queue)
+                self._queue.clear()
+            self._done_cond.notify_all()
+        for w in leaving:
+            w.wake.release()
+        return cancelled

@@ -15,6 +15,7 @@ if os.environ.get("FASTPIPE_NO_EXTENSIONS", "") not in ("", "0"):
     from fastpipe._core_py import (
         BUFFER_SIZE,
         CopyJob,
+        PoolCore,
         buffer_stats,
         copy_fd,
         fd_ready,
@@ -27,6 +28,7 @@ else:
         from fastpipe._core import (  # type: ignore[no-redef]
             BUFFER_SIZE,
             CopyJob,
+        PoolCore,
             buffer_stats,
             copy_fd,
             fd_ready,
@@ -38,6 +40,7 @@ else:
         from fastpipe._core_py import (  # type: ignore[no-redef]  # noqa: I001
             BUFFER_SIZE,
             CopyJob,
+        PoolCore,
             buffer_stats,
             copy_fd,
             fd_ready,
@@ -50,6 +53,7 @@ __all__ = [
     "BUFFER_SIZE",
     "IMPLEMENTATION",
     "CopyJob",
+    "PoolCore",
     "buffer_stats",
     "copy_fd",
     "fd_ready",

@@ -1,16 +1,21 @@
 """WorkerPool: persistent worker threads, each parked until handed a relay.
 
-The shape is CPython's ``concurrent/futures/thread.py`` with one change that
-matters here: there is no shared work queue.  Each worker parks on its own
-lock, and ``relay()`` hands a job straight to an idle worker (the most
-recently parked one, whose stack is still warm) or starts a new worker when
-none is idle.  So the pool grows to the peak number of simultaneous relays
-and keeps them, as in the Go design this follows, unless ``max_workers`` or
+The policy lives here; the mechanism is the core's ``PoolCore``.  Each worker
+is a daemon ``threading.Thread`` whose whole body is ``PoolCore.worker_main``:
+it parks on its own semaphore, copies, files the finished job and parks again,
+all without the GIL.  ``relay()`` hands a job straight to the most recently
+parked worker (its stack is still warm), or starts a new worker when none is
+idle.  So the pool grows to the peak number of simultaneous relays and keeps
+it, as in the Go design this follows, unless ``max_workers`` or
 ``idle_worker_timeout`` says otherwise.
 
-Workers are daemon threads.  A worker spends its life blocked in ``poll`` or
-a copy syscall with the GIL released, on fds the application owns; joining
-them at interpreter exit would hang on any relay whose peer is idle, which is
+Completion is batched: one completer thread per pool takes every job that
+finished meanwhile in one GIL acquisition, closes object ends through their
+``close()``, and sets the futures.  Workers close int fds themselves, in C.
+
+Workers and the completer are daemon threads.  A worker spends its life
+blocked in ``poll`` or a copy syscall on fds the application owns; joining
+it at interpreter exit would hang on any relay whose peer is idle, which is
 the normal state of a proxy.  The OS reclaims their fds and buffers at exit.
 """
 
@@ -20,95 +25,81 @@ import itertools
 import os
 import threading
 import weakref
-from collections import deque
+from concurrent.futures import Future
 from typing import Any
 
-from fastpipe._relay import FdLike, Relay, RelayJob, close_ends, coerce
+from fastpipe import _impl
+from fastpipe._relay import (
+    FdLike,
+    Relay,
+    close_ends,
+    closes_in_c,
+    coerce,
+    forget_closed,
+    make_job,
+)
 
-_worker_ids = itertools.count(1)
+_thread_ids = itertools.count(1)
 
 
 class _Task:
-    """A relay on its way through the pool: the future, its jobs, its ends."""
+    """A relay on its way through the pool: its future, jobs and ends."""
 
-    __slots__ = ("relay", "jobs", "close")
+    __slots__ = ("relay", "jobs", "ends", "close", "core", "pending")
 
-    def __init__(self, relay: Relay, jobs: tuple[RelayJob, ...], close: bool) -> None:
+    def __init__(
+        self, relay: Relay, jobs: tuple[Any, ...], ends: list[object], close: bool, core: Any
+    ) -> None:
         self.relay = relay
         self.jobs = jobs
+        self.ends = ends  # what the user passed: ints and objects
         self.close = close
+        self.core = core
+        self.pending = len(jobs)
 
-    def ends(self) -> list[object]:
-        return [end for job in self.jobs for end in (job.src, job.dst)]
+    def unqueue(self) -> bool:
+        """Take every job off the pool's queue; False if one has started."""
+        return all(self.core.unqueue(job) for job in self.jobs)
 
-    def cancelled_before_start(self) -> None:
-        if self.close:
-            close_ends(self.ends())
+    def close_ends(self) -> BaseException | None:
+        """Close every end of a relay that never reached a worker."""
+        return close_ends(self.ends) if self.close else None
 
-    def run(self) -> None:
-        relay = self.relay
-        if not relay.set_running_or_notify_cancel():
-            self.cancelled_before_start()
+    def complete(self, job: Any) -> None:
+        """Called by the completer, with the GIL, once per finished job."""
+        self.pending -= 1
+        if self.pending:
             return
-        result: Any = None
         error: BaseException | None = None
+        result: Any = None
         try:
-            result = self.jobs[0].run()
+            result = job.result()
         except BaseException as exc:  # noqa: B036 - delivered through the future
             error = exc
         if self.close:
-            # Close before completing, so that whoever waits on the result
-            # finds the ends already closed.
-            close_error = close_ends(self.ends())
+            # The worker closed what it could in C; the rest closes here,
+            # before completing, so whoever waits on the result finds every
+            # end closed.
+            in_c = [closes_in_c(end) for end in self.ends]
+            for end, closed in zip(self.ends, in_c):
+                if closed:
+                    forget_closed(end)
+            close_error = close_ends([e for e, closed in zip(self.ends, in_c) if not closed])
             if error is None:
                 error = close_error
+        relay = self.relay
         if error is not None:
             relay.set_exception(error)
-            # Break the cycle exception -> traceback -> this frame -> error.
-            del error
+            del error  # break the cycle exception -> traceback -> frame
         else:
             relay.set_result(result)
 
 
-class _Worker:
-    __slots__ = ("wake", "task", "thread", "retired")
-
-    def __init__(self) -> None:
-        # Held while parked: the hand-off releases it.  A Lock may be released
-        # by a thread other than the one that acquired it.
-        self.wake = threading.Lock()
-        self.wake.acquire()
-        self.task: _Task | None = None
-        self.thread: threading.Thread | None = None
-        self.retired = False  # set under the pool's lock: exit, do not park
-
-
-def _worker_main(
-    pool_ref: weakref.ReferenceType[WorkerPool], worker: _Worker, idle_timeout: float
-) -> None:
-    # Only a weak reference to the pool, as in thread.py: a pool nobody
-    # holds can be collected, and its idle workers exit on their sentinel.
-    while True:
-        if not worker.wake.acquire(timeout=idle_timeout):
-            pool = pool_ref()
-            if pool is None or pool._retire(worker):
-                return
-            del pool
-            continue  # a task was handed over as we timed out
-        task = worker.task
-        worker.task = None
-        if task is None:
-            return  # the shutdown sentinel
-        while task is not None:
-            task.run()
-            del task
-            pool = pool_ref()
-            if pool is None:
-                return
-            task = pool._next_task(worker)
-            del pool
-        if worker.retired:
-            return
+def _completer_main(core: Any) -> None:
+    # One GIL acquisition per batch of finished jobs, however many.
+    while (jobs := core.take_done()) is not None:
+        for job in jobs:
+            job.task.complete(job)
 
 
 class WorkerPool:
@@ -134,22 +125,13 @@ class WorkerPool:
                 raise TypeError("max_workers must be an int or None")
             if max_workers <= 0:
                 raise ValueError("max_workers must be greater than 0")
-        if idle_worker_timeout is not None:
-            if isinstance(idle_worker_timeout, bool) or not isinstance(
-                idle_worker_timeout, (int, float)
-            ):
-                raise TypeError("idle_worker_timeout must be a number or None")
-            if not idle_worker_timeout > 0:
-                raise ValueError("idle_worker_timeout must be greater than 0")
-        self._max_workers = max_workers
-        self._idle_timeout = -1.0 if idle_worker_timeout is None else float(idle_worker_timeout)
+        self._core = _impl.PoolCore(max_workers, idle_worker_timeout)
         self._lock = threading.Lock()
-        self._idle: list[_Worker] = []
-        self._workers: set[_Worker] = set()
-        self._queue: deque[_Task] = deque()
-        self._busy = 0
-        self._peak = 0
+        self._threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+        self._completer: threading.Thread | None = None
         self._shutdown = False
+        # A pool dropped without shutdown() still lets its threads go.
+        weakref.finalize(self, self._core.shutdown, False)
         _live_pools.add(self)
 
     # -- public API -------------------------------------------------------
@@ -189,10 +171,16 @@ class WorkerPool:
             RuntimeError: the pool has been shut down.
         """
         src_fd, dst_fd = coerce(src, dst, count)
+        job = make_job(src, dst, src_fd, dst_fd, count, bool(zerocopy), idle_timeout)
+        close = bool(close)
+        ends = [src, dst]
+        if close:
+            job.close_fds(closes_in_c(src), closes_in_c(dst))
         relay = Relay()
-        job = RelayJob(src, dst, src_fd, dst_fd, count, bool(zerocopy), idle_timeout)
-        relay._jobs = (job,)
-        self._submit(_Task(relay, (job,), bool(close)))
+        task = _Task(relay, (job,), ends, close, self._core)
+        job.task = task
+        relay._task = task
+        self._submit(task)
         return relay
 
     def stats(self) -> dict[str, int]:
@@ -200,21 +188,14 @@ class WorkerPool:
 
         ``peak`` is the most relays that ran at once in this pool.
         """
-        with self._lock:
-            return {
-                "workers": len(self._workers),
-                "idle": len(self._idle),
-                "busy": self._busy,
-                "queued": len(self._queue),
-                "peak": self._peak,
-            }
+        return dict(self._core.stats())
 
     def shutdown(self, wait: bool = True, *, cancel_relays: bool = False) -> None:
         """Stop accepting relays and let the workers exit.
 
         Idempotent.  Relays already queued still run unless ``cancel_relays``
         is true, in which case they are cancelled (and their ends closed as
-        ``close=`` said).
+        ``close=`` said).  Relays already running finish normally.
 
         Args:
             wait: block until every worker thread has exited, which means
@@ -223,24 +204,16 @@ class WorkerPool:
         """
         with self._lock:
             self._shutdown = True
-            cancelled: list[_Task] = []
-            if cancel_relays:
-                cancelled = list(self._queue)
-                self._queue.clear()
-            idle = self._idle
-            self._idle = []
-            for worker in idle:
-                self._workers.discard(worker)
-            threads = [w.thread for w in self._workers if w.thread is not None]
-            threads += [w.thread for w in idle if w.thread is not None]
-        for task in cancelled:
-            if task.relay.cancel():
-                task.cancelled_before_start()
-        for worker in idle:
-            worker.task = None
-            worker.wake.release()  # the None task is the exit sentinel
+        for job in self._core.shutdown(bool(cancel_relays)):
+            # Already off the queue, so Relay.cancel's unqueue step is done:
+            # cancel the plain future and close what the relay owned.
+            task = job.task
+            if Future.cancel(task.relay):
+                task.close_ends()
         if wait:
             me = threading.current_thread()
+            with self._lock:
+                threads = list(self._threads)
             for thread in threads:
                 if thread is not me:
                     thread.join()
@@ -251,70 +224,44 @@ class WorkerPool:
     def __exit__(self, *exc_info: object) -> None:
         self.shutdown(wait=True)
 
-    # -- hand-off and completion -----------------------------------------
+    # -- hand-off ---------------------------------------------------------
+
+    def _start_thread(self, target: Any, args: tuple[Any, ...], kind: str) -> threading.Thread:
+        thread = threading.Thread(
+            target=target, args=args, name=f"fastpipe-{kind}-{next(_thread_ids)}", daemon=True
+        )
+        self._threads.add(thread)
+        thread.start()
+        return thread
 
     def _submit(self, task: _Task) -> None:
-        start: _Worker | None = None
-        with self._lock:
-            if self._shutdown:
-                raise RuntimeError("cannot start a relay after shutdown")
-            if self._idle:
-                worker: _Worker | None = self._idle.pop()
-            elif self._max_workers is None or len(self._workers) < self._max_workers:
-                worker = start = _Worker()
-                self._workers.add(worker)
-            else:
-                worker = None
-                self._queue.append(task)
-            if worker is not None:
-                self._busy += 1
-                if self._busy > self._peak:
-                    self._peak = self._busy
-        if worker is None:
-            return
-        worker.task = task
-        if start is not None:
-            thread = threading.Thread(
-                target=_worker_main,
-                args=(weakref.ref(self), start, self._idle_timeout),
-                name=f"fastpipe-worker-{next(_worker_ids)}",
-                daemon=True,
-            )
-            start.thread = thread
-            thread.start()
-        worker.wake.release()
-
-    def _next_task(self, worker: _Worker) -> _Task | None:
-        """Called by a worker after a task: its next task, or None to park."""
-        with self._lock:
-            if self._queue:
-                return self._queue.popleft()
-            self._busy -= 1
-            if self._shutdown:
-                self._workers.discard(worker)
-                worker.retired = True
-                return None
-            self._idle.append(worker)
-            return None
-
-    def _retire(self, worker: _Worker) -> bool:
-        """An idle worker timed out: leave the pool unless just handed work."""
-        with self._lock:
+        if self._completer is None:
+            with self._lock:
+                if self._shutdown:
+                    raise RuntimeError("cannot start a relay after shutdown")
+                if self._completer is None:
+                    self._completer = self._start_thread(
+                        _completer_main, (self._core,), "completer"
+                    )
+        (job,) = task.jobs
+        handed = self._core.submit(job)  # raises RuntimeError after shutdown
+        if handed is False:
+            return  # queued: a worker starts it when one is free
+        if handed is not True:
             try:
-                self._idle.remove(worker)
-            except ValueError:
-                return False
-            self._workers.discard(worker)
-            return True
+                self._start_thread(self._core.worker_main, (handed,), "worker")
+            except BaseException:
+                self._core.abandon(handed)
+                task.close_ends()
+                raise
 
     def _reset_after_fork(self) -> None:
         # The child has none of the parent's threads: start empty.  Relays
         # that were running in the parent go on there, not here.
+        self._core.reset_after_fork()
         self._lock = threading.Lock()
-        self._idle = []
-        self._workers = set()
-        self._queue.clear()
-        self._busy = 0
+        self._threads = weakref.WeakSet()
+        self._completer = None
 
 
 _live_pools: weakref.WeakSet[WorkerPool] = weakref.WeakSet()

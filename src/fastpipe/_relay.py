@@ -8,9 +8,11 @@ completing the future).
 
 from __future__ import annotations
 
-import asyncio
 import io
 import os
+import socket
+import threading
+import time
 from collections.abc import Callable, Generator
 from concurrent.futures import Future
 from typing import Any, Protocol, runtime_checkable
@@ -25,6 +27,9 @@ class HasFileno(Protocol):
 
 FdLike = int | HasFileno
 
+# How long a main thread waiting in result() waits between signal checks.
+_MAIN_THREAD_SLICE = 0.05
+
 # How much read-ahead a buffered reader can hold is its buffer size; asking
 # for more than any sane buffer gets all of it in one read1().
 _READAHEAD_MAX = 1 << 24
@@ -35,28 +40,92 @@ class Relay(Future[Any]):
 
     ``result()`` is the number of bytes copied (for ``proxy`` a tuple per
     direction), or raises the relay's ``OSError``.
+
+    The future stays PENDING while a worker copies and moves straight to
+    FINISHED: the worker never needs the GIL to mark it RUNNING.  So
+    ``running()`` is answered from the pool's own state, and ``cancel()``
+    succeeds only for a relay still waiting in the queue.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self._jobs: tuple[Any, ...] = ()
+        self._task: Any = None
 
     @property
     def bytes_copied(self) -> int:
         """Bytes written so far; readable while the relay runs."""
-        return sum(job.bytes_copied for job in self._jobs)
+        task = self._task
+        return 0 if task is None else sum(job.bytes_copied for job in task.jobs)
 
     @property
     def method(self) -> str | None:
         """The copy path in use, or None before the copy has started."""
-        for job in self._jobs:
-            if job.started:
-                return str(job.method)
-        return None
+        task = self._task
+        if task is None or not task.jobs[0].started:
+            return None
+        return str(task.jobs[0].method)
+
+    def result(self, timeout: float | None = None) -> Any:
+        remaining = self._help(timeout)
+        return super().result(remaining)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        remaining = self._help(timeout)
+        return super().exception(remaining)
+
+    def _help(self, timeout: float | None) -> float | None:
+        """Before blocking on the future, finish pool jobs in this thread.
+
+        The waiting thread completes the relays that end meanwhile (its own
+        and any other), instead of waiting for the completer thread to take
+        the GIL and hand the result back.  Returns the timeout left.
+        """
+        task = self._task
+        if task is None or self.done():
+            return timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        main = threading.current_thread() is threading.main_thread()
+        while not self.done():
+            pending = [job for job in task.jobs if not job.finished]
+            if not pending:
+                break  # finished; the completer is completing it right now
+            left = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+            if main and not 0 <= left < _MAIN_THREAD_SLICE:
+                # Slices, so that Ctrl-C and other signal handlers run.
+                left = _MAIN_THREAD_SLICE
+            for job in task.core.help_done(pending[0], left):
+                job.task.complete(job)
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    def running(self) -> bool:
+        task = self._task
+        return task is not None and any(job.started for job in task.jobs) and not self.done()
+
+    def cancel(self) -> bool:
+        """Cancel the relay if it has not started yet.
+
+        Returns:
+            True if it is cancelled; its ends are then closed as ``close=``
+            said.  False once a worker has started copying.
+        """
+        if self.done():
+            return self.cancelled()
+        task = self._task
+        if task is not None and not task.unqueue():
+            return False
+        if not super().cancel():
+            return False
+        if task is not None:
+            task.close_ends()
+        return True
 
     def __await__(self) -> Generator[Any, None, Any]:
-        # wrap_future() completes an asyncio future from the worker thread
+        # wrap_future() completes an asyncio future from the completer thread
         # with call_soon_threadsafe, so the event loop never blocks on us.
+        import asyncio
+
         return asyncio.wrap_future(self).__await__()
 
 
@@ -125,51 +194,56 @@ def _drain_readahead(obj: object, src_fd: int, limit: int | None) -> bytes:
     return bytes(data or b"")
 
 
-class RelayJob:
-    """One direction of a relay: the user's objects plus the core's CopyJob."""
+def make_job(
+    src: object,
+    dst: object,
+    src_fd: int,
+    dst_fd: int,
+    count: int | None,
+    zerocopy: bool,
+    idle_timeout: float | None,
+) -> Any:
+    """Build the core's CopyJob for one direction of a relay.
 
-    __slots__ = ("src", "dst", "src_fd", "dst_fd", "core", "started")
+    A worker only takes the GIL before copying when an end is a buffered
+    Python object: a writer to flush, or a reader whose read-ahead must go
+    first.  Plain fds, sockets and raw files copy without it.
+    """
+    # CopyJob checks count and idle_timeout: TypeError/ValueError right here.
+    job = _impl.CopyJob(src_fd, dst_fd, count, zerocopy=zerocopy, idle_timeout=idle_timeout)
+    flush = dst if isinstance(dst, io.BufferedIOBase) else None
+    drain = src if isinstance(src, io.BufferedIOBase) and hasattr(src, "read1") else None
+    if flush is not None or drain is not None:
 
-    def __init__(
-        self,
-        src: object,
-        dst: object,
-        src_fd: int,
-        dst_fd: int,
-        count: int | None,
-        zerocopy: bool,
-        idle_timeout: float | None = None,
-    ) -> None:
-        self.src = src
-        self.dst = dst
-        self.src_fd = src_fd
-        self.dst_fd = dst_fd
-        # CopyJob checks count and idle_timeout, raising TypeError/ValueError
-        # in the caller's thread.
-        self.core = _impl.CopyJob(
-            src_fd, dst_fd, count, zerocopy=zerocopy, idle_timeout=idle_timeout
-        )
-        self.started = False
+        def prologue(job: Any) -> None:
+            if flush is not None and not flush.closed:
+                flush.flush()
+            if drain is not None:
+                prefix = _drain_readahead(drain, src_fd, job.remaining)
+                if prefix:
+                    job.prepend(prefix)
 
-    @property
-    def bytes_copied(self) -> int:
-        return int(self.core.bytes_copied)
+        job.prologue = prologue
+    return job
 
-    @property
-    def method(self) -> str:
-        return str(self.core.method)
 
-    def run(self) -> int:
-        """Copy, in a worker thread.  Raises OSError."""
-        dst = self.dst
-        if isinstance(dst, io.BufferedIOBase) and not dst.closed:
-            # Bytes the caller wrote through the object go before ours.
-            dst.flush()
-        prefix = _drain_readahead(self.src, self.src_fd, self.core.remaining)
-        if prefix:
-            self.core.prepend(prefix)
-        self.started = True
-        return int(self.core.run())
+def closes_in_c(end: object) -> bool:
+    """Whether a worker may close this end's fd itself, without the GIL.
+
+    Ints, and plain sockets with no makefile() file open: for those,
+    ``close()`` does nothing but close the fd, so the completer only has to
+    ``detach()`` the object afterwards (which leaves it exactly as closed).
+    Files and anything else are closed through their own ``close()``.
+    """
+    if isinstance(end, int):
+        return True
+    return type(end) is socket.socket and getattr(end, "_io_refs", 1) == 0
+
+
+def forget_closed(end: object) -> None:
+    """Mark an object closed whose fd a worker has already closed in C."""
+    if not isinstance(end, int):
+        end.detach()  # type: ignore[attr-defined]  # a plain socket
 
 
 def close_ends(objs: list[object]) -> BaseException | None:

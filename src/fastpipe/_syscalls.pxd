@@ -32,8 +32,10 @@ cdef extern from "_compat.h" nogil:
         int msg_flags
 
     ssize_t sendmsg(int fd, const msghdr *msg, int flags)
+    ssize_t recvmsg(int fd, msghdr *msg, int flags)
     enum:
         MSG_NOSIGNAL
+        MSG_DONTWAIT
 
     ssize_t readv(int fd, const iovec *iov, int iovcnt)
     ssize_t writev(int fd, const iovec *iov, int iovcnt)
@@ -63,3 +65,25 @@ cdef extern from "_compat.h" nogil:
 
     void fp_store_ll(long long *p, long long v)
     long long fp_load_ll(const long long *p)
+
+    ctypedef struct pthread_cond_t:
+        pass
+
+    int pthread_cond_init(pthread_cond_t *c, void *attr)
+    int pthread_cond_wait(pthread_cond_t *c, pthread_mutex_t *m)
+    int pthread_cond_signal(pthread_cond_t *c)
+    int pthread_cond_broadcast(pthread_cond_t *c)
+
+    ctypedef struct sem_t:
+        pass
+
+    int fp_cond_init_monotonic(pthread_cond_t *c)
+    int fp_cond_wait_until_ms(pthread_cond_t *c, pthread_mutex_t *m, long long deadline_ms)
+
+    int sem_init(sem_t *s, int pshared, unsigned int value)
+    int sem_destroy(sem_t *s)
+    int sem_wait(sem_t *s)
+    int sem_post(sem_t *s)
+    int fp_sem_wait_ms(sem_t *s, long long ms)
+
+    int close(int fd)
