@@ -16,7 +16,7 @@ Ownership rules, which every function below keeps:
 
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
-from libc.errno cimport errno, EINTR, EAGAIN, ENOMEM, EBADF, ETIMEDOUT
+from libc.errno cimport errno, EINTR, EAGAIN, ENOMEM, EBADF, ETIMEDOUT, EINVAL, EOPNOTSUPP
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from posix.uio cimport iovec
 from cpython.exc cimport PyErr_CheckSignals
@@ -27,7 +27,7 @@ import os as _os
 import threading as _threading
 
 from fastpipe._syscalls cimport (
-    F_GETFL, MSG_DONTWAIT, MSG_NOSIGNAL, O_NONBLOCK, recvmsg, POLLIN, POLLNVAL, POLLOUT, S_ISBLK,
+    F_GETFL, MSG_DONTWAIT, MSG_NOSIGNAL, O_NONBLOCK, RWF_NOWAIT, preadv2, recvmsg, POLLIN, POLLNVAL, POLLOUT, S_ISBLK,
     S_ISCHR, S_ISFIFO, S_ISREG, S_ISSOCK, fcntl, fp_load_ll, fp_store_ll,
     fstat, msghdr, poll, pollfd, pthread_mutex_init, pthread_mutex_lock,
     pthread_mutex_t, pthread_mutex_unlock, readv, sendmsg, stat, writev,
@@ -210,6 +210,8 @@ cdef struct CopyState:
     bint dst_is_socket      # send with MSG_NOSIGNAL: EPIPE, never SIGPIPE
     bint src_is_socket      # recv with MSG_DONTWAIT: never blocks, whatever
                             # the fd's own flag, so no poll before each read
+    bint src_nowait         # a blocking pipe read with RWF_NOWAIT, the same
+                            # trick for pipes (Linux 5.x+; else poll first)
     int wait_ms             # poll timeout: -1, or a tick in the main thread
     long long idle_ms       # idle_timeout in ms, or -1
     long long deadline_ms   # CLOCK_MONOTONIC ms by which a byte must move
@@ -415,6 +417,13 @@ cdef int _copy_step(CopyState *st) noexcept nogil:
             msg.msg_iov = iov
             msg.msg_iovlen = cnt
             n = recvmsg(st.src, &msg, MSG_DONTWAIT)
+        elif st.src_nowait:
+            n = preadv2(st.src, iov, cnt, -1, RWF_NOWAIT)
+            if n < 0 and (errno == EOPNOTSUPP or errno == EINVAL):
+                # An older kernel: no per-call non-blocking read on pipes.
+                st.src_nowait = False
+                st.src_wait_first = True
+                continue
         else:
             n = readv(st.src, iov, cnt)
         if n < 0:
@@ -485,7 +494,10 @@ cdef int _prepare(CopyState *st, bint in_main_thread) noexcept nogil:
         return -1
     st.src_is_socket = st.src_kind == KIND_SOCKET
     st.dst_is_socket = st.dst_kind == KIND_SOCKET
-    st.src_wait_first = not src_nb and st.src_kind != KIND_FILE and not st.src_is_socket
+    st.src_nowait = not src_nb and st.src_kind == KIND_PIPE
+    st.src_wait_first = (
+        not src_nb and st.src_kind == KIND_CHAR
+    )
     if st.src_kind == KIND_FILE:
         st.want = MAX_IOV
     # In the main thread, poll with a tick so that a signal landing just

@@ -38,6 +38,9 @@ cdef extern from "_compat.h" nogil:
         MSG_DONTWAIT
 
     ssize_t readv(int fd, const iovec *iov, int iovcnt)
+    ssize_t preadv2(int fd, const iovec *iov, int iovcnt, long offset, int flags)
+    enum:
+        RWF_NOWAIT
     ssize_t writev(int fd, const iovec *iov, int iovcnt)
 
     int fcntl(int fd, int cmd, ...)
