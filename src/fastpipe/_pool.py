@@ -45,7 +45,7 @@ _thread_ids = itertools.count(1)
 class _Task:
     """A relay on its way through the pool: its future, jobs and ends."""
 
-    __slots__ = ("relay", "jobs", "ends", "close", "core", "pending")
+    __slots__ = ("relay", "jobs", "ends", "in_c", "close", "core", "pending")
 
     def __init__(
         self, relay: Relay, jobs: tuple[Any, ...], ends: list[object], close: bool, core: Any
@@ -54,6 +54,8 @@ class _Task:
         self.jobs = jobs
         self.ends = ends  # what the user passed: ints and objects
         self.close = close
+        # Which ends the workers close in C (decided once, before they run).
+        self.in_c = (closes_in_c(ends[0]), closes_in_c(ends[1])) if close else ()
         self.core = core
         self.pending = len(jobs)
 
@@ -80,11 +82,13 @@ class _Task:
             # The worker closed what it could in C; the rest closes here,
             # before completing, so whoever waits on the result finds every
             # end closed.
-            in_c = [closes_in_c(end) for end in self.ends]
-            for end, closed in zip(self.ends, in_c):
-                if closed:
+            rest = []
+            for end, closed in zip(self.ends, self.in_c):
+                if not closed:
+                    rest.append(end)
+                elif not isinstance(end, int):
                     forget_closed(end)
-            close_error = close_ends([e for e, closed in zip(self.ends, in_c) if not closed])
+            close_error = close_ends(rest) if rest else None
             if error is None:
                 error = close_error
         relay = self.relay
@@ -173,11 +177,10 @@ class WorkerPool:
         src_fd, dst_fd = coerce(src, dst, count)
         job = make_job(src, dst, src_fd, dst_fd, count, bool(zerocopy), idle_timeout)
         close = bool(close)
-        ends = [src, dst]
-        if close:
-            job.close_fds(closes_in_c(src), closes_in_c(dst))
         relay = Relay()
-        task = _Task(relay, (job,), ends, close, self._core)
+        task = _Task(relay, (job,), [src, dst], close, self._core)
+        if close:
+            job.close_fds(*task.in_c)
         job.task = task
         relay._task = task
         self._submit(task)

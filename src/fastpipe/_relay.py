@@ -131,6 +131,11 @@ class Relay(Future[Any]):
 
 def _fd_of(obj: object, name: str) -> int:
     """Return the fd behind obj, raising TypeError/ValueError at once."""
+    if type(obj) is socket.socket:  # the common case, checked first
+        fd = obj.fileno()
+        if fd < 0:
+            raise ValueError(f"{name} is a closed socket")
+        return fd
     if isinstance(obj, bool):
         raise TypeError(f"{name} must be an int fd or an object with fileno(), not bool")
     if isinstance(obj, int):
@@ -211,8 +216,16 @@ def make_job(
     """
     # CopyJob checks count and idle_timeout: TypeError/ValueError right here.
     job = _impl.CopyJob(src_fd, dst_fd, count, zerocopy=zerocopy, idle_timeout=idle_timeout)
-    flush = dst if isinstance(dst, io.BufferedIOBase) else None
-    drain = src if isinstance(src, io.BufferedIOBase) and hasattr(src, "read1") else None
+    # Plain sockets and ints buffer nothing: skip the (slow) ABC checks.
+    flush = drain = None
+    if type(dst) is not socket.socket and isinstance(dst, io.BufferedIOBase):
+        flush = dst
+    if (
+        type(src) is not socket.socket
+        and isinstance(src, io.BufferedIOBase)
+        and hasattr(src, "read1")
+    ):
+        drain = src
     if flush is not None or drain is not None:
 
         def prologue(job: Any) -> None:
@@ -235,15 +248,14 @@ def closes_in_c(end: object) -> bool:
     ``detach()`` the object afterwards (which leaves it exactly as closed).
     Files and anything else are closed through their own ``close()``.
     """
-    if isinstance(end, int):
-        return True
-    return type(end) is socket.socket and getattr(end, "_io_refs", 1) == 0
+    if type(end) is socket.socket:
+        return getattr(end, "_io_refs", 1) == 0
+    return isinstance(end, int)
 
 
 def forget_closed(end: object) -> None:
-    """Mark an object closed whose fd a worker has already closed in C."""
-    if not isinstance(end, int):
-        end.detach()  # type: ignore[attr-defined]  # a plain socket
+    """Mark a plain socket closed whose fd a worker has already closed in C."""
+    end.detach()  # type: ignore[attr-defined]
 
 
 def close_ends(objs: list[object]) -> BaseException | None:
