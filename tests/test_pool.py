@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 
 import pytest
 
@@ -239,3 +240,50 @@ def test_bytes_copied_is_live_while_running() -> None:
         os.close(w)
         assert relay.result(timeout=10) == 5010
         assert relay.bytes_copied == 5010
+
+
+def test_pool_keeps_working_in_a_forked_child() -> None:
+    pool = fastpipe.default_pool()
+    relay, w = idle_relay(pool)  # a worker busy in the parent at fork time
+    wait_for(lambda: relay.running())
+    with warnings.catch_warnings():
+        # 3.12+ warns that forking a threaded process may deadlock the
+        # child: exactly what the at-fork reset is there to prevent.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: report through the exit status only
+        status = 1
+        try:
+            r, w2 = os.pipe()
+            out_r, out_w = os.pipe()
+            os.write(w2, b"from the child")
+            os.close(w2)
+            child_relay = fastpipe.relay(r, out_w)
+            ok = child_relay.result(timeout=10) == 14 and os.read(out_r, 100) == b"from the child"
+            stats = fastpipe.default_pool().stats()
+            # The parent's busy worker does not exist here.
+            status = 0 if ok and stats["busy"] == 0 and stats["workers"] == 1 else 2
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    finish([w])
+    assert relay.result(timeout=10) == 1000
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_ctrl_c_reaches_the_main_thread_waiting_in_result() -> None:
+    import signal
+
+    with WorkerPool() as pool:
+        relay, w = idle_relay(pool)
+        timer = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        start = time.monotonic()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                relay.result()
+            assert time.monotonic() - start < 2.0
+        finally:
+            timer.cancel()
+            finish([w])
+        assert relay.result(timeout=10) == 1000
