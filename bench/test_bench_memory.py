@@ -26,8 +26,12 @@ def test_idle_relays_rss(benchmark: BenchmarkFixture) -> None:
     benchmark.pedantic(measure, rounds=1, iterations=1)
     kib, workers, in_use = results[-1]
     benchmark.extra_info.update(
-        {"relays": RELAYS, "KiB_per_relay": round(kib, 1), "workers": workers,
-         "buffers_in_use": in_use}
+        {
+            "relays": RELAYS,
+            "KiB_per_relay": round(kib, 1),
+            "workers": workers,
+            "buffers_in_use": in_use,
+        }
     )
     assert workers == RELAYS
     assert in_use == 0

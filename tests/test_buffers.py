@@ -6,9 +6,9 @@ import os
 import threading
 import time
 
-from conftest import Endpoints
-
 import fastpipe
+
+from conftest import Endpoints
 
 
 def test_buffer_stats_keys_and_invariants() -> None:
@@ -100,7 +100,7 @@ def test_a_relay_parked_on_an_idle_fd_holds_no_buffer() -> None:
             time.sleep(0.01)
         time.sleep(0.05)
         assert fastpipe.buffer_stats()["in_use"] == 0
-        for r, w in pairs:
+        for _, w in pairs:
             os.close(w)
         assert [r.result(timeout=10) for r in relays] == [100_000] * 20
     for r, _ in pairs:
@@ -126,7 +126,7 @@ def test_buffers_are_thread_safe_under_concurrent_copies(endpoints: Endpoints) -
     for t in threads:
         t.join(30)
     assert not errors
-    for d, dst in zip(datas, dsts):
+    for d, dst in zip(datas, dsts, strict=True):
         assert dst.received() == d
     stats = fastpipe.buffer_stats()
     assert stats["in_use"] == 0

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import KINDS, Endpoints
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastpipe
+
+from conftest import KINDS, Endpoints
 
 SIZES = [0, 1, 32 * 1024 - 1, 32 * 1024, 32 * 1024 + 1, 3 * 1024 * 1024 + 7]
 
@@ -96,7 +97,9 @@ def test_nonblocking_flags_are_left_as_they_were(endpoints: Endpoints) -> None:
     assert os.get_blocking(dst.fd) is True
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     data=st.binary(min_size=0, max_size=200_000),
     count=st.one_of(st.none(), st.integers(min_value=0, max_value=250_000)),

@@ -8,9 +8,10 @@ import os
 import socket
 
 import pytest
-from conftest import Endpoints, close_quietly, open_fds
 
 import fastpipe
+
+from conftest import Endpoints, close_quietly, open_fds
 
 
 @pytest.mark.parametrize(

@@ -10,9 +10,10 @@ import threading
 import time
 
 import pytest
-from conftest import compiled_only
 
 import fastpipe
+
+from conftest import compiled_only
 
 
 def spin_until(predicate, seconds: float) -> bool:
@@ -110,7 +111,9 @@ def test_signal_handler_that_returns_lets_the_copy_go_on() -> None:
     calls: list[int] = []
     data = os.urandom(200_000)
     got = bytearray()
-    reader = threading.Thread(target=lambda: [got.extend(c) for c in iter(lambda: os.read(out_r, 65536), b"")])
+    reader = threading.Thread(
+        target=lambda: [got.extend(c) for c in iter(lambda: os.read(out_r, 65536), b"")]
+    )
     reader.start()
 
     def feed() -> None:

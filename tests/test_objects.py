@@ -10,9 +10,10 @@ import threading
 import time
 
 import pytest
-from conftest import open_fds, tcp_pair
 
 import fastpipe
+
+from conftest import open_fds, tcp_pair
 
 
 def read_all(sock: socket.socket) -> bytes:
@@ -68,8 +69,12 @@ def test_socket_makefile_readahead_is_delivered_first() -> None:
 
 def test_buffered_reader_on_idle_pipe_does_not_block_the_caller() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; sys.stdout.buffer.write(b'A' * 10); "
-         "sys.stdout.flush(); time.sleep(0.3); sys.stdout.buffer.write(b'B' * 70000)"],
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; sys.stdout.buffer.write(b'A' * 10); "
+            "sys.stdout.flush(); time.sleep(0.3); sys.stdout.buffer.write(b'B' * 70000)",
+        ],
         stdout=subprocess.PIPE,
     )
     assert proc.stdout is not None

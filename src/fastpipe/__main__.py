@@ -71,8 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_multiple_of(_bench.SMALL_IN_FLIGHT),
         default=_bench.SMALL_RELAYS,
         metavar="N",
-        help=f"small relays per run, a multiple of {_bench.SMALL_IN_FLIGHT} "
-        "(default: %(default)s)",
+        help=f"small relays per run, a multiple of {_bench.SMALL_IN_FLIGHT} (default: %(default)s)",
     )
     bench.add_argument(
         "--json",

@@ -734,7 +734,7 @@ class TcpToTcp(Case):
 
     workload = "tcp-to-tcp"
     title = "TCP -> TCP"
-    methods = (FASTPIPE, COPYFILEOBJ)
+    methods: ClassVar[tuple[str, ...]] = (FASTPIPE, COPYFILEOBJ)
 
     def __init__(self, method: str, nbytes: int) -> None:
         super().__init__(method, nbytes)

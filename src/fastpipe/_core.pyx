@@ -27,13 +27,14 @@ import os as _os
 import threading as _threading
 
 from fastpipe._syscalls cimport (
-    F_GETFL, MSG_DONTWAIT, MSG_NOSIGNAL, O_NONBLOCK, RWF_NOWAIT, preadv2, recvmsg, POLLIN, POLLNVAL, POLLOUT, S_ISBLK,
-    S_ISCHR, S_ISFIFO, S_ISREG, S_ISSOCK, fcntl, fp_load_ll, fp_store_ll,
-    fstat, msghdr, poll, pollfd, pthread_mutex_init, pthread_mutex_lock,
-    pthread_mutex_t, pthread_mutex_unlock, readv, sendmsg, stat, writev,
-    pthread_cond_t, pthread_cond_init, pthread_cond_wait, pthread_cond_signal,
-    sem_t, sem_init, sem_destroy, sem_wait, sem_post, fp_sem_wait_ms, close,
-    fp_cond_init_monotonic, fp_cond_wait_until_ms, pthread_cond_broadcast,
+    F_GETFL, MSG_DONTWAIT, MSG_NOSIGNAL, O_NONBLOCK, POLLIN, POLLNVAL, POLLOUT,
+    RWF_NOWAIT, S_ISBLK, S_ISFIFO, S_ISREG, S_ISSOCK, close, fcntl,
+    fp_cond_init_monotonic, fp_cond_wait_until_ms, fp_load_ll, fp_sem_wait_ms,
+    fp_store_ll, fstat, msghdr, poll, pollfd, preadv2, pthread_cond_broadcast,
+    pthread_cond_init, pthread_cond_signal, pthread_cond_t, pthread_cond_wait,
+    pthread_mutex_init, pthread_mutex_lock, pthread_mutex_t, pthread_mutex_unlock,
+    readv, recvmsg, sem_destroy, sem_init, sem_post, sem_t, sem_wait, sendmsg,
+    stat, writev,
 )
 
 
@@ -208,10 +209,11 @@ cdef struct CopyState:
     bint src_wait_first     # a blocking, pollable source: poll before read
     bint dst_wait_first     # a blocking, pollable sink in the main thread
     bint dst_is_socket      # send with MSG_NOSIGNAL: EPIPE, never SIGPIPE
-    bint src_is_socket      # recv with MSG_DONTWAIT: never blocks, whatever
-                            # the fd's own flag, so no poll before each read
-    bint src_nowait         # a blocking pipe read with RWF_NOWAIT, the same
-                            # trick for pipes (Linux 5.x+; else poll first)
+    # A socket source is read with MSG_DONTWAIT, and a blocking pipe with
+    # RWF_NOWAIT (Linux 5.x+; else poll first): neither blocks, whatever the
+    # fd's own flag, so there is no poll before each read.
+    bint src_is_socket
+    bint src_nowait
     int wait_ms             # poll timeout: -1, or a tick in the main thread
     long long idle_ms       # idle_timeout in ms, or -1
     long long deadline_ms   # CLOCK_MONOTONIC ms by which a byte must move

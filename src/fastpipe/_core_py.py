@@ -260,9 +260,7 @@ class CopyJob:
         src_pollable = not (stat.S_ISREG(src_mode) or stat.S_ISBLK(src_mode))
         dst_pollable = not (stat.S_ISREG(dst_mode) or stat.S_ISBLK(dst_mode))
         src_wait_first = src_pollable and os.get_blocking(self._src)
-        dst_wait_first = (
-            dst_pollable and os.get_blocking(self._dst) and self._idle is not None
-        )
+        dst_wait_first = dst_pollable and os.get_blocking(self._dst) and self._idle is not None
         dst_sock = None
         if stat.S_ISSOCK(dst_mode):
             # A detached view of the caller's socket, to send with
@@ -324,9 +322,7 @@ class CopyJob:
                 dst_sock.detach()
 
 
-def copy_fd(
-    src_fd: int, dst_fd: int, count: int | None = None, *, zerocopy: bool = True
-) -> int:
+def copy_fd(src_fd: int, dst_fd: int, count: int | None = None, *, zerocopy: bool = True) -> int:
     """Copy from ``src_fd`` to ``dst_fd``; see ``fastpipe.copy_fd``."""
     return CopyJob(src_fd, dst_fd, count, zerocopy=zerocopy).run()
 

@@ -8,11 +8,12 @@ same switch yarl and msgpack offer, so the test suite can run on both.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 IMPLEMENTATION: str
 
-if os.environ.get("FASTPIPE_NO_EXTENSIONS", "") not in ("", "0"):
-    from fastpipe._core_py import (
+if TYPE_CHECKING:  # both twins have these names; _core.pyi types them
+    from fastpipe._core import (
         BUFFER_SIZE,
         CopyJob,
         PoolCore,
@@ -21,33 +22,29 @@ if os.environ.get("FASTPIPE_NO_EXTENSIONS", "") not in ("", "0"):
         fd_ready,
         trim_buffers,
     )
-
-    IMPLEMENTATION = "py"
 else:
-    try:
-        from fastpipe._core import (  # type: ignore[no-redef]
-            BUFFER_SIZE,
-            CopyJob,
-        PoolCore,
-            buffer_stats,
-            copy_fd,
-            fd_ready,
-            trim_buffers,
-        )
 
-        IMPLEMENTATION = "c"
-    except ImportError:
-        from fastpipe._core_py import (  # type: ignore[no-redef]  # noqa: I001
-            BUFFER_SIZE,
-            CopyJob,
-        PoolCore,
-            buffer_stats,
-            copy_fd,
-            fd_ready,
-            trim_buffers,
-        )
+    def _load():
+        if os.environ.get("FASTPIPE_NO_EXTENSIONS", "") not in ("", "0"):
+            from fastpipe import _core_py
 
-        IMPLEMENTATION = "py"
+            return _core_py, "py"
+        try:
+            from fastpipe import _core
+        except ImportError:
+            from fastpipe import _core_py
+
+            return _core_py, "py"
+        return _core, "c"
+
+    _module, IMPLEMENTATION = _load()
+    BUFFER_SIZE = _module.BUFFER_SIZE
+    CopyJob = _module.CopyJob
+    PoolCore = _module.PoolCore
+    buffer_stats = _module.buffer_stats
+    copy_fd = _module.copy_fd
+    fd_ready = _module.fd_ready
+    trim_buffers = _module.trim_buffers
 
 __all__ = [
     "BUFFER_SIZE",

@@ -83,7 +83,7 @@ class _Task:
             # before completing, so whoever waits on the result finds every
             # end closed.
             rest = []
-            for end, closed in zip(self.ends, self.in_c):
+            for end, closed in zip(self.ends, self.in_c, strict=True):
                 if not closed:
                     rest.append(end)
                 elif not isinstance(end, int):
@@ -211,6 +211,7 @@ class WorkerPool:
             # Already off the queue, so Relay.cancel's unqueue step is done:
             # cancel the plain future and close what the relay owned.
             task = job.task
+            assert isinstance(task, _Task)
             if Future.cancel(task.relay):
                 task.close_ends()
         if wait:
