@@ -1,9 +1,7 @@
 /* Feature macros and tiny helpers for _core.pyx.
  *
  * Python.h already defines _GNU_SOURCE (pyconfig.h), which readv/sendmsg/
- * MSG_NOSIGNAL and, later, splice/copy_file_range need.  The counters below
- * are written by a worker without the GIL and read by other threads with the
- * GIL, so they go through the compiler's atomics instead of plain loads. */
+ * preadv2/MSG_NOSIGNAL and, later, splice/copy_file_range need. */
 #ifndef FASTPIPE_COMPAT_H
 #define FASTPIPE_COMPAT_H
 
@@ -24,48 +22,10 @@
 
 #ifndef MSG_NOSIGNAL
 #define MSG_NOSIGNAL 0
-/* Wait on a semaphore for at most ms milliseconds of CLOCK_MONOTONIC time
- * (a wall-clock jump must not wake or strand an idle worker).  Returns 0,
- * or -1 with errno ETIMEDOUT; EINTR is retried here. */
-static inline int fp_sem_wait_ms(sem_t *s, long long ms) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    ts.tv_sec += ms / 1000;
-    ts.tv_nsec += (ms % 1000) * 1000000L;
-    if (ts.tv_nsec >= 1000000000L) {
-        ts.tv_sec += 1;
-        ts.tv_nsec -= 1000000000L;
-    }
-    for (;;) {
-        if (sem_clockwait(s, CLOCK_MONOTONIC, &ts) == 0)
-            return 0;
-        if (errno != EINTR)
-            return -1;
-    }
-}
-
-/* A condition variable that times out on CLOCK_MONOTONIC. */
-static inline int fp_cond_init_monotonic(pthread_cond_t *c) {
-    pthread_condattr_t attr;
-    int r;
-    pthread_condattr_init(&attr);
-    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
-    r = pthread_cond_init(c, &attr);
-    pthread_condattr_destroy(&attr);
-    return r;
-}
-
-/* Wait until woken or until the CLOCK_MONOTONIC time deadline_ms. */
-static inline int fp_cond_wait_until_ms(pthread_cond_t *c, pthread_mutex_t *m,
-                                        long long deadline_ms) {
-    struct timespec ts;
-    ts.tv_sec = deadline_ms / 1000;
-    ts.tv_nsec = (deadline_ms % 1000) * 1000000L;
-    return pthread_cond_timedwait(c, m, &ts);
-}
-
 #endif
 
+/* bytes_copied is written by a worker without the GIL and read by other
+ * threads with it, so it goes through the compiler's atomics. */
 static inline void fp_store_ll(long long *p, long long v) {
     __atomic_store_n(p, v, __ATOMIC_RELAXED);
 }

@@ -174,7 +174,7 @@ class WorkerPool:
                 object.
             RuntimeError: the pool has been shut down.
         """
-        src_fd, dst_fd = coerce(src, dst, count)
+        src_fd, dst_fd = coerce(src, dst)
         job = make_job(src, dst, src_fd, dst_fd, count, bool(zerocopy), idle_timeout)
         close = bool(close)
         relay = Relay()
