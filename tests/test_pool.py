@@ -287,3 +287,24 @@ def test_ctrl_c_reaches_the_main_thread_waiting_in_result() -> None:
             timer.cancel()
             finish([w])
         assert relay.result(timeout=10) == 1000
+
+
+def test_interpreter_exit_does_not_hang_on_blocked_relays() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import os, fastpipe\n"
+        "r, w = os.pipe()\n"
+        "relays = [fastpipe.relay(r, os.open(os.devnull, os.O_WRONLY), close=False)"
+        " for _ in range(3)]\n"
+        "pool = fastpipe.WorkerPool()\n"
+        "relays.append(pool.relay(os.dup(r), os.open(os.devnull, os.O_WRONLY)))\n"
+        "print('exiting', flush=True)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "exiting\n"
+    assert proc.stderr == ""
