@@ -100,6 +100,8 @@ class _Task:
 
 
 def _completer_main(core: Any) -> None:
+    if hasattr(core, "name_this_thread"):
+        core.name_this_thread(b"fastpipe-done")
     # One GIL acquisition per batch of finished jobs, however many.
     while (jobs := core.take_done()) is not None:
         for job in jobs:

@@ -90,3 +90,7 @@ cdef extern from "_compat.h" nogil:
     int fp_sem_wait_ms(sem_t *s, long long ms)
 
     int close(int fd)
+
+    ctypedef unsigned long pthread_t
+    pthread_t pthread_self()
+    int pthread_setname_np(pthread_t thread, const char *name)
