@@ -256,9 +256,10 @@ def test_pool_keeps_working_in_a_forked_child() -> None:
         try:
             r, w2 = os.pipe()
             out_r, out_w = os.pipe()
+            # The pipe is empty at first, so the relay needs a worker here.
+            child_relay = fastpipe.relay(r, out_w)
             os.write(w2, b"from the child")
             os.close(w2)
-            child_relay = fastpipe.relay(r, out_w)
             ok = child_relay.result(timeout=10) == 14 and os.read(out_r, 100) == b"from the child"
             stats = fastpipe.default_pool().stats()
             # The parent's busy worker does not exist here.

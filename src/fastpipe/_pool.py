@@ -35,6 +35,7 @@ from fastpipe._relay import (
     close_ends,
     closes_in_c,
     coerce,
+    complete_all,
     forget_closed,
     make_job,
 )
@@ -104,8 +105,7 @@ def _completer_main(core: Any) -> None:
         core.name_this_thread(b"fastpipe-done")
     # One GIL acquisition per batch of finished jobs, however many.
     while (jobs := core.take_done()) is not None:
-        for job in jobs:
-            job.task.complete(job)
+        complete_all(jobs)
 
 
 class WorkerPool:

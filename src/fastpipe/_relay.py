@@ -93,8 +93,7 @@ class Relay(Future[Any]):
             if main and not 0 <= left < _MAIN_THREAD_SLICE:
                 # Slices, so that Ctrl-C and other signal handlers run.
                 left = _MAIN_THREAD_SLICE
-            for job in task.core.help_done(pending[0], left):
-                job.task.complete(job)
+            complete_all(task.core.help_done(pending[0], left))
             if deadline is not None and time.monotonic() >= deadline:
                 break
         return None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -127,6 +126,20 @@ class Relay(Future[Any]):
         import asyncio
 
         return asyncio.wrap_future(self).__await__()
+
+
+def complete_all(jobs: list[Any]) -> None:
+    """Complete finished pool jobs: in the completer, or a thread in result()."""
+    for job in jobs:
+        try:
+            job.task.complete(job)
+        except BaseException as exc:  # noqa: B036 - a relay must never hang
+            # Only a bug gets here (closing and completing do not raise on
+            # their own): fail the relay rather than lose the thread that
+            # completes every other relay.
+            relay = job.task.relay
+            if not relay.done():
+                relay.set_exception(exc)
 
 
 def _fd_of(obj: object, name: str) -> int:
