@@ -19,6 +19,26 @@ KINDS = ["file", "pipe", "unix", "tcp"]
 
 
 @pytest.fixture(autouse=True)
+def no_fd_leaked() -> Iterator[None]:
+    """Every test must close every fd it, or a relay it started, opened."""
+    before = open_fds()
+    yield
+    deadline = time.monotonic() + 2.0
+    while open_fds() - before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    leaked = open_fds() - before
+    details = {fd: _describe_fd(fd) for fd in leaked}
+    assert not leaked, f"fds left open: {details}"
+
+
+def _describe_fd(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "?"
+
+
+@pytest.fixture(autouse=True)
 def no_buffer_left_in_use() -> Iterator[None]:
     """Every test must give back every pooled buffer it took."""
     yield
