@@ -457,10 +457,8 @@ cdef int _copy_step(CopyState *st) noexcept nogil:
                 st.want = MAX_IOV
 
 
-cdef int _classify(int fd, int *kind, bint *nonblock, bint need_flags,
-                   int *err) noexcept nogil:
+cdef int _fd_kind(int fd, int *kind, int *err) noexcept nogil:
     cdef stat sb
-    cdef int flags
     if fstat(fd, &sb) < 0:
         err[0] = errno
         return -1
@@ -472,10 +470,11 @@ cdef int _classify(int fd, int *kind, bint *nonblock, bint need_flags,
         kind[0] = KIND_SOCKET
     else:
         kind[0] = KIND_CHAR
-    if not need_flags or kind[0] == KIND_FILE:
-        nonblock[0] = False  # not asked, or a regular file: never blocks
-        return 0
-    flags = fcntl(fd, F_GETFL)
+    return 0
+
+
+cdef int _is_nonblocking(int fd, bint *nonblock, int *err) noexcept nogil:
+    cdef int flags = fcntl(fd, F_GETFL)
     if flags < 0:
         err[0] = errno
         return -1
@@ -485,15 +484,22 @@ cdef int _classify(int fd, int *kind, bint *nonblock, bint need_flags,
 
 cdef int _prepare(CopyState *st, bint in_main_thread) noexcept nogil:
     """Look at both ends and choose how to wait; -1 with st.err on error."""
-    cdef bint src_nb, dst_nb
+    cdef bint src_nb = False
+    cdef bint dst_nb = False
+    if _fd_kind(st.src, &st.src_kind, &st.err) < 0:
+        return -1
+    if _fd_kind(st.dst, &st.dst_kind, &st.err) < 0:
+        return -1
     # Whether the source blocks only matters for pipes and devices (sockets
-    # read with MSG_DONTWAIT); the sink's only when something must interrupt
-    # a blocked write: a main-thread tick or idle_timeout.
-    if _classify(st.src, &st.src_kind, &src_nb, True, &st.err) < 0:
-        return -1
-    if _classify(st.dst, &st.dst_kind, &dst_nb, in_main_thread or st.idle_ms >= 0,
-                 &st.err) < 0:
-        return -1
+    # are read with MSG_DONTWAIT, regular files never block); the sink's only
+    # when something must interrupt a blocked write: a main-thread tick or
+    # idle_timeout.  Each fcntl saved is a syscall off every small relay.
+    if st.src_kind == KIND_PIPE or st.src_kind == KIND_CHAR:
+        if _is_nonblocking(st.src, &src_nb, &st.err) < 0:
+            return -1
+    if st.dst_kind != KIND_FILE and (in_main_thread or st.idle_ms >= 0):
+        if _is_nonblocking(st.dst, &dst_nb, &st.err) < 0:
+            return -1
     st.src_is_socket = st.src_kind == KIND_SOCKET
     st.dst_is_socket = st.dst_kind == KIND_SOCKET
     st.src_nowait = not src_nb and st.src_kind == KIND_PIPE
