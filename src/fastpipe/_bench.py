@@ -1445,12 +1445,24 @@ def run_bench(
     )
     tables.write(f"{report}\n{memory}\n(total {elapsed:.1f} s)\n")
     if json_path is not None:
-        _write_json(json_path, results, size, relays, repeat, out)
+        idle = {
+            "relays": IDLE_RELAYS,
+            "rss_kib_per_relay": round(rss_per_relay, 2),
+            "workers": workers,
+            "buffers_in_use": in_use,
+        }
+        _write_json(json_path, results, size, relays, repeat, idle, out)
     return 0
 
 
 def _write_json(
-    path: str, results: Sequence[Result], size: int, relays: int, repeat: int, out: TextIO
+    path: str,
+    results: Sequence[Result],
+    size: int,
+    relays: int,
+    repeat: int,
+    idle_memory: dict[str, float | int],
+    out: TextIO,
 ) -> None:
     import fastpipe
 
@@ -1477,6 +1489,7 @@ def _write_json(
             }
             for r in results
         ],
+        "idle_memory": idle_memory,
     }
     text = json.dumps(doc, indent=2) + "\n"
     if path == "-":

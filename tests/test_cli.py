@@ -1,0 +1,53 @@
+"""The command line, driven as a user would: a subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fastpipe", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_help() -> None:
+    for args in (["--help"], ["bench", "--help"]):
+        proc = run(*args)
+        assert proc.returncode == 0
+        assert "usage: fastpipe" in proc.stdout
+
+
+def test_bad_arguments_exit_2_with_a_message() -> None:
+    for args in (["bench", "--size", "0"], ["bench", "--relays", "100"], ["nonsense"]):
+        proc = run(*args)
+        assert proc.returncode == 2
+        assert "error" in proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_a_short_bench_prints_the_table_and_writes_json(tmp_path) -> None:
+    out = tmp_path / "results.json"
+    proc = run("bench", "--size", "1", "--repeat", "1", "--relays", "64", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "fastpipe.relay" in proc.stdout
+    assert "copyfileobj" in proc.stdout
+    assert "KiB of RSS" in proc.stdout
+    doc = json.loads(out.read_text())
+    assert {r["workload"] for r in doc["results"]} >= {
+        "file-to-file",
+        "pipe-to-file",
+        "tcp-to-tcp",
+        "small-relays",
+        "tcp-main-spins",
+    }
+    assert all(r["MiB_per_s"] > 0 for r in doc["results"] if r["method"] != "setup-only")
+    assert doc["idle_memory"]["relays"] == 1000
+    assert doc["idle_memory"]["buffers_in_use"] == 0
+    assert 0 < doc["idle_memory"]["rss_kib_per_relay"] < 64
