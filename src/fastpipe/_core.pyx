@@ -521,6 +521,14 @@ cdef int _prepare(CopyState *st, bint in_main_thread) noexcept nogil:
     return 0
 
 
+cdef inline void _discard(CopyState *st) noexcept nogil:
+    # The copy is over: give the buffers back.  Bytes still pending are lost
+    # only when it ended in an error.
+    _release(st)
+    st.pend_len = 0
+    st.pre_len = 0
+
+
 cdef void _copy_in_worker(CopyState *st) noexcept nogil:
     """The whole copy of a pool job; never needs the GIL past the prologue."""
     cdef int r
@@ -541,9 +549,7 @@ cdef void _copy_in_worker(CopyState *st) noexcept nogil:
                 if r != STEP_SIGNALS:
                     break
             st.status = r
-    _release(st)
-    st.pend_len = 0
-    st.pre_len = 0
+    _discard(st)
     # Closing int ends here, before completion, keeps the promise that a
     # finished relay's fds are closed, at no GIL cost.  Objects are closed
     # through their own close() by the completer.
@@ -759,9 +765,7 @@ cdef class CopyJob:
                 PyErr_CheckSignals()
         finally:
             # Bytes read but not written are lost only when run() raises.
-            _release(&self.st)
-            self.st.pend_len = 0
-            self.st.pre_len = 0
+            _discard(&self.st)
             self._prefix = None
 
 

@@ -175,16 +175,14 @@ def _fd_of(obj: object, name: str) -> int:
     return fd
 
 
-def _drain_readahead(obj: object, src_fd: int, limit: int | None) -> bytes:
-    """Take the bytes a buffered reader has already read past its fd.
+def _drain_readahead(obj: Any, src_fd: int, limit: int | None) -> bytes:
+    """Take the bytes a buffered reader (make_job chose it) has read past its fd.
 
     Nothing here may block: read1() returns buffered bytes without touching
     the fd, and when the buffer is empty it does one raw read, which we only
     allow when poll says the fd is ready, or with O_NONBLOCK set for the
     duration of that one call (and restored).
     """
-    if not isinstance(obj, io.BufferedIOBase) or not hasattr(obj, "read1"):
-        return b""
     if limit == 0:
         return b""
     want = _READAHEAD_MAX if limit is None else min(limit, _READAHEAD_MAX)
