@@ -16,7 +16,9 @@ Ownership rules, which every function below keeps:
 
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
-from libc.errno cimport errno, EINTR, EAGAIN, ENOMEM, EBADF, ETIMEDOUT, EINVAL, EOPNOTSUPP
+from libc.errno cimport (
+    errno, EINTR, EAGAIN, ENOMEM, EBADF, ETIMEDOUT, EINVAL, EOPNOTSUPP,
+)
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from posix.uio cimport iovec
 from cpython.exc cimport PyErr_CheckSignals
@@ -25,15 +27,16 @@ from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
 
 import os as _os
 import threading as _threading
+from concurrent.futures import CancelledError as _CancelledError
 
 from fastpipe._syscalls cimport (
-    F_GETFL, MSG_DONTWAIT, MSG_NOSIGNAL, O_NONBLOCK, POLLIN, POLLNVAL, POLLOUT,
-    RWF_NOWAIT, S_ISBLK, S_ISFIFO, S_ISREG, S_ISSOCK, close, fcntl,
-    fp_cond_init_monotonic, fp_cond_wait_until_ms, fp_load_ll, fp_sem_wait_ms,
-    fp_store_ll, fstat, msghdr, poll, pollfd, preadv2, pthread_cond_broadcast,
+    ECANCELED, F_GETFL, MSG_DONTWAIT, MSG_NOSIGNAL, O_NONBLOCK, POLLIN, POLLNVAL, POLLOUT,
+    RWF_NOWAIT, S_ISBLK, S_ISFIFO, S_ISREG, S_ISSOCK, close, fcntl, fp_cond_init_monotonic,
+    fp_cond_wait_until_ms, fp_install_wake_signal, fp_load_int, fp_load_ll, fp_sem_wait_ms,
+    fp_store_int, fp_store_ll, fstat, msghdr, poll, pollfd, preadv2, pthread_cond_broadcast,
     pthread_cond_init, pthread_cond_signal, pthread_cond_t, pthread_cond_wait,
-    pthread_mutex_init, pthread_mutex_lock, pthread_mutex_t, pthread_mutex_unlock,
-    pthread_self, pthread_setname_np, readv, recvmsg, sem_destroy, sem_init,
+    pthread_mutex_init, pthread_mutex_lock, pthread_mutex_t, pthread_mutex_unlock, pthread_kill,
+    pthread_self, pthread_setname_np, pthread_t, readv, recvmsg, sem_destroy, sem_init,
     sem_post, sem_t, sem_wait, sendmsg, stat, writev,
 )
 
@@ -60,6 +63,8 @@ cdef enum Step:
     # Go back to GIL-held code to run signal handlers, then resume.
     STEP_SIGNALS = 2
     STEP_AGAIN = 3
+    # CopyJob.cancel() was called: stop, keeping bytes_copied exact.
+    STEP_CANCELLED = 4
 
 BUFFER_SIZE = BUF_SIZE
 
@@ -227,6 +232,15 @@ cdef struct CopyState:
     bint close_src          # close these int fds in C when the copy ends
     bint close_dst
     int status              # STEP_DONE or STEP_ERROR once finished
+    # Cancellation: cancel_req is set by CopyJob.cancel() from any thread and
+    # read by the copy loop between syscalls.  thread/in_thread say which
+    # worker to knock out of a blocking syscall; both change only under
+    # wake_lock, so a cancel never signals a thread that has moved on.
+    int cancel_req
+    bint cancelled          # the copy ended because of cancel_req
+    pthread_mutex_t wake_lock
+    pthread_t thread
+    bint in_thread
     long long limit         # bytes left to read, or -1 for "to end of file"
     long long copied        # bytes written to dst; read live by other threads
     int want                # buffers per read
@@ -379,6 +393,10 @@ cdef int _copy_step(CopyState *st) noexcept nogil:
     cdef ssize_t n
     st.err = 0
     while True:
+        # One atomic load per round trip through the loop; a cancel that
+        # lands mid-syscall interrupts it (EINTR) and comes back here.
+        if fp_load_int(&st.cancel_req):
+            return STEP_CANCELLED
         r = _write_pending(st)
         if r != STEP_AGAIN:
             return r
@@ -533,7 +551,11 @@ cdef void _copy_in_worker(CopyState *st) noexcept nogil:
     """The whole copy of a pool job; never needs the GIL past the prologue."""
     cdef int r
     st.in_worker = True
-    if st.needs_prologue:
+    pthread_mutex_lock(&st.wake_lock)
+    st.thread = pthread_self()
+    st.in_thread = True
+    pthread_mutex_unlock(&st.wake_lock)
+    if st.needs_prologue and not fp_load_int(&st.cancel_req):
         with gil:
             r = (<CopyJob>st.owner)._run_prologue()
         if r < 0:
@@ -548,7 +570,14 @@ cdef void _copy_in_worker(CopyState *st) noexcept nogil:
                 # EINTR in a worker: handlers run in the main thread, retry.
                 if r != STEP_SIGNALS:
                     break
+            if r == STEP_CANCELLED:
+                st.cancelled = True
+                st.err = ECANCELED
+                r = STEP_ERROR
             st.status = r
+    pthread_mutex_lock(&st.wake_lock)
+    st.in_thread = False
+    pthread_mutex_unlock(&st.wake_lock)
     _discard(st)
     # Closing int ends here, before completion, keeps the promise that a
     # finished relay's fds are closed, at no GIL cost.  Objects are closed
@@ -623,6 +652,7 @@ cdef class CopyJob:
 
     def __cinit__(self):
         memset(&self.st, 0, sizeof(CopyState))
+        pthread_mutex_init(&self.st.wake_lock, NULL)
         self.st.status = STEP_AGAIN
 
     def __init__(self, src_fd, dst_fd, count=None, *, zerocopy=True, idle_timeout=None):
@@ -670,6 +700,34 @@ cdef class CopyJob:
     def started(self):
         """True once the copy has begun, in this thread or a worker."""
         return self._started or self.st.in_worker or self.st.status != STEP_AGAIN
+
+    @property
+    def cancelled(self):
+        """True once the copy has ended because of ``cancel()``."""
+        return self.st.cancelled
+
+    def cancel(self):
+        """Ask the copy to stop, from any thread; True if it had not ended.
+
+        A queued job stops before it copies a byte; a running one stops at
+        its next syscall, and one blocked in a syscall (a wait on an idle
+        fd, or a splice into a stalled socket) is knocked out of it with a
+        signal.  The signal can land just before the syscall starts, so a
+        caller waiting for the job calls ``cancel()`` again every few
+        milliseconds until ``finished``.  Afterwards ``bytes_copied`` is
+        exact (bytes read but not yet written are dropped) and ``result()``
+        raises ``CancelledError``.  ``run()`` in the caller's thread is
+        stopped the same way.
+        """
+        if self.st.status != STEP_AGAIN:
+            return False
+        fp_store_int(&self.st.cancel_req, 1)
+        with nogil:
+            pthread_mutex_lock(&self.st.wake_lock)
+            if self.st.in_thread and _wake_signal > 0:
+                pthread_kill(self.st.thread, _wake_signal)
+            pthread_mutex_unlock(&self.st.wake_lock)
+        return True
 
     def close_fds(self, bint src, bint dst):
         """Have the worker close these int fds in C when the copy ends."""
@@ -721,6 +779,8 @@ cdef class CopyJob:
         self._raise_error()
 
     cdef int _raise_error(self) except -1:
+        if self.st.cancelled:
+            raise _CancelledError()
         if self.st.idle_expired:
             raise TimeoutError(
                 ETIMEDOUT, f"no byte moved for {self.st.idle_ms / 1000:g} s (idle_timeout)"
@@ -750,10 +810,19 @@ cdef class CopyJob:
         if _prepare(&self.st, _in_main_thread()) < 0:
             self.st.status = STEP_ERROR
             _raise_errno(self.st.err)
+        with nogil:
+            pthread_mutex_lock(&self.st.wake_lock)
+            self.st.thread = pthread_self()
+            self.st.in_thread = True
+            pthread_mutex_unlock(&self.st.wake_lock)
         try:
             while True:
                 with nogil:
                     rc = _copy_step(&self.st)
+                if rc == STEP_CANCELLED:
+                    self.st.cancelled = True
+                    self.st.err = ECANCELED
+                    rc = STEP_ERROR
                 if rc == STEP_DONE:
                     self.st.status = STEP_DONE
                     return fp_load_ll(&self.st.copied)
@@ -764,9 +833,16 @@ cdef class CopyJob:
                 # one of them raised.
                 PyErr_CheckSignals()
         finally:
+            with nogil:
+                pthread_mutex_lock(&self.st.wake_lock)
+                self.st.in_thread = False
+                pthread_mutex_unlock(&self.st.wake_lock)
             # Bytes read but not written are lost only when run() raises.
             _discard(&self.st)
             self._prefix = None
+
+
+cdef int _wake_signal = fp_install_wake_signal()
 
 
 cdef bint _in_main_thread():

@@ -18,6 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import CancelledError
 
 BUFFER_SIZE = 32768
 _MAX_IOV = 16
@@ -143,6 +144,13 @@ class CopyJob:
         self._result: int | None = None
         self._error: BaseException | None = None
         self.bytes_copied = 0
+        # cancel() sets _cancel_req and pokes _wake (an eventfd that every
+        # wait polls beside the data fd) under _wake_lock, so it never writes
+        # to an eventfd that the copy has already closed.
+        self._cancel_req = False
+        self._dst_nowait = False
+        self._wake: int | None = None
+        self._wake_lock = threading.Lock()
         self.task: object = None
         self.prologue: Callable[[CopyJob], object] | None = None
 
@@ -153,6 +161,24 @@ class CopyJob:
     @property
     def finished(self) -> bool:
         return self._result is not None or self._error is not None
+
+    @property
+    def cancelled(self) -> bool:
+        return isinstance(self._error, CancelledError)
+
+    def cancel(self) -> bool:
+        """Ask the copy to stop; True if it had not ended (see ``_core``)."""
+        if self.finished:
+            return False
+        with self._wake_lock:
+            self._cancel_req = True
+            if self._wake is not None:
+                os.eventfd_write(self._wake, 1)
+        return True
+
+    def _check_cancel(self) -> None:
+        if self._cancel_req:
+            raise CancelledError()
 
     def close_fds(self, src: bool, dst: bool) -> None:
         self._close_src = bool(src)
@@ -168,9 +194,9 @@ class CopyJob:
     def run_in_worker(self) -> None:
         """What PoolCore's worker does with a job: never raises."""
         try:
-            if self.prologue is not None:
+            if self.prologue is not None and not self._cancel_req:
                 self.prologue(self)
-            self._result = self.run()
+            self.run()
         except BaseException as exc:  # noqa: B036 - kept for the completer
             self._error = exc
         finally:
@@ -216,7 +242,12 @@ class CopyJob:
     def _wait(self, fd: int, events: int) -> None:
         p = select.poll()
         p.register(fd, events)
+        if self._wake is None:
+            with self._wake_lock:
+                self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        p.register(self._wake, select.POLLIN)
         while True:
+            self._check_cancel()
             timeout = None
             if self._deadline is not None:
                 left = self._deadline - time.monotonic()
@@ -226,16 +257,30 @@ class CopyJob:
                     )
                 timeout = left * 1000.0 + 1
             ready = p.poll(timeout)
-            for _, revents in ready:
+            for ready_fd, revents in ready:
+                if ready_fd == self._wake:
+                    self._check_cancel()
+                    continue
                 if revents & select.POLLNVAL:
                     raise OSError(errno.EBADF, os.strerror(errno.EBADF))
                 return
 
     def _write_all(self, dst_sock: socket.socket | None, views: list[memoryview]) -> None:
         while views:
+            self._check_cancel()
             try:
+                # Never block in the syscall itself, so that a cancel (which
+                # pokes the eventfd in _wait) is seen.
                 if dst_sock is not None:
-                    n = dst_sock.sendmsg(views, [], socket.MSG_NOSIGNAL)
+                    n = dst_sock.sendmsg(views, [], socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
+                elif self._dst_nowait:
+                    try:
+                        n = os.pwritev(self._dst, views, -1, os.RWF_NOWAIT)
+                    except OSError as exc:
+                        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                            raise
+                        self._dst_nowait = False
+                        continue
                 else:
                     n = os.writev(self._dst, views)
             except BlockingIOError:
@@ -255,12 +300,27 @@ class CopyJob:
         if self._started or self.finished:
             raise RuntimeError("a CopyJob runs only once")
         self._started = True
+        try:
+            self._result = self._copy()
+        except BaseException as exc:
+            self._error = exc
+            raise
+        return self._result
+
+    def _copy(self) -> int:
         src_mode = os.fstat(self._src).st_mode
         dst_mode = os.fstat(self._dst).st_mode
         src_pollable = not (stat.S_ISREG(src_mode) or stat.S_ISBLK(src_mode))
         dst_pollable = not (stat.S_ISREG(dst_mode) or stat.S_ISBLK(dst_mode))
         src_wait_first = src_pollable and os.get_blocking(self._src)
-        dst_wait_first = dst_pollable and os.get_blocking(self._dst) and self._idle is not None
+        dst_blocking = dst_pollable and os.get_blocking(self._dst)
+        self._dst_nowait = dst_blocking and stat.S_ISFIFO(dst_mode)
+        # A blocking pipe is written with RWF_NOWAIT and a socket with
+        # MSG_DONTWAIT; anything else blocking is polled first, so that
+        # idle_timeout and cancel() are seen.
+        dst_wait_first = (
+            dst_blocking and not stat.S_ISFIFO(dst_mode) and not stat.S_ISSOCK(dst_mode)
+        )
         dst_sock = None
         if stat.S_ISSOCK(dst_mode):
             # A detached view of the caller's socket, to send with
@@ -276,6 +336,7 @@ class CopyJob:
                 self._write_all(dst_sock, [memoryview(self._prefix)])
                 self._prefix = b""
             while self._limit != 0:
+                self._check_cancel()
                 if src_wait_first:
                     if bufs and not fd_ready(self._src):
                         _give(bufs)
@@ -320,6 +381,10 @@ class CopyJob:
             _give(bufs)
             if dst_sock is not None:
                 dst_sock.detach()
+            with self._wake_lock:
+                if self._wake is not None:
+                    os.close(self._wake)
+                    self._wake = None
 
 
 def copy_fd(src_fd: int, dst_fd: int, count: int | None = None, *, zerocopy: bool = True) -> int:

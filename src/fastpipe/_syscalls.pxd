@@ -66,6 +66,9 @@ cdef extern from "_compat.h" nogil:
     int pthread_mutex_lock(pthread_mutex_t *m)
     int pthread_mutex_unlock(pthread_mutex_t *m)
 
+    void fp_store_int(int *p, int v)
+    int fp_load_int(const int *p)
+    int fp_install_wake_signal()
     void fp_store_ll(long long *p, long long v)
     long long fp_load_ll(const long long *p)
 
@@ -90,7 +93,10 @@ cdef extern from "_compat.h" nogil:
     int fp_sem_wait_ms(sem_t *s, long long ms)
 
     int close(int fd)
+    enum:
+        ECANCELED
 
     ctypedef unsigned long pthread_t
     pthread_t pthread_self()
     int pthread_setname_np(pthread_t thread, const char *name)
+    int pthread_kill(pthread_t thread, int sig)
