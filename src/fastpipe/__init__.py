@@ -4,6 +4,7 @@ Low level, the compiled core::
 
     copy_fd(src_fd, dst_fd, count=None, *, zerocopy=True) -> int
     buffer_stats() -> dict; trim_buffers() -> int; BUFFER_SIZE
+    pipe_stats() -> dict; trim_pipes() -> int   (splice's intermediate pipes)
 
 High level, a pool of persistent worker threads::
 
@@ -18,7 +19,9 @@ from fastpipe._impl import (
     IMPLEMENTATION,
     buffer_stats,
     copy_fd,
+    pipe_stats,
     trim_buffers,
+    trim_pipes,
 )
 from fastpipe._pool import WorkerPool, default_pool
 from fastpipe._relay import FdLike, Relay
@@ -34,8 +37,10 @@ __all__ = [
     "buffer_stats",
     "copy_fd",
     "default_pool",
+    "pipe_stats",
     "relay",
     "trim_buffers",
+    "trim_pipes",
 ]
 
 

@@ -10,6 +10,7 @@ handled by the ``os`` functions themselves (PEP 475).
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import select
 import socket
@@ -77,7 +78,97 @@ def _after_fork_in_child() -> None:
     _peak = 0
 
 
+# The pipe pool (see _core): O_NONBLOCK pipes of up to 1 MiB for splice.
+PIPE_SIZE = 1 << 20
+PIPE_POOL_MAX = 16
+KERNEL_CHUNK = 8 << 20
+SPLICE_MIN_READ = 64 * 1024
+_pipe_lock = threading.Lock()
+_pipes_free: list[tuple[int, int, int]] = []
+_pipes_all: set[tuple[int, int, int]] = set()
+_pipe_counts = {"in_use": 0, "peak": 0, "created": 0, "small": 0}
+
+
+def _pipe_take() -> tuple[int, int, int]:
+    with _pipe_lock:
+        if _pipes_free:
+            pipe = _pipes_free.pop()
+            _note_pipe_in_use(1)
+            return pipe
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass  # over the per-user pipe quota: a smaller pipe still works
+    size = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+    pipe = (r, w, size)
+    with _pipe_lock:
+        _pipes_all.add(pipe)
+        _pipe_counts["created"] += 1
+        _pipe_counts["small"] += size < PIPE_SIZE
+        _note_pipe_in_use(1)
+    return pipe
+
+
+def _note_pipe_in_use(delta: int) -> None:
+    _pipe_counts["in_use"] += delta
+    _pipe_counts["peak"] = max(_pipe_counts["peak"], _pipe_counts["in_use"])
+
+
+def _pipe_give(pipe: tuple[int, int, int], empty: bool) -> None:
+    with _pipe_lock:
+        if pipe not in _pipes_all:
+            return  # from before a fork: already closed
+        _note_pipe_in_use(-1)
+        if empty and len(_pipes_free) < PIPE_POOL_MAX:
+            _pipes_free.append(pipe)
+            return
+        _pipes_all.discard(pipe)
+    os.close(pipe[0])
+    os.close(pipe[1])
+
+
+def pipe_stats() -> dict[str, int]:
+    """Return the state of the intermediate pipe pool (see ``_core``)."""
+    with _pipe_lock:
+        return {
+            "pipe_size": PIPE_SIZE,
+            "allocated": len(_pipes_free) + _pipe_counts["in_use"],
+            "free": len(_pipes_free),
+            "in_use": _pipe_counts["in_use"],
+            "peak": _pipe_counts["peak"],
+            "max_free": PIPE_POOL_MAX,
+            "created": _pipe_counts["created"],
+            "small": _pipe_counts["small"],
+        }
+
+
+def trim_pipes() -> int:
+    """Close every idle pooled pipe; return how many were closed."""
+    with _pipe_lock:
+        idle = list(_pipes_free)
+        _pipes_free.clear()
+        _pipes_all.difference_update(idle)
+    for r, w, _ in idle:
+        os.close(r)
+        os.close(w)
+    return len(idle)
+
+
+def _pipes_after_fork_in_child() -> None:
+    # The child shares the parent's pipes: close its copies, forget them all.
+    global _pipe_lock
+    _pipe_lock = threading.Lock()
+    for r, w, _ in _pipes_all:
+        _close_quietly(r)
+        _close_quietly(w)
+    _pipes_all.clear()
+    _pipes_free.clear()
+    _pipe_counts.update(in_use=0, peak=0)
+
+
 os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(after_in_child=_pipes_after_fork_in_child)
 
 
 def _check_fd(fd: object, name: str) -> int:
@@ -149,6 +240,14 @@ class CopyJob:
         # to an eventfd that the copy has already closed.
         self._cancel_req = False
         self._dst_nowait = False
+        self._method = "readwrite"
+        self._via_pipe = False
+        self._splice_later = False
+        self._kmoved = False
+        self._ksrc_wait_first = False
+        self._kdst_wait_first = False
+        self._pipe: tuple[int, int, int] | None = None
+        self._pipe_len = 0
         self._wake: int | None = None
         self._wake_lock = threading.Lock()
         self.task: object = None
@@ -208,7 +307,7 @@ class CopyJob:
 
     @property
     def method(self) -> str:
-        return "readwrite"
+        return self._method
 
     @property
     def src_fd(self) -> int:
@@ -327,6 +426,8 @@ class CopyJob:
             # MSG_NOSIGNAL; it is detached again, never closed.
             dst_sock = socket.socket(fileno=self._dst)
         self._start_clock()
+        if self._zerocopy:
+            self._choose_kernel_path(src_mode, dst_mode)
         want = _MAX_IOV if not src_pollable else _START_IOV
         bufs: list[bytearray] = []
         try:
@@ -335,8 +436,24 @@ class CopyJob:
                     self._wait(self._dst, select.POLLOUT)
                 self._write_all(dst_sock, [memoryview(self._prefix)])
                 self._prefix = b""
-            while self._limit != 0:
+            while True:
                 self._check_cancel()
+                if self._method != "readwrite":
+                    _give(bufs)
+                    if self._kernel_copy():
+                        break
+                    continue
+                if self._pipe is not None:
+                    # A sink refused splice: write out what the pipe holds.
+                    left = self._pipe_len
+                    while left:
+                        chunk = os.read(self._pipe[0], min(left, 1 << 20))
+                        self._write_all(dst_sock, [memoryview(chunk)])
+                        left -= len(chunk)
+                        self._pipe_len = left
+                    self._release_pipe()
+                if self._limit == 0:
+                    break
                 if src_wait_first:
                     if bufs and not fd_ready(self._src):
                         _give(bufs)
@@ -374,17 +491,165 @@ class CopyJob:
                 if dst_wait_first:
                     self._wait(self._dst, select.POLLOUT)
                 self._write_all(dst_sock, out)
-                if size == len(bufs) * BUFFER_SIZE and sum(map(len, out)) == size:
+                got = sum(map(len, out))
+                if self._splice_later and got >= SPLICE_MIN_READ:
+                    self._splice_later = False
+                    self._method = "splice"
+                if size == len(bufs) * BUFFER_SIZE and got == size:
                     want = min(want * 2, _MAX_IOV)
             return self.bytes_copied
         finally:
             _give(bufs)
+            self._release_pipe()
             if dst_sock is not None:
                 dst_sock.detach()
             with self._wake_lock:
                 if self._wake is not None:
                     os.close(self._wake)
                     self._wake = None
+
+    # -- the kernel paths (the same rules as _core's _choose_kernel_path) --
+
+    def _choose_kernel_path(self, src_mode: int, dst_mode: int) -> None:
+        def kind(mode: int) -> str:
+            if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
+                return "file"
+            if stat.S_ISFIFO(mode):
+                return "pipe"
+            return "socket" if stat.S_ISSOCK(mode) else "char"
+
+        sk, dk = kind(src_mode), kind(dst_mode)
+        if "char" in (sk, dk):
+            return
+        if dk == "file" and fcntl.fcntl(self._dst, fcntl.F_GETFL) & os.O_APPEND:
+            return
+        if sk == dk == "file":
+            self._method = "copy_file_range"
+        elif sk == "file" and dk == "socket":
+            self._method = "sendfile"
+        else:
+            self._method = "splice"
+            self._via_pipe = not (dk == "pipe" or (sk == "pipe" and dk != "file"))
+            if sk == "socket":
+                self._method = "readwrite"
+                self._splice_later = True
+        # Unlike the compiled core this twin cannot knock a thread out of a
+        # blocking syscall, so it polls a blocking socket end first always.
+        if sk == "socket":
+            self._ksrc_wait_first = os.get_blocking(self._src)
+        if dk == "socket":
+            self._kdst_wait_first = os.get_blocking(self._dst)
+
+    def _release_pipe(self) -> None:
+        if self._pipe is not None:
+            _pipe_give(self._pipe, self._pipe_len == 0)
+            self._pipe = None
+            self._pipe_len = 0
+
+    def _moved(self, n: int, written: bool) -> None:
+        self._kmoved = True
+        if self._limit > 0:
+            self._limit -= n
+        if written:
+            self.bytes_copied += n
+        self._progress()
+
+    def _wait_both(self) -> None:
+        p = select.poll()
+        p.register(self._src, select.POLLIN)
+        p.register(self._dst, select.POLLOUT)
+        ready = dict(p.poll(0))
+        if not ready.get(self._src):
+            self._wait(self._src, select.POLLIN)
+        elif not ready.get(self._dst):
+            self._wait(self._dst, select.POLLOUT)
+        else:
+            time.sleep(0.001)  # both "ready" yet EAGAIN: never spin
+
+    def _gives_up(self, err: int | None) -> bool:
+        refusals = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
+        if self._method == "copy_file_range":
+            refusals |= {errno.EXDEV, errno.EPERM, errno.EIO}
+        return err in refusals
+
+    def _kernel_copy(self) -> bool:
+        """True at the end; False after a fallback (``_method`` is the next path)."""
+        while True:
+            self._check_cancel()
+            if self._pipe is not None and self._pipe_len > 0:
+                if self._kdst_wait_first:
+                    self._wait(self._dst, select.POLLOUT)
+                try:
+                    n = os.splice(
+                        self._pipe[0], self._dst, self._pipe_len, flags=os.SPLICE_F_NONBLOCK
+                    )
+                except BlockingIOError:
+                    self._wait(self._dst, select.POLLOUT)
+                    continue
+                except OSError as exc:
+                    if self._gives_up(exc.errno):
+                        self._method = "readwrite"  # the leftovers go by write()
+                        return False
+                    raise
+                self._pipe_len -= n
+                self.bytes_copied += n
+                self._progress()
+                continue
+            if self._limit == 0:
+                return True
+            chunk = KERNEL_CHUNK if self._limit < 0 else min(self._limit, KERNEL_CHUNK)
+            try:
+                if self._method == "copy_file_range":
+                    n = os.copy_file_range(self._src, self._dst, chunk)
+                elif self._method == "sendfile":
+                    if self._kdst_wait_first:
+                        self._wait(self._dst, select.POLLOUT)
+                    n = os.sendfile(self._dst, self._src, None, chunk)
+                else:
+                    if self._ksrc_wait_first:
+                        self._release_pipe()
+                        self._wait(self._src, select.POLLIN)
+                    if self._via_pipe:
+                        if self._pipe is None:
+                            try:
+                                self._pipe = _pipe_take()
+                            except OSError:
+                                if self._kmoved:
+                                    raise
+                                self._method = "readwrite"
+                                return False
+                        chunk = min(chunk, self._pipe[2])
+                        n = os.splice(self._src, self._pipe[1], chunk, flags=os.SPLICE_F_NONBLOCK)
+                    else:
+                        if self._kdst_wait_first:
+                            self._wait(self._dst, select.POLLOUT)
+                        n = os.splice(self._src, self._dst, chunk, flags=os.SPLICE_F_NONBLOCK)
+            except BlockingIOError:
+                if self._method == "splice" and self._via_pipe:
+                    self._release_pipe()
+                    self._wait(self._src, select.POLLIN)
+                elif self._method == "splice":
+                    self._wait_both()
+                else:
+                    self._wait(self._dst, select.POLLOUT)
+                continue
+            except OSError as exc:
+                if self._kmoved or not self._gives_up(exc.errno):
+                    raise
+                self._release_pipe()
+                self._method = "sendfile" if self._method == "copy_file_range" else "readwrite"
+                return False
+            if n == 0:
+                if not self._kmoved and self._method != "splice":
+                    self._method = "readwrite"  # procfs, sysfs: let read() decide
+                    return False
+                self._release_pipe()
+                return True
+            if self._method == "splice" and self._via_pipe:
+                self._pipe_len = n
+                self._moved(n, False)
+            else:
+                self._moved(n, True)
 
 
 def copy_fd(src_fd: int, dst_fd: int, count: int | None = None, *, zerocopy: bool = True) -> int:

@@ -95,6 +95,27 @@ cdef extern from "_compat.h" nogil:
     int close(int fd)
     enum:
         ECANCELED
+        EXDEV
+        ENOSYS
+        EPERM
+        EIO
+        EMFILE
+        ENFILE
+
+    # The kernel paths.  NULL offsets: each call reads and advances the
+    # fds' own file positions, exactly as read() and write() would.
+    ssize_t splice(int fd_in, long *off_in, int fd_out, long *off_out, size_t len,
+                   unsigned int flags)
+    ssize_t copy_file_range(int fd_in, long *off_in, int fd_out, long *off_out,
+                            size_t len, unsigned int flags)
+    ssize_t sendfile(int out_fd, int in_fd, long *offset, size_t count)
+    int pipe2(int *fds, int flags)
+    enum:
+        SPLICE_F_NONBLOCK
+        F_SETPIPE_SZ
+        F_GETPIPE_SZ
+        O_APPEND
+        O_CLOEXEC
 
     ctypedef unsigned long pthread_t
     pthread_t pthread_self()
