@@ -258,6 +258,7 @@ cdef Py_ssize_t _pipes_peak = 0
 cdef Py_ssize_t _pipes_created = 0
 cdef Py_ssize_t _pipes_small = 0    # created below PIPE_SIZE (quota)
 cdef unsigned int _pipe_gen = 0
+cdef int _pipe_want = PIPE_SIZE     # what F_SETPIPE_SZ asks for; tests lower it
 
 pthread_mutex_init(&_pipe_lock, NULL)
 
@@ -297,7 +298,7 @@ cdef FpPipe *_pipe_take(int *err) noexcept nogil:
     # Past pipe-user-pages-soft an unprivileged F_SETPIPE_SZ fails (EPERM)
     # and new pipes may be as small as one page; the loop works with any
     # size, it just makes more calls.
-    fcntl(fds[1], F_SETPIPE_SZ, <int>PIPE_SIZE)
+    fcntl(fds[1], F_SETPIPE_SZ, _pipe_want)
     size = fcntl(fds[1], F_GETPIPE_SZ)
     if size <= 0:
         size = 4096
@@ -319,7 +320,7 @@ cdef FpPipe *_pipe_take(int *err) noexcept nogil:
         _pipe_all.all_prev = p
     _pipe_all = p
     _pipes_created += 1
-    if size < PIPE_SIZE:
+    if size < _pipe_want:
         _pipes_small += 1
     _pipes_in_use += 1
     if _pipes_in_use > _pipes_peak:
@@ -373,7 +374,7 @@ def pipe_stats():
         nsmall = _pipes_small
         pthread_mutex_unlock(&_pipe_lock)
     return {
-        "pipe_size": PIPE_SIZE,
+        "pipe_size": _pipe_want,
         "allocated": nfree + nuse,
         "free": nfree,
         "in_use": nuse,
@@ -382,6 +383,15 @@ def pipe_stats():
         "created": ncreated,
         "small": nsmall,
     }
+
+
+def _set_pipe_size(int size):
+    """For tests: ask for ``size``-byte pipes from now on (the kernel rounds
+    it up to a power of two pages, and never goes below one page), as the
+    per-user pipe quota would.  Idle pipes of the old size are closed."""
+    global _pipe_want
+    _pipe_want = size
+    trim_pipes()
 
 
 def trim_pipes():
