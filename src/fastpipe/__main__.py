@@ -1,6 +1,7 @@
 """The command line: ``python -m fastpipe`` and the ``fastpipe`` console script.
 
 Subcommands:
+    cp: copy a file, a pipe or standard input (``_cli_cp``).
     bench: fastpipe.relay side by side with ``shutil.copyfileobj``.
 """
 
@@ -33,13 +34,14 @@ def _positive_multiple_of(step: int) -> Callable[[str], int]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``fastpipe`` argument parser, one subparser per subcommand."""
-    from fastpipe import _bench  # stdlib only, and fastpipe is imported anyway
+    from fastpipe import _bench, _cli_cp  # stdlib only, and fastpipe is imported anyway
 
     parser = argparse.ArgumentParser(
         prog="fastpipe",
         description="Relay bytes between file descriptors with the GIL released.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _cli_cp.add_parser(commands)
 
     bench = commands.add_parser(
         "bench",
