@@ -64,9 +64,9 @@ def add_parser(commands: Any) -> None:
             copied.
 
             On a terminal, standard error shows the bytes copied and the rate, plus the
-            percentage and an ETA when SRC is a regular file (a tqdm bar with the 'cli'
-            extra: pip install 'fastpipe-relay[cli]'). Nothing is shown when standard
-            error is not a terminal, or with -q.
+            percentage and an ETA when SRC is a regular file (a tqdm bar when tqdm, the
+            'cli' extra, is installed). Nothing is shown when standard error is not a
+            terminal, or with -q.
 
             If the copy fails or is interrupted, a regular DST file that this run created
             or truncated is removed, since a partial copy looks like a whole one;

@@ -1,6 +1,6 @@
 """The progress display of ``fastpipe cp``: tqdm when installed, else one plain line.
 
-tqdm comes with the optional ``cli`` extra (``pip install 'fastpipe-relay[cli]'``);
+tqdm comes with the optional ``cli`` extra (``pip install '.[cli]'`` from a checkout);
 the library itself imports nothing outside the standard library, so tqdm is
 imported here, only when a display is made.  The fallback is deliberately
 small: one line rewritten in place with ``\\r``.
