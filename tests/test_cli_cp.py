@@ -24,13 +24,24 @@ import pytest
 from fastpipe._progress import PlainProgress, format_bytes
 
 CP = [sys.executable, "-m", "fastpipe", "cp"]
-# The same command with tqdm made unimportable: the plain fallback display.
-CP_WITHOUT_TQDM = [
-    sys.executable,
-    "-c",
-    "import sys; sys.modules['tqdm'] = None; from fastpipe.__main__ import main; sys.exit(main())",
-    "cp",
-]
+
+
+def cp_command(*, tqdm: bool = True) -> list[str]:
+    """``fastpipe cp`` with Ctrl-C turned back on; optionally with tqdm unimportable.
+
+    Python leaves SIGINT alone when it starts with SIGINT ignored (as under a
+    shell without job control, which a CI runner may be), so the tests that
+    interrupt the copy set the default handler explicitly.  Making tqdm
+    unimportable selects the plain fallback display.
+    """
+    hide_tqdm = "" if tqdm else "sys.modules['tqdm'] = None; "
+    prelude = (
+        "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        f"{hide_tqdm}from fastpipe.__main__ import main; sys.exit(main())"
+    )
+    return [sys.executable, "-c", prelude, "cp"]
+
+
 #: pexpect.spawn with our options, closed at teardown.
 Spawn = Callable[[list[str]], Any]
 ERROR_LINE = re.compile(rb"fastpipe cp: error: [^\n]+\n")
@@ -300,7 +311,10 @@ def test_closed_stdout_reader_exits_quietly(tmp_path: Path) -> None:
     big = tmp_path / "big"
     big.write_bytes(os.urandom(4 << 20))
     with subprocess.Popen(
-        [*CP, str(big), "-"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [*CP, str(big), "-"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     ) as proc:
         assert proc.stdout is not None and proc.stderr is not None
         first = proc.stdout.read(10)
@@ -336,7 +350,7 @@ def test_sigint_without_a_terminal_exits_130_and_removes_the_partial_file(
     data = os.urandom(1 << 20)
     feeder = feed_fifo(fifo, data, chunk=1 << 14, delay=0.05)
     with subprocess.Popen(
-        [*CP, str(fifo), str(dst)], stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
+        [*cp_command(), str(fifo), str(dst)], stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
     ) as proc:
         wait_for(lambda: dst.exists() and dst.stat().st_size > 0)
         proc.send_signal(signal.SIGINT)
@@ -371,8 +385,7 @@ def display(request: pytest.FixtureRequest) -> list[str]:
     """The command for each display: tqdm's (if installed) and the fallback."""
     if request.param == "tqdm":
         pytest.importorskip("tqdm")
-        return CP
-    return CP_WITHOUT_TQDM
+    return cp_command(tqdm=request.param == "tqdm")
 
 
 @pytest.fixture
