@@ -175,8 +175,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments after the program name; None for ``sys.argv[1:]``.
 
     Returns:
-        The exit status: 0 on success, 1 when a benchmark failed, 2 for a
-        usage error (argparse exits with 2 itself), 130 on Ctrl-C.
+        The exit status: 0 on success, 1 when a copy or a benchmark failed,
+        2 for a usage error (argparse exits with 2 itself, ``bench --plot``
+        without matplotlib), 130 on Ctrl-C, 141 when ``cp``'s standard output
+        was closed by its reader.
     """
     args = build_parser().parse_args(argv)
     try:
