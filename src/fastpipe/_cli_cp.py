@@ -26,7 +26,11 @@ import os
 import stat
 import sys
 import textwrap
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from fastpipe._progress import Progress
+    from fastpipe._relay import Relay
 
 #: How often the progress display is redrawn, in seconds.
 POLL_INTERVAL = 0.1
@@ -134,13 +138,12 @@ def copy(src: str, dst: str, *, quiet: bool, keep_partial: bool, err: TextIO) ->
         _close(dst_fd)
         raise
     # From here on the relay owns both fds and closes them when it ends.
-    show = not quiet and err.isatty() and not (dst == "-" and _is_terminal(1))
-    display = None
-    if show:
-        from fastpipe._progress import make_progress
-
-        display = make_progress(total, err)
     try:
+        display = None
+        if not quiet and err.isatty() and not (dst == "-" and _is_terminal(1)):
+            from fastpipe._progress import make_progress
+
+            display = make_progress(total, err)
         _wait(relay, display)
     except OSError as exc:
         _forget(partial, keep_partial)
@@ -157,7 +160,7 @@ def copy(src: str, dst: str, *, quiet: bool, keep_partial: bool, err: TextIO) ->
     return 0
 
 
-def _wait(relay: Any, display: Any) -> int:
+def _wait(relay: Relay, display: Progress | None) -> int:
     """Wait for ``relay``, redrawing ``display`` (if any) every ``POLL_INTERVAL``."""
     if display is None:
         return int(relay.result())
