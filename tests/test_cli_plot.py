@@ -67,6 +67,7 @@ def test_plot_without_matplotlib_fails_before_running(tmp_path: Path) -> None:
 
 
 def test_plot_into_a_missing_directory_fails_before_running(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")  # without it, that is the error reported first
     png = tmp_path / "no" / "such" / "bench.png"
     proc = subprocess.run(
         [sys.executable, "-m", "fastpipe", "bench", "--plot", str(png)],
