@@ -869,9 +869,9 @@ class TcpToTcp(Case):
 
     def _verify_round(self) -> None:
         (_, send_cpu) = self._sender.finish()
-        total, first_bad, sink_cpu = self._sink.finish()
+        total_word, first_bad_word, sink_cpu = self._sink.finish()
         self._endpoint_cpu = float(send_cpu) + float(sink_cpu)
-        total, first_bad = int(total), int(first_bad)
+        total, first_bad = int(total_word), int(first_bad_word)
         problem = describe_mismatch(total, first_bad, self.nbytes)
         if problem:
             raise BenchError(f"{self.workload}/{self.method}: the sink says {problem}")
