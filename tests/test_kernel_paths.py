@@ -361,3 +361,39 @@ def test_closed_read_end_is_a_broken_pipe_on_splice() -> None:
     finally:
         close_quietly(r)
         close_quietly(out_w)
+
+
+@pytest.mark.parametrize("zerocopy", [True, False], ids=["zerocopy", "readwrite"])
+@pytest.mark.parametrize("src_kind", ["pipe", "file"])
+def test_a_sink_that_is_read_only_afterwards_does_not_hang(
+    endpoints: Endpoints, src_kind: str, zerocopy: bool
+) -> None:
+    """The main thread polls a blocking sink before a splice or sendfile (so
+    that Ctrl-C works), but never at end of file: a unix socket reports
+    POLLOUT only while a quarter of its buffer is free, and here its reader
+    only reads once copy_fd has returned."""
+    a, b = socket.socketpair()
+    try:
+        sndbuf = a.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        data = payload(sndbuf // 2)  # fits, yet leaves the socket unwritable
+        if src_kind == "pipe":
+            r, w = os.pipe()
+            os.write(w, data[:32768])
+            writer = threading.Thread(target=_write_all, args=(w, data[32768:], True))
+            writer.start()
+            try:
+                n, method = run_job(r, a.fileno(), zerocopy=zerocopy)
+            finally:
+                writer.join(10)
+                os.close(r)
+        else:
+            src = endpoints.source("file", data)
+            n, method = run_job(src.fd, a.fileno(), zerocopy=zerocopy)
+        assert n == len(data)
+        if zerocopy:
+            assert method == ("splice" if src_kind == "pipe" else "sendfile")
+        a.shutdown(socket.SHUT_WR)
+        assert _recv_all(b) == data
+    finally:
+        a.close()
+        b.close()

@@ -13,6 +13,7 @@
 #include <signal.h>
 #include <string.h>
 #include <time.h>
+#include <sys/ioctl.h>
 #include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/stat.h>

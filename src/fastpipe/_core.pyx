@@ -30,15 +30,16 @@ import threading as _threading
 from concurrent.futures import CancelledError as _CancelledError
 
 from fastpipe._syscalls cimport (
-    ECANCELED, EIO, ENOSYS, EPERM, EXDEV, F_GETFL, F_GETPIPE_SZ, F_SETPIPE_SZ,
+    ECANCELED, EIO, ENOSYS, EPERM, EXDEV, FIONREAD, F_GETFL, F_GETPIPE_SZ, F_SETPIPE_SZ,
     MSG_DONTWAIT, MSG_NOSIGNAL, O_APPEND, O_CLOEXEC, O_NONBLOCK, POLLIN, POLLNVAL, POLLOUT,
-    RWF_NOWAIT, SPLICE_F_NONBLOCK, S_ISBLK, S_ISFIFO, S_ISREG, S_ISSOCK, close, copy_file_range,
-    fcntl, fp_cond_init_monotonic, fp_cond_wait_until_ms, fp_install_wake_signal, fp_load_int,
-    fp_load_ll, fp_sem_wait_ms, fp_store_int, fp_store_ll, fstat, msghdr, pipe2, poll, pollfd,
-    preadv2, pthread_cond_broadcast, pthread_cond_init, pthread_cond_signal, pthread_cond_t,
-    pthread_cond_wait, pthread_kill, pthread_mutex_init, pthread_mutex_lock, pthread_mutex_t,
-    pthread_mutex_unlock, pthread_self, pthread_setname_np, pthread_t, readv, recvmsg,
-    sem_destroy, sem_init, sem_post, sem_t, sem_wait, sendfile, sendmsg, splice, stat, writev,
+    RWF_NOWAIT, SEEK_CUR, SPLICE_F_NONBLOCK, S_ISBLK, S_ISFIFO, S_ISREG, S_ISSOCK, close,
+    copy_file_range, fcntl, fp_cond_init_monotonic, fp_cond_wait_until_ms,
+    fp_install_wake_signal, fp_load_int, fp_load_ll, fp_sem_wait_ms, fp_store_int, fp_store_ll,
+    fstat, ioctl, lseek, msghdr, pipe2, poll, pollfd, preadv2, pthread_cond_broadcast,
+    pthread_cond_init, pthread_cond_signal, pthread_cond_t, pthread_cond_wait, pthread_kill,
+    pthread_mutex_init, pthread_mutex_lock, pthread_mutex_t, pthread_mutex_unlock, pthread_self,
+    pthread_setname_np, pthread_t, pwritev2, readv, recvmsg, sem_destroy, sem_init, sem_post,
+    sem_t, sem_wait, sendfile, sendmsg, splice, stat, writev,
 )
 
 
@@ -258,7 +259,8 @@ cdef Py_ssize_t _pipes_peak = 0
 cdef Py_ssize_t _pipes_created = 0
 cdef Py_ssize_t _pipes_small = 0    # created below PIPE_SIZE (quota)
 cdef unsigned int _pipe_gen = 0
-cdef int _pipe_want = PIPE_SIZE     # what F_SETPIPE_SZ asks for; tests lower it
+cdef int _pipe_want = PIPE_SIZE
+cdef Py_ssize_t _splice_min_read = SPLICE_MIN_READ     # what F_SETPIPE_SZ asks for; tests lower it
 
 pthread_mutex_init(&_pipe_lock, NULL)
 
@@ -394,6 +396,15 @@ def _set_pipe_size(int size):
     trim_pipes()
 
 
+def _set_splice_min_read(Py_ssize_t nbytes):
+    """For tests and measurements: the read size at which a socket source
+    moves to splice (0: splice from the first byte).  Returns the old one."""
+    global _splice_min_read
+    old = _splice_min_read
+    _splice_min_read = nbytes
+    return old
+
+
 def trim_pipes():
     """Close every idle pooled pipe; return how many were closed."""
     global _pipe_free, _pipes_free
@@ -461,6 +472,8 @@ cdef struct CopyState:
     bint src_wait_first     # a blocking, pollable source: poll before read
     bint dst_wait_first     # a blocking, pollable sink in the main thread
     bint dst_is_socket      # send with MSG_NOSIGNAL: EPIPE, never SIGPIPE
+    int dst_send_flags      # MSG_DONTWAIT where a blocked send must not stall
+    bint dst_nowait         # a blocking pipe sink written with RWF_NOWAIT
     # A socket source is read with MSG_DONTWAIT, and a blocking pipe with
     # RWF_NOWAIT (Linux 5.x+; else poll first): neither blocks, whatever the
     # fd's own flag, so there is no poll before each read.
@@ -517,6 +530,7 @@ cdef struct CopyState:
     # sink gets few large writes.  A socket source never does: there the
     # pipe must be empty before each read, or EAGAIN would be ambiguous.
     bint fill_pipe
+    bint splice_retried     # a direct splice's EAGAIN was retried once
     bint draining           # write the pipe out completely before reading
     bint src_eof
 
@@ -602,6 +616,10 @@ cdef int _write_pending(CopyState *st) noexcept nogil:
     cdef Py_ssize_t off, first, left
     cdef ssize_t n
     while st.pre_len > 0 or st.pend_len > 0:
+        # A cancel's signal cuts a blocked send short, and the partial
+        # count comes back here, not to _copy_step's check.
+        if fp_load_int(&st.cancel_req):
+            return STEP_CANCELLED
         if st.dst_wait_first:
             r = _wait_step(st, st.dst, POLLOUT)
             if r != STEP_AGAIN:
@@ -629,7 +647,14 @@ cdef int _write_pending(CopyState *st) noexcept nogil:
             memset(&msg, 0, sizeof(msg))
             msg.msg_iov = iov
             msg.msg_iovlen = cnt
-            n = sendmsg(st.dst, &msg, MSG_NOSIGNAL)
+            n = sendmsg(st.dst, &msg, MSG_NOSIGNAL | st.dst_send_flags)
+        elif st.dst_nowait:
+            n = pwritev2(st.dst, iov, cnt, -1, RWF_NOWAIT)
+            if n < 0 and (errno == EOPNOTSUPP or errno == EINVAL):
+                # An older kernel: no per-call non-blocking pipe write.
+                st.dst_nowait = False
+                st.dst_wait_first = True
+                continue
         else:
             n = writev(st.dst, iov, cnt)
         if n < 0:
@@ -680,6 +705,16 @@ cdef int _wait_both(CopyState *st) noexcept nogil:
         return STEP_ERROR
     if p[0].revents == 0:
         return _wait_step(st, st.src, POLLIN)
+    if not (p[0].revents & POLLIN):
+        # End of file (POLLHUP alone): the next splice returns 0 without
+        # touching the sink, which may stay full until our caller reads it.
+        return STEP_AGAIN
+    if not st.splice_retried:
+        # The source has bytes now, but may have had none at the splice:
+        # try once more before blaming the sink, whose POLLOUT can stay off
+        # while it still has room (a unix socket's is a threshold).
+        st.splice_retried = True
+        return STEP_AGAIN
     if p[1].revents == 0:
         return _wait_step(st, st.dst, POLLOUT)
     # Both ends claim to be ready, yet the splice found no room or no data
@@ -706,6 +741,28 @@ cdef inline void _moved(CopyState *st, ssize_t n, bint written) noexcept nogil:
     if written:
         fp_store_ll(&st.copied, st.copied + n)
     _progress(st)
+
+
+cdef bint _src_has_bytes(CopyState *st) noexcept nogil:
+    """Before polling a blocking sink: is there anything to send at all?
+
+    A sink is polled first only so that a blocked send cannot hold off the
+    main thread's signal ticks or idle_timeout.  At end of file the next
+    sendfile or splice returns 0 without touching the sink, and a sink may
+    well stay unwritable until its reader, perhaps our own caller, gets the
+    result: polling it then would wait forever.
+    """
+    cdef stat sb
+    cdef long pos
+    cdef int avail = 0
+    if st.src_kind == KIND_FILE:
+        pos = lseek(st.src, 0, SEEK_CUR)
+        if pos < 0 or fstat(st.src, &sb) < 0:
+            return True  # let the syscall itself report the problem
+        return pos < sb.st_size
+    if ioctl(st.src, FIONREAD, &avail) < 0:
+        return True
+    return avail > 0
 
 
 cdef int _kernel_step(CopyState *st) noexcept nogil:
@@ -762,7 +819,7 @@ cdef int _kernel_step(CopyState *st) noexcept nogil:
         if st.method == M_COPY_FILE_RANGE:
             n = copy_file_range(st.src, NULL, st.dst, NULL, chunk, 0)
         elif st.method == M_SENDFILE:
-            if st.kdst_wait_first:
+            if st.kdst_wait_first and _src_has_bytes(st):
                 r = _wait_step(st, st.dst, POLLOUT)
                 if r != STEP_AGAIN:
                     return r
@@ -788,7 +845,7 @@ cdef int _kernel_step(CopyState *st) noexcept nogil:
                     chunk = <size_t>(st.pipe.size - st.pipe_len)
                 n = splice(st.src, NULL, st.pipe.wfd, NULL, chunk, SPLICE_F_NONBLOCK)
             else:
-                if st.kdst_wait_first:
+                if st.kdst_wait_first and _src_has_bytes(st):
                     r = _wait_step(st, st.dst, POLLOUT)
                     if r != STEP_AGAIN:
                         return r
@@ -838,6 +895,7 @@ cdef int _kernel_step(CopyState *st) noexcept nogil:
                 return STEP_FALLBACK
             _release_pipe(st)
             return STEP_DONE
+        st.splice_retried = False
         if st.method == M_SPLICE and st.via_pipe:
             st.pipe_len += n
             _moved(st, n, False)
@@ -939,7 +997,7 @@ cdef int _copy_step(CopyState *st) noexcept nogil:
             st.limit -= n
         st.pend_off = 0
         st.pend_len = n
-        if st.splice_later and n >= SPLICE_MIN_READ:
+        if st.splice_later and n >= _splice_min_read:
             # Bulk data: splice from here on (after these bytes are out).
             st.splice_later = False
             st.method = M_SPLICE
@@ -1043,22 +1101,26 @@ cdef int _choose_kernel_path(CopyState *st, bint in_main_thread) noexcept nogil:
         # producer's pipe locked and stalls it.
         st.via_pipe = not (dk == KIND_PIPE or (sk == KIND_PIPE and dk != KIND_FILE))
         st.fill_pipe = st.via_pipe and sk == KIND_PIPE
-        if sk == KIND_SOCKET:
+        if sk == KIND_SOCKET and _splice_min_read > 0:
             st.method = M_READWRITE
             st.splice_later = True
     # SPLICE_F_NONBLOCK covers only the pipe side and sendfile has no such
     # flag, so a blocking socket end can hold the syscall as long as its peer
-    # is idle.  Where a tick or idle_timeout must interrupt that wait, poll
-    # the socket first.
+    # is idle.  A blocking source socket is polled first where a tick or
+    # idle_timeout must interrupt that wait (POLLIN is exact: data or end of
+    # file).  A sink is polled first only for idle_timeout, and only with
+    # bytes to send: its POLLOUT is a threshold, not "room for one byte".
+    # In the main thread a signal interrupts a blocked splice or sendfile
+    # anyway (Python's handlers are installed without SA_RESTART).
     if in_main_thread or st.idle_ms >= 0:
         if sk == KIND_SOCKET:
             if _is_nonblocking(st.src, &nb, &st.err) < 0:
                 return -1
             st.ksrc_wait_first = not nb
-        if dk == KIND_SOCKET:
-            if _is_nonblocking(st.dst, &nb, &st.err) < 0:
-                return -1
-            st.kdst_wait_first = not nb
+    if st.idle_ms >= 0 and dk == KIND_SOCKET:
+        if _is_nonblocking(st.dst, &nb, &st.err) < 0:
+            return -1
+        st.kdst_wait_first = not nb
     return 0
 
 
@@ -1094,10 +1156,19 @@ cdef int _prepare(CopyState *st, bint in_main_thread, bint zerocopy) noexcept no
     # before a blocking call still gets its handler run within the tick.
     st.wait_ms = MAIN_THREAD_TICK_MS if in_main_thread else -1
     # A blocking write can sit in the kernel for as long as the reader
-    # stalls; poll first wherever something must interrupt that wait.
-    st.dst_wait_first = (
-        not dst_nb and st.dst_kind != KIND_FILE and (st.wait_ms >= 0 or st.idle_ms >= 0)
-    )
+    # stalls.  Where a tick or idle_timeout must be able to interrupt it,
+    # write without blocking (MSG_DONTWAIT for a socket, RWF_NOWAIT for a
+    # pipe) and poll on EAGAIN.  Never poll *before* writing: a unix socket
+    # reports POLLOUT only while three quarters of its buffer are free, and
+    # if its reader is our own caller, waiting for that never ends.  Only
+    # devices, which have neither flag, are polled first.
+    if not dst_nb and (st.wait_ms >= 0 or st.idle_ms >= 0):
+        if st.dst_kind == KIND_SOCKET:
+            st.dst_send_flags = MSG_DONTWAIT
+        elif st.dst_kind == KIND_PIPE:
+            st.dst_nowait = True
+        elif st.dst_kind == KIND_CHAR:
+            st.dst_wait_first = True
     if st.idle_ms >= 0:
         st.deadline_ms = _now_ms() + st.idle_ms
     return 0

@@ -15,6 +15,8 @@ import os
 import select
 import socket
 import stat
+import sys
+import termios
 import threading
 import time
 from collections import deque
@@ -83,6 +85,7 @@ PIPE_SIZE = 1 << 20
 PIPE_POOL_MAX = 16
 KERNEL_CHUNK = 8 << 20
 SPLICE_MIN_READ = 64 * 1024
+_splice_min_read = SPLICE_MIN_READ
 _pipe_lock = threading.Lock()
 _pipes_free: list[tuple[int, int, int]] = []
 _pipes_all: set[tuple[int, int, int]] = set()
@@ -149,6 +152,13 @@ def _set_pipe_size(size: int) -> None:
     global _pipe_want
     _pipe_want = size
     trim_pipes()
+
+
+def _set_splice_min_read(nbytes: int) -> int:
+    """For tests: when a socket source moves to splice (0: at once)."""
+    global _splice_min_read
+    old, _splice_min_read = _splice_min_read, nbytes
+    return old
 
 
 def trim_pipes() -> int:
@@ -256,6 +266,7 @@ class CopyJob:
         self._kdst_wait_first = False
         self._pipe: tuple[int, int, int] | None = None
         self._pipe_len = 0
+        self._splice_retried = False
         self._wake: int | None = None
         self._wake_lock = threading.Lock()
         self.task: object = None
@@ -500,7 +511,7 @@ class CopyJob:
                 if dst_wait_first:
                     self._wait(self._dst, select.POLLOUT)
                 self._write_all(dst_sock, out)
-                if self._splice_later and got >= SPLICE_MIN_READ:
+                if self._splice_later and got >= _splice_min_read:
                     self._splice_later = False
                     self._method = "splice"
                 if size == len(bufs) * BUFFER_SIZE and got == size:
@@ -538,15 +549,30 @@ class CopyJob:
         else:
             self._method = "splice"
             self._via_pipe = not (dk == "pipe" or (sk == "pipe" and dk != "file"))
-            if sk == "socket":
+            if sk == "socket" and _splice_min_read > 0:
                 self._method = "readwrite"
                 self._splice_later = True
         # Unlike the compiled core this twin cannot knock a thread out of a
-        # blocking syscall, so it polls a blocking socket end first always.
+        # blocking syscall, so it polls a blocking source socket first
+        # always.  A sink only for idle_timeout (see _core): its POLLOUT is
+        # a threshold, and waiting for it can deadlock with a reader that is
+        # our own caller.  So a cancel waits for a splice or sendfile stuck
+        # on a stalled blocking socket until the peer reads or goes away.
         if sk == "socket":
             self._ksrc_wait_first = os.get_blocking(self._src)
         if dk == "socket":
-            self._kdst_wait_first = os.get_blocking(self._dst)
+            self._kdst_wait_first = self._idle is not None and os.get_blocking(self._dst)
+
+    def _src_has_bytes(self) -> bool:
+        """Anything to send?  At end of file a blocking sink must not be
+        polled: it may stay full until our own caller reads it."""
+        try:
+            if stat.S_ISREG(os.fstat(self._src).st_mode):
+                return os.lseek(self._src, 0, os.SEEK_CUR) < os.fstat(self._src).st_size
+            avail = fcntl.ioctl(self._src, termios.FIONREAD, b"\0\0\0\0")
+        except OSError:
+            return True  # the copy's own syscall will report it
+        return int.from_bytes(avail, sys.byteorder) > 0
 
     def _release_pipe(self) -> None:
         if self._pipe is not None:
@@ -569,6 +595,12 @@ class CopyJob:
         ready = dict(p.poll(0))
         if not ready.get(self._src):
             self._wait(self._src, select.POLLIN)
+        elif not ready[self._src] & select.POLLIN:
+            return  # end of file: the splice returns 0 without the sink
+        elif not self._splice_retried:
+            # The source may have been empty at the splice: retry once
+            # before blaming the sink (whose POLLOUT is a threshold).
+            self._splice_retried = True
         elif not ready.get(self._dst):
             self._wait(self._dst, select.POLLOUT)
         else:
@@ -610,7 +642,7 @@ class CopyJob:
                 if self._method == "copy_file_range":
                     n = os.copy_file_range(self._src, self._dst, chunk)
                 elif self._method == "sendfile":
-                    if self._kdst_wait_first:
+                    if self._kdst_wait_first and self._src_has_bytes():
                         self._wait(self._dst, select.POLLOUT)
                     n = os.sendfile(self._dst, self._src, None, chunk)
                 else:
@@ -629,7 +661,7 @@ class CopyJob:
                         chunk = min(chunk, self._pipe[2])
                         n = os.splice(self._src, self._pipe[1], chunk, flags=os.SPLICE_F_NONBLOCK)
                     else:
-                        if self._kdst_wait_first:
+                        if self._kdst_wait_first and self._src_has_bytes():
                             self._wait(self._dst, select.POLLOUT)
                         n = os.splice(self._src, self._dst, chunk, flags=os.SPLICE_F_NONBLOCK)
             except BlockingIOError:
@@ -653,8 +685,9 @@ class CopyJob:
                     return False
                 self._release_pipe()
                 return True
+            self._splice_retried = False
             if self._method == "splice" and self._via_pipe:
-                self._pipe_len = n
+                self._pipe_len += n
                 self._moved(n, False)
             else:
                 self._moved(n, True)

@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # both twins have these names; _core.pyi types them
         CopyJob,
         PoolCore,
         _set_pipe_size,
+        _set_splice_min_read,
         buffer_stats,
         copy_fd,
         fd_ready,
@@ -51,6 +52,7 @@ else:
     pipe_stats = _module.pipe_stats
     trim_pipes = _module.trim_pipes
     _set_pipe_size = _module._set_pipe_size
+    _set_splice_min_read = _module._set_splice_min_read
 
 __all__ = [
     "BUFFER_SIZE",

@@ -42,6 +42,7 @@ cdef extern from "_compat.h" nogil:
     enum:
         RWF_NOWAIT
     ssize_t writev(int fd, const iovec *iov, int iovcnt)
+    ssize_t pwritev2(int fd, const iovec *iov, int iovcnt, long offset, int flags)
 
     int fcntl(int fd, int cmd, ...)
     enum:
@@ -110,6 +111,11 @@ cdef extern from "_compat.h" nogil:
                             size_t len, unsigned int flags)
     ssize_t sendfile(int out_fd, int in_fd, long *offset, size_t count)
     int pipe2(int *fds, int flags)
+    long lseek(int fd, long offset, int whence)
+    int ioctl(int fd, unsigned long request, ...)
+    enum:
+        SEEK_CUR
+        FIONREAD
     enum:
         SPLICE_F_NONBLOCK
         F_SETPIPE_SZ
