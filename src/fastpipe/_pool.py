@@ -25,13 +25,14 @@ import itertools
 import os
 import threading
 import weakref
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import CancelledError
 from typing import Any
 
 from fastpipe import _impl, _proxy
 from fastpipe._relay import (
     FdLike,
     Relay,
+    cancel_future,
     close_ends,
     closes_in_c,
     coerce,
@@ -73,7 +74,7 @@ class _Task:
 
     def drop(self, job: Any) -> None:
         """The job was taken off the queue and will never run."""
-        if Future.cancel(self.relay):
+        if cancel_future(self.relay):
             self.close_ends()
 
     def close_ends(self) -> BaseException | None:
@@ -104,7 +105,7 @@ class _Task:
         relay = self.relay
         if isinstance(error, CancelledError):
             # Relay.cancel() stopped it: a cancelled future, not a failed one.
-            Future.cancel(relay)
+            cancel_future(relay)
         elif error is not None:
             relay.set_exception(error)
         else:

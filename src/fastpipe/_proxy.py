@@ -31,10 +31,18 @@ import socket
 import stat
 import threading
 import time
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import CancelledError
 from typing import Any
 
-from fastpipe._relay import Relay, close_ends, closes_in_c, fd_of, forget_closed, make_job
+from fastpipe._relay import (
+    Relay,
+    cancel_future,
+    close_ends,
+    closes_in_c,
+    fd_of,
+    forget_closed,
+    make_job,
+)
 
 
 class _Side:
@@ -263,7 +271,7 @@ class ProxyTask:
             any(self.dropped) or any(job.cancelled for job in self.jobs)
         )
         if self.error is None and cancelled and not self.timed_out:
-            Future.cancel(relay)
+            cancel_future(relay)
         elif error is not None:
             relay.set_exception(error)
         elif self.timed_out:

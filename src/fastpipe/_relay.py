@@ -121,7 +121,7 @@ class Relay(Future[Any]):
             return self.cancelled()
         task = self._task
         if task is None:
-            return super().cancel()
+            return cancel_future(self)
         if not task.cancel():
             return False  # it ended by itself; its completion is on the way
         if getattr(_completing, "active", False):
@@ -138,6 +138,21 @@ class Relay(Future[Any]):
         import asyncio
 
         return asyncio.wrap_future(self).__await__()
+
+
+def cancel_future(relay: Future[Any]) -> bool:
+    """Move a PENDING relay to cancelled, as its waiters expect it.
+
+    ``Future.cancel()`` alone leaves the state CANCELLED, which
+    ``concurrent.futures.wait()`` and ``as_completed()`` do not count as
+    done until ``set_running_or_notify_cancel()`` moves it on (an executor's
+    worker does that when it picks the item up; no Python worker picks a
+    relay up, so we do it here).
+    """
+    if not Future.cancel(relay):
+        return False
+    relay.set_running_or_notify_cancel()
+    return True
 
 
 # Marks a thread that completes relays (the completer, or a thread helping in
