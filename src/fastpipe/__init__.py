@@ -4,6 +4,7 @@ Low level, the compiled core::
 
     copy_fd(src_fd, dst_fd, count=None, *, zerocopy=True) -> int
     buffer_stats() -> dict; trim_buffers() -> int; BUFFER_SIZE
+    pipe_stats() -> dict; trim_pipes() -> int   (splice's intermediate pipes)
 
 High level, a pool of persistent worker threads::
 
@@ -19,7 +20,9 @@ from fastpipe._impl import (
     IMPLEMENTATION,
     buffer_stats,
     copy_fd,
+    pipe_stats,
     trim_buffers,
+    trim_pipes,
 )
 from fastpipe._pool import WorkerPool, default_pool
 from fastpipe._relay import FdLike, Relay
@@ -35,9 +38,11 @@ __all__ = [
     "buffer_stats",
     "copy_fd",
     "default_pool",
+    "pipe_stats",
     "proxy",
     "relay",
     "trim_buffers",
+    "trim_pipes",
 ]
 
 

@@ -10,7 +10,10 @@
 #include <poll.h>
 #include <pthread.h>
 #include <semaphore.h>
+#include <signal.h>
+#include <string.h>
 #include <time.h>
+#include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
@@ -32,6 +35,51 @@ static inline void fp_store_ll(long long *p, long long v) {
 
 static inline long long fp_load_ll(const long long *p) {
     return __atomic_load_n(p, __ATOMIC_RELAXED);
+}
+
+static inline void fp_store_int(int *p, int v) {
+    __atomic_store_n(p, v, __ATOMIC_SEQ_CST);
+}
+
+static inline int fp_load_int(const int *p) {
+    return __atomic_load_n(p, __ATOMIC_SEQ_CST);
+}
+
+/* Cancelling a relay that sits inside a blocking syscall.
+ *
+ * Polls and reads could watch an eventfd, but splice and sendfile on a
+ * blocking TCP socket ignore every per-call non-blocking flag (SPLICE_F_NONBLOCK
+ * only covers the pipe side), and the caller's fds are not ours to switch to
+ * O_NONBLOCK.  So, like OpenJDK's NativeThread, a cancel sends the worker a
+ * real-time signal whose handler does nothing and is installed without
+ * SA_RESTART: whatever the worker is blocked in returns EINTR (or a short
+ * count), and the copy loop then sees the cancel flag.  Nothing but a
+ * worker running a cancelled job is ever sent this signal. */
+static void fp_wake_handler(int sig) {
+    (void)sig;
+}
+
+/* Install the handler; the signal number, or -1 when the program already
+ * uses that signal for something else (then cancel waits for the next
+ * syscall to return by itself). */
+static inline int fp_install_wake_signal(void) {
+    struct sigaction old, sa;
+    int sig = SIGRTMAX - 2;
+    if (sig <= SIGRTMIN)
+        return -1;
+    if (sigaction(sig, NULL, &old) < 0)
+        return -1;
+    if (!(old.sa_flags & SA_SIGINFO) && old.sa_handler == fp_wake_handler)
+        return sig;
+    if ((old.sa_flags & SA_SIGINFO) || old.sa_handler != SIG_DFL)
+        return -1;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = fp_wake_handler;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = 0;  /* no SA_RESTART: interrupting is the point */
+    if (sigaction(sig, &sa, NULL) < 0)
+        return -1;
+    return sig;
 }
 
 /* Wait on a semaphore for at most ms milliseconds of CLOCK_MONOTONIC time

@@ -16,7 +16,9 @@ Ownership rules, which every function below keeps:
 
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
-from libc.errno cimport errno, EINTR, EAGAIN, ENOMEM, EBADF, ETIMEDOUT, EINVAL, EOPNOTSUPP
+from libc.errno cimport (
+    errno, EINTR, EAGAIN, ENOMEM, EBADF, ETIMEDOUT, EINVAL, EOPNOTSUPP,
+)
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from posix.uio cimport iovec
 from cpython.exc cimport PyErr_CheckSignals
@@ -25,16 +27,18 @@ from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
 
 import os as _os
 import threading as _threading
+from concurrent.futures import CancelledError as _CancelledError
 
 from fastpipe._syscalls cimport (
-    F_GETFL, MSG_DONTWAIT, MSG_NOSIGNAL, O_NONBLOCK, POLLIN, POLLNVAL, POLLOUT,
-    RWF_NOWAIT, S_ISBLK, S_ISFIFO, S_ISREG, S_ISSOCK, close, fcntl,
-    fp_cond_init_monotonic, fp_cond_wait_until_ms, fp_load_ll, fp_sem_wait_ms,
-    fp_store_ll, fstat, msghdr, poll, pollfd, preadv2, pthread_cond_broadcast,
-    pthread_cond_init, pthread_cond_signal, pthread_cond_t, pthread_cond_wait,
-    pthread_mutex_init, pthread_mutex_lock, pthread_mutex_t, pthread_mutex_unlock,
-    pthread_self, pthread_setname_np, readv, recvmsg, sem_destroy, sem_init,
-    sem_post, sem_t, sem_wait, sendmsg, stat, writev,
+    ECANCELED, EIO, ENOSYS, EPERM, EXDEV, F_GETFL, F_GETPIPE_SZ, F_SETPIPE_SZ,
+    MSG_DONTWAIT, MSG_NOSIGNAL, O_APPEND, O_CLOEXEC, O_NONBLOCK, POLLIN, POLLNVAL, POLLOUT,
+    RWF_NOWAIT, SPLICE_F_NONBLOCK, S_ISBLK, S_ISFIFO, S_ISREG, S_ISSOCK, close, copy_file_range,
+    fcntl, fp_cond_init_monotonic, fp_cond_wait_until_ms, fp_install_wake_signal, fp_load_int,
+    fp_load_ll, fp_sem_wait_ms, fp_store_int, fp_store_ll, fstat, msghdr, pipe2, poll, pollfd,
+    preadv2, pthread_cond_broadcast, pthread_cond_init, pthread_cond_signal, pthread_cond_t,
+    pthread_cond_wait, pthread_kill, pthread_mutex_init, pthread_mutex_lock, pthread_mutex_t,
+    pthread_mutex_unlock, pthread_self, pthread_setname_np, pthread_t, readv, recvmsg,
+    sem_destroy, sem_init, sem_post, sem_t, sem_wait, sendfile, sendmsg, splice, stat, writev,
 )
 
 
@@ -47,6 +51,26 @@ cdef enum:
     START_IOV = 2
     # How often a copy blocked in the main thread comes back for signals.
     MAIN_THREAD_TICK_MS = 50
+    # The intermediate pipe: 1 MiB needed the fewest calls (256 KiB cost 50%
+    # more CPU, 64 KiB twice as much).
+    PIPE_SIZE = 1 << 20
+    # Idle pipes kept: each counts against pipe-user-pages-soft (64 MiB by
+    # default) whether or not it holds bytes.
+    PIPE_POOL_MAX = 16
+    # Most bytes per copy_file_range/sendfile/direct splice call: large enough
+    # that the call count does not matter, small enough that bytes_copied
+    # moves and a cancel is seen every few milliseconds.
+    KERNEL_CHUNK = 8 << 20
+    # A socket source starts on read/write and switches to splice once one
+    # read returns this much: small messages are cheaper through buffers,
+    # and an idle connection then never holds a pipe.
+    SPLICE_MIN_READ = 64 * 1024
+
+cdef enum Method:
+    M_READWRITE = 0
+    M_COPY_FILE_RANGE = 1
+    M_SENDFILE = 2
+    M_SPLICE = 3
 
 cdef enum FdKind:
     KIND_FILE = 0
@@ -60,6 +84,11 @@ cdef enum Step:
     # Go back to GIL-held code to run signal handlers, then resume.
     STEP_SIGNALS = 2
     STEP_AGAIN = 3
+    # CopyJob.cancel() was called: stop, keeping bytes_copied exact.
+    STEP_CANCELLED = 4
+    # A kernel path cannot serve this fd pair and has moved nothing: go on
+    # with st.method, which the step has set to the next path.
+    STEP_FALLBACK = 5
 
 BUFFER_SIZE = BUF_SIZE
 
@@ -198,6 +227,219 @@ def _after_fork_in_child():
 _os.register_at_fork(after_in_child=_after_fork_in_child)
 
 # ---------------------------------------------------------------------------
+# The pipe pool: intermediate pipes for splice
+# ---------------------------------------------------------------------------
+#
+# splice needs a pipe on one side, so socket->socket (and pipe/socket->file)
+# goes src -> pooled pipe -> dst.  A pipe is O_NONBLOCK (the pipe side of a
+# splice never blocks, so EAGAIN is always about the other fd) and enlarged
+# to 1 MiB where the per-user quota allows: fewer, larger splices.  Like a
+# buffer, a pipe belongs to the pool or to exactly one copy; a copy holds one
+# only while bytes are inside it or a splice is about to put them there.
+# A pipe that comes back with bytes inside (the copy failed or was
+# cancelled half-way) is closed, never pooled: the next relay must not
+# receive a stranger's bytes.
+
+cdef struct FpPipe:
+    int rfd
+    int wfd
+    int size                # capacity after F_SETPIPE_SZ: what one splice can fill
+    unsigned int gen        # _pipe_gen when created; stale after a fork
+    FpPipe *next            # free-list link
+    FpPipe *all_prev        # every live pipe, for the fork reset
+    FpPipe *all_next
+
+cdef pthread_mutex_t _pipe_lock
+cdef FpPipe *_pipe_free = NULL
+cdef FpPipe *_pipe_all = NULL
+cdef Py_ssize_t _pipes_free = 0
+cdef Py_ssize_t _pipes_in_use = 0
+cdef Py_ssize_t _pipes_peak = 0
+cdef Py_ssize_t _pipes_created = 0
+cdef Py_ssize_t _pipes_small = 0    # created below PIPE_SIZE (quota)
+cdef unsigned int _pipe_gen = 0
+
+pthread_mutex_init(&_pipe_lock, NULL)
+
+
+cdef void _pipe_unlink_all(FpPipe *p) noexcept nogil:
+    # Called with _pipe_lock held.
+    global _pipe_all
+    if p.all_prev != NULL:
+        p.all_prev.all_next = p.all_next
+    else:
+        _pipe_all = p.all_next
+    if p.all_next != NULL:
+        p.all_next.all_prev = p.all_prev
+
+
+cdef FpPipe *_pipe_take(int *err) noexcept nogil:
+    """A pooled pipe, or a new one; NULL with err set (EMFILE, ENFILE...)."""
+    global _pipe_free, _pipe_all, _pipes_free, _pipes_in_use, _pipes_peak
+    global _pipes_created, _pipes_small
+    cdef FpPipe *p
+    cdef int fds[2]
+    cdef int size
+    pthread_mutex_lock(&_pipe_lock)
+    p = _pipe_free
+    if p != NULL:
+        _pipe_free = p.next
+        _pipes_free -= 1
+        _pipes_in_use += 1
+        if _pipes_in_use > _pipes_peak:
+            _pipes_peak = _pipes_in_use
+        pthread_mutex_unlock(&_pipe_lock)
+        return p
+    pthread_mutex_unlock(&_pipe_lock)
+    if pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0:
+        err[0] = errno
+        return NULL
+    # Past pipe-user-pages-soft an unprivileged F_SETPIPE_SZ fails (EPERM)
+    # and new pipes may be as small as one page; the loop works with any
+    # size, it just makes more calls.
+    fcntl(fds[1], F_SETPIPE_SZ, <int>PIPE_SIZE)
+    size = fcntl(fds[1], F_GETPIPE_SZ)
+    if size <= 0:
+        size = 4096
+    p = <FpPipe *>malloc(sizeof(FpPipe))
+    if p == NULL:
+        close(fds[0])
+        close(fds[1])
+        err[0] = ENOMEM
+        return NULL
+    p.rfd = fds[0]
+    p.wfd = fds[1]
+    p.size = size
+    p.next = NULL
+    pthread_mutex_lock(&_pipe_lock)
+    p.gen = _pipe_gen
+    p.all_prev = NULL
+    p.all_next = _pipe_all
+    if _pipe_all != NULL:
+        _pipe_all.all_prev = p
+    _pipe_all = p
+    _pipes_created += 1
+    if size < PIPE_SIZE:
+        _pipes_small += 1
+    _pipes_in_use += 1
+    if _pipes_in_use > _pipes_peak:
+        _pipes_peak = _pipes_in_use
+    pthread_mutex_unlock(&_pipe_lock)
+    return p
+
+
+cdef void _pipe_give(FpPipe *p, bint empty) noexcept nogil:
+    global _pipe_free, _pipes_free, _pipes_in_use
+    cdef bint keep
+    pthread_mutex_lock(&_pipe_lock)
+    if p.gen != _pipe_gen:
+        # Taken before a fork, given back in the child: its fds were closed
+        # by the fork reset and the numbers may belong to someone else now.
+        pthread_mutex_unlock(&_pipe_lock)
+        free(p)
+        return
+    _pipes_in_use -= 1
+    keep = empty and _pipes_free < PIPE_POOL_MAX
+    if keep:
+        p.next = _pipe_free
+        _pipe_free = p
+        _pipes_free += 1
+    else:
+        _pipe_unlink_all(p)
+    pthread_mutex_unlock(&_pipe_lock)
+    if not keep:
+        close(p.rfd)
+        close(p.wfd)
+        free(p)
+
+
+def pipe_stats():
+    """Return the state of the pool of intermediate pipes used by splice.
+
+    Returns:
+        A dict with ``pipe_size`` (the size asked for with F_SETPIPE_SZ),
+        ``allocated`` (pipes that exist now, ``free + in_use``), ``free``,
+        ``in_use``, ``peak``, ``max_free`` (how many idle pipes are kept),
+        ``created`` (pipes ever made) and ``small`` (pipes the kernel would
+        not enlarge, because of the per-user pipe quota).
+    """
+    cdef Py_ssize_t nfree, nuse, npeak, ncreated, nsmall
+    with nogil:
+        pthread_mutex_lock(&_pipe_lock)
+        nfree = _pipes_free
+        nuse = _pipes_in_use
+        npeak = _pipes_peak
+        ncreated = _pipes_created
+        nsmall = _pipes_small
+        pthread_mutex_unlock(&_pipe_lock)
+    return {
+        "pipe_size": PIPE_SIZE,
+        "allocated": nfree + nuse,
+        "free": nfree,
+        "in_use": nuse,
+        "peak": npeak,
+        "max_free": PIPE_POOL_MAX,
+        "created": ncreated,
+        "small": nsmall,
+    }
+
+
+def trim_pipes():
+    """Close every idle pooled pipe; return how many were closed."""
+    global _pipe_free, _pipes_free
+    cdef FpPipe *head
+    cdef FpPipe *nxt
+    cdef Py_ssize_t n
+    with nogil:
+        pthread_mutex_lock(&_pipe_lock)
+        head = _pipe_free
+        n = _pipes_free
+        _pipe_free = NULL
+        _pipes_free = 0
+        nxt = head
+        while nxt != NULL:
+            _pipe_unlink_all(nxt)
+            nxt = nxt.next
+        pthread_mutex_unlock(&_pipe_lock)
+        while head != NULL:
+            nxt = head.next
+            close(head.rfd)
+            close(head.wfd)
+            free(head)
+            head = nxt
+    return n
+
+
+def _pipes_after_fork_in_child():
+    # The child shares every pooled pipe with the parent: using one would mix
+    # the two processes' bytes.  Close the child's copies of all of them
+    # (free or held by copies whose threads did not survive the fork) and
+    # start a new generation, so that a stale pipe given back is dropped.
+    global _pipe_free, _pipe_all, _pipes_free, _pipes_in_use, _pipes_peak, _pipe_gen
+    cdef FpPipe *p
+    cdef FpPipe *nxt
+    pthread_mutex_init(&_pipe_lock, NULL)
+    p = _pipe_all
+    while p != NULL:
+        close(p.rfd)
+        close(p.wfd)
+        p = p.all_next
+    p = _pipe_free
+    while p != NULL:
+        nxt = p.next
+        free(p)
+        p = nxt
+    _pipe_free = NULL
+    _pipe_all = NULL
+    _pipes_free = 0
+    _pipes_in_use = 0
+    _pipes_peak = 0
+    _pipe_gen += 1
+
+
+_os.register_at_fork(after_in_child=_pipes_after_fork_in_child)
+
+# ---------------------------------------------------------------------------
 # The copy loop
 # ---------------------------------------------------------------------------
 
@@ -227,6 +469,15 @@ cdef struct CopyState:
     bint close_src          # close these int fds in C when the copy ends
     bint close_dst
     int status              # STEP_DONE or STEP_ERROR once finished
+    # Cancellation: cancel_req is set by CopyJob.cancel() from any thread and
+    # read by the copy loop between syscalls.  thread/in_thread say which
+    # worker to knock out of a blocking syscall; both change only under
+    # wake_lock, so a cancel never signals a thread that has moved on.
+    int cancel_req
+    bint cancelled          # the copy ended because of cancel_req
+    pthread_mutex_t wake_lock
+    pthread_t thread
+    bint in_thread
     long long limit         # bytes left to read, or -1 for "to end of file"
     long long copied        # bytes written to dst; read live by other threads
     int want                # buffers per read
@@ -239,11 +490,30 @@ cdef struct CopyState:
     const char *pre_ptr
     Py_ssize_t pre_len
     int err
+    # The kernel paths.  method is the path in use (a Method); it only ever
+    # moves towards M_READWRITE, and only while kmoved is false, so a
+    # fallback can neither lose nor repeat a byte.
+    int method
+    bint kmoved             # the kernel path has taken bytes from src
+    bint via_pipe           # splice src -> pipe -> dst (neither end a pipe)
+    bint splice_later       # read/write first; splice once reads are large
+    bint ksrc_wait_first    # a blocking socket source that must stay
+    bint kdst_wait_first    # interruptible (main-thread tick, idle_timeout)
+    bint zerocopy           # kernel paths allowed
+    FpPipe *pipe            # the intermediate pipe, while held
+    Py_ssize_t pipe_len     # bytes inside it
 
 
 cdef inline void _release(CopyState *st) noexcept nogil:
     _buffers_give(st.bufs, st.nbufs)
     st.nbufs = 0
+
+
+cdef inline void _release_pipe(CopyState *st) noexcept nogil:
+    if st.pipe != NULL:
+        _pipe_give(st.pipe, st.pipe_len == 0)
+        st.pipe = NULL
+        st.pipe_len = 0
 
 
 cdef int _wait(CopyState *st, int fd, short events, int timeout) noexcept nogil:
@@ -370,6 +640,180 @@ cdef int _write_pending(CopyState *st) noexcept nogil:
     return STEP_AGAIN
 
 
+cdef int _wait_both(CopyState *st) noexcept nogil:
+    """After EAGAIN from a direct splice: wait for whichever end is not ready.
+
+    The pipe side of the splice is non-blocking and the other end may be
+    too, so EAGAIN can mean an empty source or a full sink; poll tells which.
+    """
+    cdef pollfd p[2]
+    cdef int r
+    p[0].fd = st.src
+    p[0].events = POLLIN
+    p[0].revents = 0
+    p[1].fd = st.dst
+    p[1].events = POLLOUT
+    p[1].revents = 0
+    r = poll(p, 2, 0)
+    if r < 0:
+        st.err = errno
+        return STEP_SIGNALS if st.err == EINTR else STEP_ERROR
+    if (p[0].revents | p[1].revents) & POLLNVAL:
+        st.err = EBADF
+        return STEP_ERROR
+    if p[0].revents == 0:
+        return _wait_step(st, st.src, POLLIN)
+    if p[1].revents == 0:
+        return _wait_step(st, st.dst, POLLOUT)
+    # Both ends claim to be ready, yet the splice found no room or no data
+    # (a socket whose POLLOUT threshold is below what a splice needs, say).
+    # Never spin on it: back off for a millisecond.
+    poll(NULL, 0, 1)
+    return STEP_AGAIN
+
+
+cdef inline bint _kernel_gives_up(int method, int err) noexcept nogil:
+    """True if this errno means "this path cannot serve these fds"."""
+    if method == M_COPY_FILE_RANGE:
+        return (
+            err == EINVAL or err == ENOSYS or err == EXDEV or err == EOPNOTSUPP
+            or err == EPERM or err == EIO
+        )
+    return err == EINVAL or err == ENOSYS or err == EOPNOTSUPP
+
+
+cdef inline void _moved(CopyState *st, ssize_t n, bint written) noexcept nogil:
+    st.kmoved = True
+    if st.limit > 0:
+        st.limit -= n
+    if written:
+        fp_store_ll(&st.copied, st.copied + n)
+    _progress(st)
+
+
+cdef int _kernel_step(CopyState *st) noexcept nogil:
+    """Copy with copy_file_range, sendfile or splice until the end.
+
+    Returns STEP_FALLBACK, with st.method set to the next path, when the
+    kernel refuses the fd pair before any byte has moved.
+    """
+    cdef ssize_t n
+    cdef size_t chunk
+    cdef int err, r
+    while True:
+        if fp_load_int(&st.cancel_req):
+            return STEP_CANCELLED
+        if st.pipe_len > 0:
+            # The second leg: intermediate pipe -> dst.
+            if st.kdst_wait_first:
+                r = _wait_step(st, st.dst, POLLOUT)
+                if r != STEP_AGAIN:
+                    return r
+            n = splice(st.pipe.rfd, NULL, st.dst, NULL, <size_t>st.pipe_len, SPLICE_F_NONBLOCK)
+            if n < 0:
+                err = errno
+                if err == EINTR:
+                    st.err = EINTR
+                    return STEP_SIGNALS
+                if err == EAGAIN:
+                    r = _wait_step(st, st.dst, POLLOUT)
+                    if r != STEP_AGAIN:
+                        return r
+                    continue
+                if _kernel_gives_up(M_SPLICE, err):
+                    # The sink takes no splice: the read/write loop empties
+                    # the pipe into it first, then reads src itself.  No
+                    # byte is lost or repeated, whenever this happens.
+                    st.method = M_READWRITE
+                    return STEP_FALLBACK
+                st.err = err
+                return STEP_ERROR
+            st.pipe_len -= n
+            fp_store_ll(&st.copied, st.copied + n)
+            _progress(st)
+            continue
+        if st.limit == 0:
+            return STEP_DONE
+        chunk = KERNEL_CHUNK
+        if st.limit >= 0 and st.limit < <long long>chunk:
+            chunk = <size_t>st.limit
+        if st.method == M_COPY_FILE_RANGE:
+            n = copy_file_range(st.src, NULL, st.dst, NULL, chunk, 0)
+        elif st.method == M_SENDFILE:
+            if st.kdst_wait_first:
+                r = _wait_step(st, st.dst, POLLOUT)
+                if r != STEP_AGAIN:
+                    return r
+            n = sendfile(st.dst, st.src, NULL, chunk)
+        else:
+            if st.ksrc_wait_first:
+                # A blocking TCP socket ignores SPLICE_F_NONBLOCK: only
+                # splice once it has bytes, so that ticks and timeouts run.
+                _release_pipe(st)
+                r = _wait_step(st, st.src, POLLIN)
+                if r != STEP_AGAIN:
+                    return r
+            if st.via_pipe:
+                if st.pipe == NULL:
+                    st.pipe = _pipe_take(&err)
+                    if st.pipe == NULL:
+                        if not st.kmoved:
+                            st.method = M_READWRITE  # EMFILE and co: no pipe
+                            return STEP_FALLBACK
+                        st.err = err
+                        return STEP_ERROR
+                if <size_t>st.pipe.size < chunk:
+                    chunk = <size_t>st.pipe.size
+                n = splice(st.src, NULL, st.pipe.wfd, NULL, chunk, SPLICE_F_NONBLOCK)
+            else:
+                if st.kdst_wait_first:
+                    r = _wait_step(st, st.dst, POLLOUT)
+                    if r != STEP_AGAIN:
+                        return r
+                n = splice(st.src, NULL, st.dst, NULL, chunk, SPLICE_F_NONBLOCK)
+        if n < 0:
+            err = errno
+            if err == EINTR:
+                st.err = EINTR
+                return STEP_SIGNALS
+            if err == EAGAIN:
+                if st.method == M_SPLICE and st.via_pipe:
+                    # The pipe is empty (it always is before this leg), so
+                    # the source has nothing: park without holding it.
+                    _release_pipe(st)
+                    r = _wait_step(st, st.src, POLLIN)
+                elif st.method == M_SPLICE:
+                    r = _wait_both(st)
+                else:
+                    r = _wait_step(st, st.dst, POLLOUT)
+                if r != STEP_AGAIN:
+                    return r
+                continue
+            if not st.kmoved and _kernel_gives_up(st.method, err):
+                if st.method == M_COPY_FILE_RANGE:
+                    st.method = M_SENDFILE
+                else:
+                    st.method = M_READWRITE
+                _release_pipe(st)
+                return STEP_FALLBACK
+            st.err = err
+            return STEP_ERROR
+        if n == 0:
+            if not st.kmoved and st.method != M_SPLICE:
+                # procfs and sysfs files report size 0 and copy_file_range
+                # (or sendfile) moves nothing; read() decides whether this
+                # really is the end.
+                st.method = M_READWRITE
+                return STEP_FALLBACK
+            _release_pipe(st)
+            return STEP_DONE
+        if st.method == M_SPLICE and st.via_pipe:
+            st.pipe_len = n
+            _moved(st, n, False)
+        else:
+            _moved(st, n, True)
+
+
 cdef int _copy_step(CopyState *st) noexcept nogil:
     """Run the copy until it ends, fails, or must let signal handlers run."""
     cdef iovec iov[MAX_IOV]
@@ -379,9 +823,24 @@ cdef int _copy_step(CopyState *st) noexcept nogil:
     cdef ssize_t n
     st.err = 0
     while True:
+        # One atomic load per round trip through the loop; a cancel that
+        # lands mid-syscall interrupts it (EINTR) and comes back here.
+        if fp_load_int(&st.cancel_req):
+            return STEP_CANCELLED
         r = _write_pending(st)
         if r != STEP_AGAIN:
             return r
+        if st.method != M_READWRITE:
+            _release(st)
+            r = _kernel_step(st)
+            if r != STEP_FALLBACK:
+                return r
+            continue
+        if st.pipe_len > 0:
+            r = _pipe_leftovers(st)
+            if r != STEP_AGAIN:
+                return r
+            continue
         if st.limit == 0:
             _release(st)
             return STEP_DONE
@@ -449,12 +908,55 @@ cdef int _copy_step(CopyState *st) noexcept nogil:
             st.limit -= n
         st.pend_off = 0
         st.pend_len = n
+        if st.splice_later and n >= SPLICE_MIN_READ:
+            # Bulk data: splice from here on (after these bytes are out).
+            st.splice_later = False
+            st.method = M_SPLICE
+            continue
         # A full read means the source had more: read more per syscall next
         # time.  A short one means we are ahead of it: stay where we are.
         if n == want_bytes and st.want < MAX_IOV and want_bytes == <Py_ssize_t>st.nbufs * BUF_SIZE:
             st.want *= 2
             if st.want > MAX_IOV:
                 st.want = MAX_IOV
+
+
+cdef int _pipe_leftovers(CopyState *st) noexcept nogil:
+    """Read what a refused splice left in the intermediate pipe into buffers.
+
+    The bytes were already counted against the limit when they entered the
+    pipe; the read/write loop writes them out like any other read.
+    """
+    cdef iovec iov[MAX_IOV]
+    cdef int cnt
+    cdef Py_ssize_t left
+    cdef ssize_t n
+    if st.nbufs < MAX_IOV:
+        st.nbufs += _buffers_take(&st.bufs[st.nbufs], MAX_IOV - st.nbufs)
+        if st.nbufs == 0:
+            st.err = ENOMEM
+            return STEP_ERROR
+    left = st.pipe_len
+    if left > <Py_ssize_t>st.nbufs * BUF_SIZE:
+        left = <Py_ssize_t>st.nbufs * BUF_SIZE
+    cnt = 0
+    while left > 0:
+        iov[cnt].iov_base = st.bufs[cnt]
+        iov[cnt].iov_len = BUF_SIZE if left > BUF_SIZE else left
+        left -= iov[cnt].iov_len
+        cnt += 1
+    n = readv(st.pipe.rfd, iov, cnt)
+    if n <= 0:
+        # Our own non-blocking pipe holding pipe_len bytes cannot fail to
+        # give them; if it does, say so rather than drop them silently.
+        st.err = errno if n < 0 else EIO
+        return STEP_SIGNALS if st.err == EINTR else STEP_ERROR
+    st.pipe_len -= n
+    st.pend_off = 0
+    st.pend_len = n
+    if st.pipe_len == 0:
+        _release_pipe(st)
+    return STEP_AGAIN
 
 
 cdef int _fd_kind(int fd, int *kind, int *err) noexcept nogil:
@@ -482,8 +984,54 @@ cdef int _is_nonblocking(int fd, bint *nonblock, int *err) noexcept nogil:
     return 0
 
 
-cdef int _prepare(CopyState *st, bint in_main_thread) noexcept nogil:
-    """Look at both ends and choose how to wait; -1 with st.err on error."""
+cdef int _choose_kernel_path(CopyState *st, bint in_main_thread) noexcept nogil:
+    """Pick the kernel path for this fd pair (st.method); -1 with st.err."""
+    cdef int sk = st.src_kind
+    cdef int dk = st.dst_kind
+    cdef int flags
+    cdef bint nb = False
+    if sk == KIND_CHAR or dk == KIND_CHAR:
+        return 0  # ttys, /dev/zero, /dev/full: read/write
+    if dk == KIND_FILE:
+        # An O_APPEND sink: copy_file_range refuses it (EBADF, which also
+        # means a bad fd), splice and sendfile too; write() appends.
+        flags = fcntl(st.dst, F_GETFL)
+        if flags < 0:
+            st.err = errno
+            return -1
+        if flags & O_APPEND:
+            return 0
+    if sk == KIND_FILE and dk == KIND_FILE:
+        st.method = M_COPY_FILE_RANGE
+    elif sk == KIND_FILE and dk == KIND_SOCKET:
+        st.method = M_SENDFILE
+    else:
+        st.method = M_SPLICE
+        # Neither end a pipe: go through one of ours.  A pipe->file copy goes
+        # through one too: splicing straight into the page cache holds the
+        # producer's pipe locked and stalls it.
+        st.via_pipe = not (dk == KIND_PIPE or (sk == KIND_PIPE and dk != KIND_FILE))
+        if sk == KIND_SOCKET:
+            st.method = M_READWRITE
+            st.splice_later = True
+    # SPLICE_F_NONBLOCK covers only the pipe side and sendfile has no such
+    # flag, so a blocking socket end can hold the syscall as long as its peer
+    # is idle.  Where a tick or idle_timeout must interrupt that wait, poll
+    # the socket first.
+    if in_main_thread or st.idle_ms >= 0:
+        if sk == KIND_SOCKET:
+            if _is_nonblocking(st.src, &nb, &st.err) < 0:
+                return -1
+            st.ksrc_wait_first = not nb
+        if dk == KIND_SOCKET:
+            if _is_nonblocking(st.dst, &nb, &st.err) < 0:
+                return -1
+            st.kdst_wait_first = not nb
+    return 0
+
+
+cdef int _prepare(CopyState *st, bint in_main_thread, bint zerocopy) noexcept nogil:
+    """Look at both ends, choose the path and how to wait; -1 with st.err."""
     cdef bint src_nb = False
     cdef bint dst_nb = False
     if _fd_kind(st.src, &st.src_kind, &st.err) < 0:
@@ -508,6 +1056,8 @@ cdef int _prepare(CopyState *st, bint in_main_thread) noexcept nogil:
     )
     if st.src_kind == KIND_FILE:
         st.want = MAX_IOV
+    if zerocopy and _choose_kernel_path(st, in_main_thread) < 0:
+        return -1
     # In the main thread, poll with a tick so that a signal landing just
     # before a blocking call still gets its handler run within the tick.
     st.wait_ms = MAIN_THREAD_TICK_MS if in_main_thread else -1
@@ -522,9 +1072,11 @@ cdef int _prepare(CopyState *st, bint in_main_thread) noexcept nogil:
 
 
 cdef inline void _discard(CopyState *st) noexcept nogil:
-    # The copy is over: give the buffers back.  Bytes still pending are lost
-    # only when it ended in an error.
+    # The copy is over: give the buffers and the pipe back.  Bytes still
+    # pending are lost only when it ended in an error; a pipe still holding
+    # some is closed, not pooled.
     _release(st)
+    _release_pipe(st)
     st.pend_len = 0
     st.pre_len = 0
 
@@ -533,14 +1085,18 @@ cdef void _copy_in_worker(CopyState *st) noexcept nogil:
     """The whole copy of a pool job; never needs the GIL past the prologue."""
     cdef int r
     st.in_worker = True
-    if st.needs_prologue:
+    pthread_mutex_lock(&st.wake_lock)
+    st.thread = pthread_self()
+    st.in_thread = True
+    pthread_mutex_unlock(&st.wake_lock)
+    if st.needs_prologue and not fp_load_int(&st.cancel_req):
         with gil:
             r = (<CopyJob>st.owner)._run_prologue()
         if r < 0:
             st.status = STEP_ERROR
             st.err = 0  # the error is a Python exception on the job
     if st.status == STEP_AGAIN:
-        if _prepare(st, False) < 0:
+        if _prepare(st, False, st.zerocopy) < 0:
             st.status = STEP_ERROR
         else:
             while True:
@@ -548,7 +1104,14 @@ cdef void _copy_in_worker(CopyState *st) noexcept nogil:
                 # EINTR in a worker: handlers run in the main thread, retry.
                 if r != STEP_SIGNALS:
                     break
+            if r == STEP_CANCELLED:
+                st.cancelled = True
+                st.err = ECANCELED
+                r = STEP_ERROR
             st.status = r
+    pthread_mutex_lock(&st.wake_lock)
+    st.in_thread = False
+    pthread_mutex_unlock(&st.wake_lock)
     _discard(st)
     # Closing int ends here, before completion, keeps the promise that a
     # finished relay's fds are closed, at no GIL cost.  Objects are closed
@@ -615,7 +1178,6 @@ cdef class CopyJob:
 
     cdef CopyState st
     cdef bint _started
-    cdef bint _zerocopy
     cdef object _prefix       # keeps the bytes at st.pre_ptr alive
     cdef public object task
     cdef object _prologue
@@ -623,6 +1185,7 @@ cdef class CopyJob:
 
     def __cinit__(self):
         memset(&self.st, 0, sizeof(CopyState))
+        pthread_mutex_init(&self.st.wake_lock, NULL)
         self.st.status = STEP_AGAIN
 
     def __init__(self, src_fd, dst_fd, count=None, *, zerocopy=True, idle_timeout=None):
@@ -631,12 +1194,13 @@ cdef class CopyJob:
         self.st.limit = _check_count(count)
         self.st.idle_ms = _check_idle_timeout(idle_timeout)
         self.st.want = START_IOV
-        self._zerocopy = bool(zerocopy)
+        self.st.zerocopy = bool(zerocopy)
 
     def __dealloc__(self):
         # Normally the copy has already given the buffers back; this covers a
         # job dropped half-way (an exception raised through run()).
         _release(&self.st)
+        _release_pipe(&self.st)
 
     @property
     def bytes_copied(self):
@@ -645,8 +1209,16 @@ cdef class CopyJob:
 
     @property
     def method(self):
-        """The path in use: ``"readwrite"`` (kernel paths come later)."""
-        return "readwrite"
+        """The path in use: ``"copy_file_range"``, ``"sendfile"``, ``"splice"``
+        or ``"readwrite"``.
+
+        Before the copy starts this is the path it would start with only for
+        ``zerocopy=False`` (``"readwrite"``); the choice is made when it
+        starts, and a fallback can change it once, before any byte has moved.
+        A socket source starts on ``"readwrite"`` and moves to ``"splice"``
+        once the data comes in bulk.
+        """
+        return _METHOD_NAMES[self.st.method]
 
     @property
     def src_fd(self):
@@ -670,6 +1242,34 @@ cdef class CopyJob:
     def started(self):
         """True once the copy has begun, in this thread or a worker."""
         return self._started or self.st.in_worker or self.st.status != STEP_AGAIN
+
+    @property
+    def cancelled(self):
+        """True once the copy has ended because of ``cancel()``."""
+        return self.st.cancelled
+
+    def cancel(self):
+        """Ask the copy to stop, from any thread; True if it had not ended.
+
+        A queued job stops before it copies a byte; a running one stops at
+        its next syscall, and one blocked in a syscall (a wait on an idle
+        fd, or a splice into a stalled socket) is knocked out of it with a
+        signal.  The signal can land just before the syscall starts, so a
+        caller waiting for the job calls ``cancel()`` again every few
+        milliseconds until ``finished``.  Afterwards ``bytes_copied`` is
+        exact (bytes read but not yet written are dropped) and ``result()``
+        raises ``CancelledError``.  ``run()`` in the caller's thread is
+        stopped the same way.
+        """
+        if self.st.status != STEP_AGAIN:
+            return False
+        fp_store_int(&self.st.cancel_req, 1)
+        with nogil:
+            pthread_mutex_lock(&self.st.wake_lock)
+            if self.st.in_thread and _wake_signal > 0:
+                pthread_kill(self.st.thread, _wake_signal)
+            pthread_mutex_unlock(&self.st.wake_lock)
+        return True
 
     def close_fds(self, bint src, bint dst):
         """Have the worker close these int fds in C when the copy ends."""
@@ -721,6 +1321,8 @@ cdef class CopyJob:
         self._raise_error()
 
     cdef int _raise_error(self) except -1:
+        if self.st.cancelled:
+            raise _CancelledError()
         if self.st.idle_expired:
             raise TimeoutError(
                 ETIMEDOUT, f"no byte moved for {self.st.idle_ms / 1000:g} s (idle_timeout)"
@@ -747,13 +1349,22 @@ cdef class CopyJob:
         if self._started or self.st.status != STEP_AGAIN:
             raise RuntimeError("a CopyJob runs only once")
         self._started = True
-        if _prepare(&self.st, _in_main_thread()) < 0:
+        if _prepare(&self.st, _in_main_thread(), self.st.zerocopy) < 0:
             self.st.status = STEP_ERROR
             _raise_errno(self.st.err)
+        with nogil:
+            pthread_mutex_lock(&self.st.wake_lock)
+            self.st.thread = pthread_self()
+            self.st.in_thread = True
+            pthread_mutex_unlock(&self.st.wake_lock)
         try:
             while True:
                 with nogil:
                     rc = _copy_step(&self.st)
+                if rc == STEP_CANCELLED:
+                    self.st.cancelled = True
+                    self.st.err = ECANCELED
+                    rc = STEP_ERROR
                 if rc == STEP_DONE:
                     self.st.status = STEP_DONE
                     return fp_load_ll(&self.st.copied)
@@ -764,9 +1375,18 @@ cdef class CopyJob:
                 # one of them raised.
                 PyErr_CheckSignals()
         finally:
+            with nogil:
+                pthread_mutex_lock(&self.st.wake_lock)
+                self.st.in_thread = False
+                pthread_mutex_unlock(&self.st.wake_lock)
             # Bytes read but not written are lost only when run() raises.
             _discard(&self.st)
             self._prefix = None
+
+
+cdef int _wake_signal = fp_install_wake_signal()
+
+_METHOD_NAMES = ("readwrite", "copy_file_range", "sendfile", "splice")
 
 
 cdef bint _in_main_thread():

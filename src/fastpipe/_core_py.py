@@ -10,6 +10,7 @@ handled by the ``os`` functions themselves (PEP 475).
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import select
 import socket
@@ -18,6 +19,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import CancelledError
 
 BUFFER_SIZE = 32768
 _MAX_IOV = 16
@@ -76,7 +78,97 @@ def _after_fork_in_child() -> None:
     _peak = 0
 
 
+# The pipe pool (see _core): O_NONBLOCK pipes of up to 1 MiB for splice.
+PIPE_SIZE = 1 << 20
+PIPE_POOL_MAX = 16
+KERNEL_CHUNK = 8 << 20
+SPLICE_MIN_READ = 64 * 1024
+_pipe_lock = threading.Lock()
+_pipes_free: list[tuple[int, int, int]] = []
+_pipes_all: set[tuple[int, int, int]] = set()
+_pipe_counts = {"in_use": 0, "peak": 0, "created": 0, "small": 0}
+
+
+def _pipe_take() -> tuple[int, int, int]:
+    with _pipe_lock:
+        if _pipes_free:
+            pipe = _pipes_free.pop()
+            _note_pipe_in_use(1)
+            return pipe
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass  # over the per-user pipe quota: a smaller pipe still works
+    size = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+    pipe = (r, w, size)
+    with _pipe_lock:
+        _pipes_all.add(pipe)
+        _pipe_counts["created"] += 1
+        _pipe_counts["small"] += size < PIPE_SIZE
+        _note_pipe_in_use(1)
+    return pipe
+
+
+def _note_pipe_in_use(delta: int) -> None:
+    _pipe_counts["in_use"] += delta
+    _pipe_counts["peak"] = max(_pipe_counts["peak"], _pipe_counts["in_use"])
+
+
+def _pipe_give(pipe: tuple[int, int, int], empty: bool) -> None:
+    with _pipe_lock:
+        if pipe not in _pipes_all:
+            return  # from before a fork: already closed
+        _note_pipe_in_use(-1)
+        if empty and len(_pipes_free) < PIPE_POOL_MAX:
+            _pipes_free.append(pipe)
+            return
+        _pipes_all.discard(pipe)
+    os.close(pipe[0])
+    os.close(pipe[1])
+
+
+def pipe_stats() -> dict[str, int]:
+    """Return the state of the intermediate pipe pool (see ``_core``)."""
+    with _pipe_lock:
+        return {
+            "pipe_size": PIPE_SIZE,
+            "allocated": len(_pipes_free) + _pipe_counts["in_use"],
+            "free": len(_pipes_free),
+            "in_use": _pipe_counts["in_use"],
+            "peak": _pipe_counts["peak"],
+            "max_free": PIPE_POOL_MAX,
+            "created": _pipe_counts["created"],
+            "small": _pipe_counts["small"],
+        }
+
+
+def trim_pipes() -> int:
+    """Close every idle pooled pipe; return how many were closed."""
+    with _pipe_lock:
+        idle = list(_pipes_free)
+        _pipes_free.clear()
+        _pipes_all.difference_update(idle)
+    for r, w, _ in idle:
+        os.close(r)
+        os.close(w)
+    return len(idle)
+
+
+def _pipes_after_fork_in_child() -> None:
+    # The child shares the parent's pipes: close its copies, forget them all.
+    global _pipe_lock
+    _pipe_lock = threading.Lock()
+    for r, w, _ in _pipes_all:
+        _close_quietly(r)
+        _close_quietly(w)
+    _pipes_all.clear()
+    _pipes_free.clear()
+    _pipe_counts.update(in_use=0, peak=0)
+
+
 os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(after_in_child=_pipes_after_fork_in_child)
 
 
 def _check_fd(fd: object, name: str) -> int:
@@ -143,6 +235,21 @@ class CopyJob:
         self._result: int | None = None
         self._error: BaseException | None = None
         self.bytes_copied = 0
+        # cancel() sets _cancel_req and pokes _wake (an eventfd that every
+        # wait polls beside the data fd) under _wake_lock, so it never writes
+        # to an eventfd that the copy has already closed.
+        self._cancel_req = False
+        self._dst_nowait = False
+        self._method = "readwrite"
+        self._via_pipe = False
+        self._splice_later = False
+        self._kmoved = False
+        self._ksrc_wait_first = False
+        self._kdst_wait_first = False
+        self._pipe: tuple[int, int, int] | None = None
+        self._pipe_len = 0
+        self._wake: int | None = None
+        self._wake_lock = threading.Lock()
         self.task: object = None
         self.prologue: Callable[[CopyJob], object] | None = None
 
@@ -153,6 +260,24 @@ class CopyJob:
     @property
     def finished(self) -> bool:
         return self._result is not None or self._error is not None
+
+    @property
+    def cancelled(self) -> bool:
+        return isinstance(self._error, CancelledError)
+
+    def cancel(self) -> bool:
+        """Ask the copy to stop; True if it had not ended (see ``_core``)."""
+        if self.finished:
+            return False
+        with self._wake_lock:
+            self._cancel_req = True
+            if self._wake is not None:
+                os.eventfd_write(self._wake, 1)
+        return True
+
+    def _check_cancel(self) -> None:
+        if self._cancel_req:
+            raise CancelledError()
 
     def close_fds(self, src: bool, dst: bool) -> None:
         self._close_src = bool(src)
@@ -168,9 +293,9 @@ class CopyJob:
     def run_in_worker(self) -> None:
         """What PoolCore's worker does with a job: never raises."""
         try:
-            if self.prologue is not None:
+            if self.prologue is not None and not self._cancel_req:
                 self.prologue(self)
-            self._result = self.run()
+            self.run()
         except BaseException as exc:  # noqa: B036 - kept for the completer
             self._error = exc
         finally:
@@ -182,7 +307,7 @@ class CopyJob:
 
     @property
     def method(self) -> str:
-        return "readwrite"
+        return self._method
 
     @property
     def src_fd(self) -> int:
@@ -216,7 +341,12 @@ class CopyJob:
     def _wait(self, fd: int, events: int) -> None:
         p = select.poll()
         p.register(fd, events)
+        if self._wake is None:
+            with self._wake_lock:
+                self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        p.register(self._wake, select.POLLIN)
         while True:
+            self._check_cancel()
             timeout = None
             if self._deadline is not None:
                 left = self._deadline - time.monotonic()
@@ -226,16 +356,30 @@ class CopyJob:
                     )
                 timeout = left * 1000.0 + 1
             ready = p.poll(timeout)
-            for _, revents in ready:
+            for ready_fd, revents in ready:
+                if ready_fd == self._wake:
+                    self._check_cancel()
+                    continue
                 if revents & select.POLLNVAL:
                     raise OSError(errno.EBADF, os.strerror(errno.EBADF))
                 return
 
     def _write_all(self, dst_sock: socket.socket | None, views: list[memoryview]) -> None:
         while views:
+            self._check_cancel()
             try:
+                # Never block in the syscall itself, so that a cancel (which
+                # pokes the eventfd in _wait) is seen.
                 if dst_sock is not None:
-                    n = dst_sock.sendmsg(views, [], socket.MSG_NOSIGNAL)
+                    n = dst_sock.sendmsg(views, [], socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
+                elif self._dst_nowait:
+                    try:
+                        n = os.pwritev(self._dst, views, -1, os.RWF_NOWAIT)
+                    except OSError as exc:
+                        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                            raise
+                        self._dst_nowait = False
+                        continue
                 else:
                     n = os.writev(self._dst, views)
             except BlockingIOError:
@@ -255,18 +399,35 @@ class CopyJob:
         if self._started or self.finished:
             raise RuntimeError("a CopyJob runs only once")
         self._started = True
+        try:
+            self._result = self._copy()
+        except BaseException as exc:
+            self._error = exc
+            raise
+        return self._result
+
+    def _copy(self) -> int:
         src_mode = os.fstat(self._src).st_mode
         dst_mode = os.fstat(self._dst).st_mode
         src_pollable = not (stat.S_ISREG(src_mode) or stat.S_ISBLK(src_mode))
         dst_pollable = not (stat.S_ISREG(dst_mode) or stat.S_ISBLK(dst_mode))
         src_wait_first = src_pollable and os.get_blocking(self._src)
-        dst_wait_first = dst_pollable and os.get_blocking(self._dst) and self._idle is not None
+        dst_blocking = dst_pollable and os.get_blocking(self._dst)
+        self._dst_nowait = dst_blocking and stat.S_ISFIFO(dst_mode)
+        # A blocking pipe is written with RWF_NOWAIT and a socket with
+        # MSG_DONTWAIT; anything else blocking is polled first, so that
+        # idle_timeout and cancel() are seen.
+        dst_wait_first = (
+            dst_blocking and not stat.S_ISFIFO(dst_mode) and not stat.S_ISSOCK(dst_mode)
+        )
         dst_sock = None
         if stat.S_ISSOCK(dst_mode):
             # A detached view of the caller's socket, to send with
             # MSG_NOSIGNAL; it is detached again, never closed.
             dst_sock = socket.socket(fileno=self._dst)
         self._start_clock()
+        if self._zerocopy:
+            self._choose_kernel_path(src_mode, dst_mode)
         want = _MAX_IOV if not src_pollable else _START_IOV
         bufs: list[bytearray] = []
         try:
@@ -275,7 +436,24 @@ class CopyJob:
                     self._wait(self._dst, select.POLLOUT)
                 self._write_all(dst_sock, [memoryview(self._prefix)])
                 self._prefix = b""
-            while self._limit != 0:
+            while True:
+                self._check_cancel()
+                if self._method != "readwrite":
+                    _give(bufs)
+                    if self._kernel_copy():
+                        break
+                    continue
+                if self._pipe is not None:
+                    # A sink refused splice: write out what the pipe holds.
+                    left = self._pipe_len
+                    while left:
+                        chunk = os.read(self._pipe[0], min(left, 1 << 20))
+                        self._write_all(dst_sock, [memoryview(chunk)])
+                        left -= len(chunk)
+                        self._pipe_len = left
+                    self._release_pipe()
+                if self._limit == 0:
+                    break
                 if src_wait_first:
                     if bufs and not fd_ready(self._src):
                         _give(bufs)
@@ -313,13 +491,165 @@ class CopyJob:
                 if dst_wait_first:
                     self._wait(self._dst, select.POLLOUT)
                 self._write_all(dst_sock, out)
-                if size == len(bufs) * BUFFER_SIZE and sum(map(len, out)) == size:
+                got = sum(map(len, out))
+                if self._splice_later and got >= SPLICE_MIN_READ:
+                    self._splice_later = False
+                    self._method = "splice"
+                if size == len(bufs) * BUFFER_SIZE and got == size:
                     want = min(want * 2, _MAX_IOV)
             return self.bytes_copied
         finally:
             _give(bufs)
+            self._release_pipe()
             if dst_sock is not None:
                 dst_sock.detach()
+            with self._wake_lock:
+                if self._wake is not None:
+                    os.close(self._wake)
+                    self._wake = None
+
+    # -- the kernel paths (the same rules as _core's _choose_kernel_path) --
+
+    def _choose_kernel_path(self, src_mode: int, dst_mode: int) -> None:
+        def kind(mode: int) -> str:
+            if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
+                return "file"
+            if stat.S_ISFIFO(mode):
+                return "pipe"
+            return "socket" if stat.S_ISSOCK(mode) else "char"
+
+        sk, dk = kind(src_mode), kind(dst_mode)
+        if "char" in (sk, dk):
+            return
+        if dk == "file" and fcntl.fcntl(self._dst, fcntl.F_GETFL) & os.O_APPEND:
+            return
+        if sk == dk == "file":
+            self._method = "copy_file_range"
+        elif sk == "file" and dk == "socket":
+            self._method = "sendfile"
+        else:
+            self._method = "splice"
+            self._via_pipe = not (dk == "pipe" or (sk == "pipe" and dk != "file"))
+            if sk == "socket":
+                self._method = "readwrite"
+                self._splice_later = True
+        # Unlike the compiled core this twin cannot knock a thread out of a
+        # blocking syscall, so it polls a blocking socket end first always.
+        if sk == "socket":
+            self._ksrc_wait_first = os.get_blocking(self._src)
+        if dk == "socket":
+            self._kdst_wait_first = os.get_blocking(self._dst)
+
+    def _release_pipe(self) -> None:
+        if self._pipe is not None:
+            _pipe_give(self._pipe, self._pipe_len == 0)
+            self._pipe = None
+            self._pipe_len = 0
+
+    def _moved(self, n: int, written: bool) -> None:
+        self._kmoved = True
+        if self._limit > 0:
+            self._limit -= n
+        if written:
+            self.bytes_copied += n
+        self._progress()
+
+    def _wait_both(self) -> None:
+        p = select.poll()
+        p.register(self._src, select.POLLIN)
+        p.register(self._dst, select.POLLOUT)
+        ready = dict(p.poll(0))
+        if not ready.get(self._src):
+            self._wait(self._src, select.POLLIN)
+        elif not ready.get(self._dst):
+            self._wait(self._dst, select.POLLOUT)
+        else:
+            time.sleep(0.001)  # both "ready" yet EAGAIN: never spin
+
+    def _gives_up(self, err: int | None) -> bool:
+        refusals = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
+        if self._method == "copy_file_range":
+            refusals |= {errno.EXDEV, errno.EPERM, errno.EIO}
+        return err in refusals
+
+    def _kernel_copy(self) -> bool:
+        """True at the end; False after a fallback (``_method`` is the next path)."""
+        while True:
+            self._check_cancel()
+            if self._pipe is not None and self._pipe_len > 0:
+                if self._kdst_wait_first:
+                    self._wait(self._dst, select.POLLOUT)
+                try:
+                    n = os.splice(
+                        self._pipe[0], self._dst, self._pipe_len, flags=os.SPLICE_F_NONBLOCK
+                    )
+                except BlockingIOError:
+                    self._wait(self._dst, select.POLLOUT)
+                    continue
+                except OSError as exc:
+                    if self._gives_up(exc.errno):
+                        self._method = "readwrite"  # the leftovers go by write()
+                        return False
+                    raise
+                self._pipe_len -= n
+                self.bytes_copied += n
+                self._progress()
+                continue
+            if self._limit == 0:
+                return True
+            chunk = KERNEL_CHUNK if self._limit < 0 else min(self._limit, KERNEL_CHUNK)
+            try:
+                if self._method == "copy_file_range":
+                    n = os.copy_file_range(self._src, self._dst, chunk)
+                elif self._method == "sendfile":
+                    if self._kdst_wait_first:
+                        self._wait(self._dst, select.POLLOUT)
+                    n = os.sendfile(self._dst, self._src, None, chunk)
+                else:
+                    if self._ksrc_wait_first:
+                        self._release_pipe()
+                        self._wait(self._src, select.POLLIN)
+                    if self._via_pipe:
+                        if self._pipe is None:
+                            try:
+                                self._pipe = _pipe_take()
+                            except OSError:
+                                if self._kmoved:
+                                    raise
+                                self._method = "readwrite"
+                                return False
+                        chunk = min(chunk, self._pipe[2])
+                        n = os.splice(self._src, self._pipe[1], chunk, flags=os.SPLICE_F_NONBLOCK)
+                    else:
+                        if self._kdst_wait_first:
+                            self._wait(self._dst, select.POLLOUT)
+                        n = os.splice(self._src, self._dst, chunk, flags=os.SPLICE_F_NONBLOCK)
+            except BlockingIOError:
+                if self._method == "splice" and self._via_pipe:
+                    self._release_pipe()
+                    self._wait(self._src, select.POLLIN)
+                elif self._method == "splice":
+                    self._wait_both()
+                else:
+                    self._wait(self._dst, select.POLLOUT)
+                continue
+            except OSError as exc:
+                if self._kmoved or not self._gives_up(exc.errno):
+                    raise
+                self._release_pipe()
+                self._method = "sendfile" if self._method == "copy_file_range" else "readwrite"
+                return False
+            if n == 0:
+                if not self._kmoved and self._method != "splice":
+                    self._method = "readwrite"  # procfs, sysfs: let read() decide
+                    return False
+                self._release_pipe()
+                return True
+            if self._method == "splice" and self._via_pipe:
+                self._pipe_len = n
+                self._moved(n, False)
+            else:
+                self._moved(n, True)
 
 
 def copy_fd(src_fd: int, dst_fd: int, count: int | None = None, *, zerocopy: bool = True) -> int:

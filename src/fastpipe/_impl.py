@@ -20,7 +20,9 @@ if TYPE_CHECKING:  # both twins have these names; _core.pyi types them
         buffer_stats,
         copy_fd,
         fd_ready,
+        pipe_stats,
         trim_buffers,
+        trim_pipes,
     )
 else:
 
@@ -45,6 +47,8 @@ else:
     copy_fd = _module.copy_fd
     fd_ready = _module.fd_ready
     trim_buffers = _module.trim_buffers
+    pipe_stats = _module.pipe_stats
+    trim_pipes = _module.trim_pipes
 
 __all__ = [
     "BUFFER_SIZE",
@@ -54,5 +58,7 @@ __all__ = [
     "buffer_stats",
     "copy_fd",
     "fd_ready",
+    "pipe_stats",
     "trim_buffers",
+    "trim_pipes",
 ]

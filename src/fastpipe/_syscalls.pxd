@@ -66,6 +66,9 @@ cdef extern from "_compat.h" nogil:
     int pthread_mutex_lock(pthread_mutex_t *m)
     int pthread_mutex_unlock(pthread_mutex_t *m)
 
+    void fp_store_int(int *p, int v)
+    int fp_load_int(const int *p)
+    int fp_install_wake_signal()
     void fp_store_ll(long long *p, long long v)
     long long fp_load_ll(const long long *p)
 
@@ -90,7 +93,31 @@ cdef extern from "_compat.h" nogil:
     int fp_sem_wait_ms(sem_t *s, long long ms)
 
     int close(int fd)
+    enum:
+        ECANCELED
+        EXDEV
+        ENOSYS
+        EPERM
+        EIO
+        EMFILE
+        ENFILE
+
+    # The kernel paths.  NULL offsets: each call reads and advances the
+    # fds' own file positions, exactly as read() and write() would.
+    ssize_t splice(int fd_in, long *off_in, int fd_out, long *off_out, size_t len,
+                   unsigned int flags)
+    ssize_t copy_file_range(int fd_in, long *off_in, int fd_out, long *off_out,
+                            size_t len, unsigned int flags)
+    ssize_t sendfile(int out_fd, int in_fd, long *offset, size_t count)
+    int pipe2(int *fds, int flags)
+    enum:
+        SPLICE_F_NONBLOCK
+        F_SETPIPE_SZ
+        F_GETPIPE_SZ
+        O_APPEND
+        O_CLOEXEC
 
     ctypedef unsigned long pthread_t
     pthread_t pthread_self()
     int pthread_setname_np(pthread_t thread, const char *name)
+    int pthread_kill(pthread_t thread, int sig)
