@@ -132,15 +132,25 @@ class ProxyTask:
             (b.writer, b.write_fd, b.write_is_socket),
             (a.writer, a.write_fd, a.write_is_socket),
         )
-        # Each fd once, with the object that owns it (the first one named).
-        ends: dict[int, object] = {}
+        # What closes each fd: every distinct object over it (two makefile()
+        # objects of one socket each hold a reference that must go), or, for
+        # an fd named only as an int, that int once.
+        ends: dict[int, list[object]] = {}
         for obj, fd in (
             (a.reader, a.read_fd),
             (a.writer, a.write_fd),
             (b.reader, b.read_fd),
             (b.writer, b.write_fd),
         ):
-            ends.setdefault(fd, obj)
+            owners = ends.setdefault(fd, [])
+            if isinstance(obj, int):
+                if not owners:
+                    owners.append(obj)
+            else:
+                if owners and isinstance(owners[0], int):
+                    owners.clear()
+                if not any(o is obj for o in owners):
+                    owners.append(obj)
         self.ends = ends
         self.closed: set[int] = set()
         self.users = {
@@ -163,13 +173,16 @@ class ProxyTask:
             job.task = self
 
     def _closes_in_c(self, fd: int, i: int) -> bool:
-        return self.users[fd] == {i} and closes_in_c(self.ends[fd])
+        owners = self.ends[fd]
+        return self.users[fd] == {i} and len(owners) == 1 and closes_in_c(owners[0])
 
     # -- the pool's protocol ----------------------------------------------
 
     def close_ends(self) -> BaseException | None:
         """Close every end of a proxy that never reached a worker."""
-        return close_ends(list(self.ends.values())) if self.close else None
+        if not self.close:
+            return None
+        return close_ends([obj for owners in self.ends.values() for obj in owners])
 
     def drop(self, job: Any) -> None:
         """``job`` was taken off the queue and will never run."""
@@ -195,7 +208,9 @@ class ProxyTask:
             del exc
         else:
             with self.lock:
-                if self.pending == 2:
+                # The last direction too: with close=False nothing else
+                # tells its peer that the proxy is done writing.
+                if self.error is None and not self.cancel_requested and not self.timed_out:
                     self._half_close(i)
         self._done(i)
 
@@ -243,7 +258,7 @@ class ProxyTask:
             # is the caller's, and closing it here would turn their own
             # later close into a double close.
             self.closed.add(fd)
-            error = close_ends([obj])
+            error = close_ends(self.ends[fd])
             if error is not None and self.error is None:
                 self.error = error
 
@@ -257,11 +272,15 @@ class ProxyTask:
             error = self.error
             if self.close:
                 rest = []
-                for fd, obj in self.ends.items():
+                for fd, owners in self.ends.items():
                     if fd not in self.closed:
-                        rest.append(obj)
-                    elif not isinstance(obj, int) and any(fd in s for s in self.in_c):
-                        forget_closed(obj)
+                        rest += owners
+                    elif any(fd in s for s in self.in_c):
+                        # Closed by a worker in C: only a plain socket
+                        # object is left to mark closed.
+                        for obj in owners:
+                            if not isinstance(obj, int):
+                                forget_closed(obj)
                 close_error = close_ends(rest) if rest else None
                 self.closed.update(self.ends)
                 if error is None:
