@@ -163,14 +163,17 @@ def _child_pids() -> set[int]:
 
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
-    """Fail a benchmark that leaves an fd, a child process or a pooled buffer behind."""
+    """Fail a benchmark that leaves an fd, a child process, a buffer or a pipe behind."""
     has_proc = os.path.isdir("/proc/self/fd")
+    fastpipe.trim_pipes()  # idle pooled pipes are the pool's, not a leak
     fds = set(os.listdir("/proc/self/fd")) if has_proc else set()
     kids = _child_pids() if has_proc else set()
     yield
+    fastpipe.trim_pipes()
     if has_proc:
         leaked = set(os.listdir("/proc/self/fd")) - fds
         assert not leaked, f"fds left open: {sorted(leaked, key=int)}"
         left = _child_pids() - kids
         assert not left, f"endpoint processes left behind: {sorted(left)}"
     assert fastpipe.buffer_stats()["in_use"] == 0, fastpipe.buffer_stats()
+    assert fastpipe.pipe_stats()["in_use"] == 0, fastpipe.pipe_stats()

@@ -1,10 +1,16 @@
-"""Bulk copies: fastpipe.relay next to shutil.copyfileobj, one group per workload.
+"""Bulk copies: fastpipe.relay next to its baselines, one group per workload.
 
 file -> file on tmpfs, pipe -> file with the producer in another process, and
 TCP -> TCP over loopback with the sender and the sink in other processes
-(this process accepts from the sender and connects to the sink).  The
-baseline runs copyfileobj in the calling thread; fastpipe waits on
-``relay(...).result()``.  Sizes: FASTPIPE_BENCH_MB (see conftest.py).
+(this process accepts from the sender and connects to the sink).  fastpipe
+waits on ``relay(...).result()``, which picks a kernel path
+(copy_file_range, splice, sendfile); every baseline runs in the calling
+thread: shutil.copyfileobj, fastpipe with ``zerocopy=False`` (its read/write
+path), a Python ``os.splice`` loop through a 1 MiB pipe, a Python read/write
+loop with a 256 KiB buffer, and ``shutil.copyfile`` for file -> file.
+``extra_info`` has the relay's CPU s/GiB and, where the endpoints are other
+processes, their CPU too (``total_cpu_s``).  Sizes: FASTPIPE_BENCH_MB (see
+conftest.py).
 """
 
 from __future__ import annotations

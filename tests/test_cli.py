@@ -18,7 +18,7 @@ def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 
 
 def test_help() -> None:
-    for args in (["--help"], ["bench", "--help"]):
+    for args in (["--help"], ["bench", "--help"], ["cp", "--help"]):
         proc = run(*args)
         assert proc.returncode == 0
         assert "usage: fastpipe" in proc.stdout

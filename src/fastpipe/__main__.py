@@ -1,13 +1,17 @@
 """The command line: ``python -m fastpipe`` and the ``fastpipe`` console script.
 
 Subcommands:
+    cp: copy a file, a pipe or standard input (``_cli_cp``).
     bench: fastpipe.relay side by side with ``shutil.copyfileobj``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 
 
@@ -33,13 +37,14 @@ def _positive_multiple_of(step: int) -> Callable[[str], int]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``fastpipe`` argument parser, one subparser per subcommand."""
-    from fastpipe import _bench  # stdlib only, and fastpipe is imported anyway
+    from fastpipe import _bench, _cli_cp  # stdlib only, and fastpipe is imported anyway
 
     parser = argparse.ArgumentParser(
         prog="fastpipe",
         description="Relay bytes between file descriptors with the GIL released.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _cli_cp.add_parser(commands)
 
     bench = commands.add_parser(
         "bench",
@@ -78,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="also write the results as JSON to FILE ('-' for standard output)",
     )
+    bench.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help=(
+            "also draw the results as a bar chart in FILE.png (needs matplotlib, the 'plot' extra)"
+        ),
+    )
     bench.set_defaults(run=_run_bench)
     return parser
 
@@ -85,16 +97,75 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_bench(args: argparse.Namespace) -> int:
     from fastpipe import _bench
 
+    if args.plot is not None:
+        problem = _plot_problem(args.plot)
+        if problem is not None:
+            # Before the benchmark: a missing extra should not cost a run.
+            print(f"fastpipe bench: error: {problem}", file=sys.stderr)
+            return 2
     try:
-        return _bench.run_bench(
-            size_mib=args.size, repeat=args.repeat, relays=args.relays, json_path=args.json
-        )
+        if args.plot is None:
+            return _bench.run_bench(
+                size_mib=args.size, repeat=args.repeat, relays=args.relays, json_path=args.json
+            )
+        return _bench_and_plot(args)
     except (_bench.BenchError, OSError) as exc:
         # BenchError: wrong bytes or a failed endpoint; OSError: no room on
         # tmpfs, no fds left, or an error from a copy.
         what = str(exc) if isinstance(exc, _bench.BenchError) else f"{type(exc).__name__}: {exc}"
         print(f"fastpipe bench: error: {what}", file=sys.stderr)
         return 1
+
+
+def _plot_problem(path: str) -> str | None:
+    """Why ``--plot path`` cannot work, or None."""
+    from fastpipe import _plot
+
+    try:
+        _plot.check_available()
+    except _plot.PlotUnavailable as exc:
+        return str(exc)
+    where = os.path.dirname(os.path.abspath(path))
+    if not os.access(where, os.W_OK):
+        return f"cannot write the plot {path!r}: {where} is not writable"
+    return None
+
+
+def _bench_and_plot(args: argparse.Namespace) -> int:
+    """``bench --plot``: the plot is drawn from the JSON document that the run wrote.
+
+    Going through the JSON (a temporary file when --json did not name one)
+    keeps the plot to exactly what ``--json`` reports and leaves ``_bench``
+    unaware of plotting.
+    """
+    from fastpipe import _bench, _plot
+
+    to_stdout = args.json == "-"
+    scratch = None
+    json_path = args.json
+    if json_path is None or to_stdout:
+        fd, scratch = tempfile.mkstemp(prefix="fastpipe-bench-", suffix=".json")
+        os.close(fd)
+        json_path = scratch
+    try:
+        status = _bench.run_bench(
+            size_mib=args.size,
+            repeat=args.repeat,
+            relays=args.relays,
+            json_path=json_path,
+            # With the JSON on stdout, the tables go to stderr as without --plot.
+            out=sys.stderr if to_stdout else None,
+        )
+        with open(json_path, encoding="utf-8") as f:
+            text = f.read()
+    finally:
+        if scratch is not None:
+            os.unlink(scratch)
+    if to_stdout:
+        sys.stdout.write(text)
+    _plot.plot(json.loads(text), args.plot)
+    print(f"plot: {args.plot}", file=sys.stderr)
+    return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -104,8 +175,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments after the program name; None for ``sys.argv[1:]``.
 
     Returns:
-        The exit status: 0 on success, 1 when a benchmark failed, 2 for a
-        usage error (argparse exits with 2 itself), 130 on Ctrl-C.
+        The exit status: 0 on success, 1 when a copy or a benchmark failed,
+        2 for a usage error (argparse exits with 2 itself, ``bench --plot``
+        without matplotlib), 130 on Ctrl-C, 141 when ``cp``'s standard output
+        was closed by its reader.
     """
     args = build_parser().parse_args(argv)
     try:

@@ -28,6 +28,8 @@ the offset of the first wrong byte.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import fcntl
 import functools
 import json
 import os
@@ -80,11 +82,31 @@ COPYFILEOBJ = "copyfileobj"
 COPYFILEOBJ_POOL = "copyfileobj-pool"
 SETUP_ONLY = "setup-only"
 FASTPIPE_IDLE = "fastpipe-idle-main"
+# The kernel-path baselines (issue: "each path next to copyfileobj ...").
+FASTPIPE_RW = "fastpipe-readwrite"
+SPLICE_LOOP = "splice-loop"
+READWRITE_LOOP = "readwrite-256k"
+COPYFILE = "shutil-copyfile"
 
 METHOD_TITLES = {
     FASTPIPE: "fastpipe.relay",
     COPYFILEOBJ: "copyfileobj",
     COPYFILEOBJ_POOL: "copyfileobj+pool",
+    FASTPIPE_RW: "fastpipe zerocopy=False",
+    SPLICE_LOOP: "os.splice loop",
+    READWRITE_LOOP: "read/write 256 KiB",
+    COPYFILE: "shutil.copyfile",
+}
+
+#: How each extra baseline copies (shared by the workloads that run it).
+BASELINE_HOW = {
+    FASTPIPE_RW: "fastpipe.relay(src, dst, zerocopy=False).result(): the read/write path",
+    SPLICE_LOOP: (
+        "a Python loop: os.splice(src -> pipe) then os.splice(pipe -> dst), through one "
+        "1 MiB pipe, in the calling thread"
+    ),
+    READWRITE_LOOP: "a Python loop of os.readv into one 256 KiB bytearray and os.write",
+    COPYFILE: "shutil.copyfile(src_path, dst_path) (os.sendfile on Linux)",
 }
 
 #: One end of a copy: an fd, or a socket (relay() closes either kind).
@@ -321,26 +343,29 @@ def _endpoint_main(argv: list[str]) -> int:
         with socket.create_server(("127.0.0.1", 0)) as listener:
             _say(f"ready {listener.getsockname()[1]}")
             conn, _ = listener.accept()
+        cpu0 = time.process_time()
         with conn:
             while n := conn.recv_into(buf):
                 check.update(buf if n == len(buf) else buf[:n])
-        _say(f"done {check.total} {check.first_bad}")
+        _say(f"done {check.total} {check.first_bad} {time.process_time() - cpu0:.6f}")
     elif role == "tcp-send":
         port, nbytes = int(args[0]), int(args[1])
         with socket.create_connection(("127.0.0.1", port)) as sock:
             _say("ready")
             _wait_go()
+            cpu0 = time.process_time()
             for piece in iter_pattern(nbytes):
                 sock.sendall(piece)
-        _say(f"done {nbytes}")
+        _say(f"done {nbytes} {time.process_time() - cpu0:.6f}")
     elif role == "pipe-send":
         fd, nbytes = int(args[0]), int(args[1])
         _say("ready")
         _wait_go()
+        cpu0 = time.process_time()
         for piece in iter_pattern(nbytes):
             _write_all(fd, piece)
         os.close(fd)
-        _say(f"done {nbytes}")
+        _say(f"done {nbytes} {time.process_time() - cpu0:.6f}")
     else:
         raise SystemExit(f"endpoint: unknown role {role!r}")
     return 0
@@ -372,6 +397,45 @@ def copyfileobj_fds(src_fd: int, dst_fd: int) -> None:
         open(dst_fd, "wb", closefd=False) as fdst,
     ):
         shutil.copyfileobj(fsrc, fdst)
+
+
+def splice_loop_fds(src_fd: int, dst_fd: int) -> None:
+    """The usual Python relay on the kernel path: two splices per chunk
+    through one 1 MiB pipe, blocking, in the calling thread."""
+    r, w = os.pipe()
+    try:
+        with contextlib.suppress(OSError):  # over the pipe quota: keep the default
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, MiB)
+        while n := os.splice(src_fd, w, MiB):
+            while n:
+                n -= os.splice(r, dst_fd, n)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def readwrite_loop_fds(src_fd: int, dst_fd: int) -> None:
+    """A plain Python read/write loop with one 256 KiB buffer."""
+    buf = bytearray(256 * 1024)
+    view = memoryview(buf)
+    while n := os.readv(src_fd, [buf]):
+        out = view[:n]
+        while out:
+            out = out[os.write(dst_fd, out) :]
+
+
+def _fd_of(end: End) -> int:
+    return end if isinstance(end, int) else end.fileno()
+
+
+def baseline_and_close(method: str, src: End, dst: End) -> None:
+    """Run a fd-level baseline, then close both ends, as ``relay`` does."""
+    copy = {SPLICE_LOOP: splice_loop_fds, READWRITE_LOOP: readwrite_loop_fds}[method]
+    try:
+        copy(_fd_of(src), _fd_of(dst))
+    finally:
+        close_end(src)
+        close_end(dst)
 
 
 def copyfileobj_and_close(src: End, dst: End) -> None:
@@ -441,6 +505,8 @@ class Sample:
         nbytes: bytes moved.
         main_cpu: CPU seconds of the main thread when it spins, else 0.
         spin_loops: loops the spinning main thread ran.
+        endpoint_cpu: CPU seconds the endpoint processes spent in the
+            round (sending, receiving and checking the pattern), or 0.
     """
 
     wall: float
@@ -448,6 +514,7 @@ class Sample:
     nbytes: int
     main_cpu: float = 0.0
     spin_loops: int = 0
+    endpoint_cpu: float = 0.0
 
 
 class _Held:
@@ -512,11 +579,16 @@ class Case:
         self._spin_loops = 0
         self._prepared = False
         self._unrecorded = 0
+        self._endpoint_cpu = 0.0
         self._relay: Callable[..., Any] | None = None
-        if method in (FASTPIPE, FASTPIPE_IDLE):
+        if method in (FASTPIPE, FASTPIPE_IDLE, FASTPIPE_RW):
             import fastpipe
 
-            self._relay = fastpipe.relay
+            self._relay = (
+                functools.partial(fastpipe.relay, zerocopy=False)
+                if method == FASTPIPE_RW
+                else fastpipe.relay
+            )
 
     # -- the pedantic protocol ---------------------------------------------
 
@@ -561,11 +633,14 @@ class Case:
         try:
             if self._pending is None:
                 raise BenchError(f"{self.workload}/{self.method}: the round did not run")
+            self._endpoint_cpu = 0.0
             self._verify_round()
             if self._unrecorded > 0:
                 self._unrecorded -= 1  # a warm-up round: verified, not kept
             else:
-                self.samples.append(self._pending)
+                self.samples.append(
+                    dataclasses.replace(self._pending, endpoint_cpu=self._endpoint_cpu)
+                )
         finally:
             self._pending = None
             self._held.release()
@@ -594,13 +669,18 @@ class Case:
 
     def _fastpipe_relay(self, src: End, dst: End) -> Any:
         assert self._relay is not None
-        return self._relay(src, dst)
+        relay = self._relay(src, dst)
+        self._last_relay = relay
+        return relay
 
     def _copy(self, src: End, dst: End) -> None:
         """Copy src to dst by this case's method; both ends end up closed."""
         self._held.hand_over()
         if self.method == COPYFILEOBJ:
             copyfileobj_and_close(src, dst)
+            return
+        if self.method in (SPLICE_LOOP, READWRITE_LOOP):
+            baseline_and_close(self.method, src, dst)
             return
         copied = self._fastpipe_relay(src, dst).result(timeout=TIMEOUT)
         if copied != self.nbytes:
@@ -618,10 +698,17 @@ class Case:
             "size_MiB": round(self.nbytes / MiB, 3),
             "verified_rounds": len(self.samples),
         }
+        last = getattr(self, "_last_relay", None)
+        if last is not None and last.method:
+            info["method_used"] = last.method
         if self.samples:
             wall = statistics.median(s.wall for s in self.samples)
             cpu = statistics.median(s.cpu for s in self.samples)
             info.update(wall_s=round(wall, 6), relay_cpu_s=round(cpu, 6))
+            if any(s.endpoint_cpu for s in self.samples):
+                total = statistics.median(s.cpu + s.endpoint_cpu for s in self.samples)
+                ends = statistics.median(s.endpoint_cpu for s in self.samples)
+                info.update(endpoint_cpu_s=round(ends, 6), total_cpu_s=round(total, 6))
             if self.nbytes:
                 info.update(
                     MiB_per_s=round(self.nbytes / MiB / wall, 1),
@@ -648,7 +735,8 @@ class FileToFile(Case):
 
     workload = "file-to-file"
     title = "file -> file"
-    methods = (FASTPIPE, COPYFILEOBJ)
+    methods = (FASTPIPE, COPYFILEOBJ, FASTPIPE_RW, COPYFILE, READWRITE_LOOP)
+    how: ClassVar[dict[str, str]] = {**Case.how, **BASELINE_HOW}
 
     def __init__(self, method: str, nbytes: int, directory: str) -> None:
         super().__init__(method, nbytes)
@@ -667,6 +755,12 @@ class FileToFile(Case):
         self._held.ends.append(self._dst)
 
     def _round(self) -> None:
+        if self.method == COPYFILE:
+            # It opens both paths itself: ours are closed first (untimed
+            # closes would favour it, but they cost microseconds).
+            self._held.release()
+            shutil.copyfile(self.src_path, self.dst_path)
+            return
         self._copy(self._src, self._dst)
 
     def _verify_round(self) -> None:
@@ -689,7 +783,8 @@ class PipeToFile(Case):
 
     workload = "pipe-to-file"
     title = "pipe -> file"
-    methods = (FASTPIPE, COPYFILEOBJ)
+    methods = (FASTPIPE, COPYFILEOBJ, FASTPIPE_RW, SPLICE_LOOP, READWRITE_LOOP)
+    how: ClassVar[dict[str, str]] = {**Case.how, **BASELINE_HOW}
 
     def __init__(self, method: str, nbytes: int, directory: str) -> None:
         super().__init__(method, nbytes)
@@ -712,7 +807,8 @@ class PipeToFile(Case):
         self._copy(self._src, self._dst)
 
     def _verify_round(self) -> None:
-        self._producer.finish()
+        (_, cpu) = self._producer.finish()
+        self._endpoint_cpu = float(cpu)
         check_file(self.dst_path, self.nbytes, f"{self.workload}/{self.method}")
 
     def _close(self) -> None:
@@ -734,7 +830,14 @@ class TcpToTcp(Case):
 
     workload = "tcp-to-tcp"
     title = "TCP -> TCP"
-    methods: ClassVar[tuple[str, ...]] = (FASTPIPE, COPYFILEOBJ)
+    methods: ClassVar[tuple[str, ...]] = (
+        FASTPIPE,
+        COPYFILEOBJ,
+        FASTPIPE_RW,
+        SPLICE_LOOP,
+        READWRITE_LOOP,
+    )
+    how: ClassVar[dict[str, str]] = {**Case.how, **BASELINE_HOW}
 
     def __init__(self, method: str, nbytes: int) -> None:
         super().__init__(method, nbytes)
@@ -765,8 +868,10 @@ class TcpToTcp(Case):
         self._copy(self._src, self._dst)
 
     def _verify_round(self) -> None:
-        self._sender.finish()
-        total, first_bad = (int(word) for word in self._sink.finish())
+        (_, send_cpu) = self._sender.finish()
+        total_word, first_bad_word, sink_cpu = self._sink.finish()
+        self._endpoint_cpu = float(send_cpu) + float(sink_cpu)
+        total, first_bad = int(total_word), int(first_bad_word)
         problem = describe_mismatch(total, first_bad, self.nbytes)
         if problem:
             raise BenchError(f"{self.workload}/{self.method}: the sink says {problem}")
@@ -1238,6 +1343,73 @@ def _cpu_table(rows: list[_Row]) -> list[str]:
     return lines
 
 
+_EXTRA_METHODS = (FASTPIPE_RW, SPLICE_LOOP, READWRITE_LOOP, COPYFILE)
+
+
+def _baselines_table(grouped: dict[str, dict[str, Result]]) -> list[str]:
+    """Each bulk workload's fastpipe row next to the kernel-path baselines.
+
+    Total CPU adds the endpoint processes' CPU to the relay's: a kernel path
+    can move work onto them (splice leaves the copying to the receiver).
+    """
+    widths = (26, 24, 16, 8, 10, 10, 0)
+    lines = [
+        "".join(
+            c.ljust(w)
+            for c, w in zip(
+                (
+                    "more baselines",
+                    "method",
+                    "ms: med [best]",
+                    "MiB/s",
+                    "CPU s/GiB",
+                    "+ends",
+                    "fastpipe: speed-up, CPU/byte",
+                ),
+                widths,
+                strict=True,
+            )
+        ).rstrip()
+    ]
+    for cases in grouped.values():
+        extra = [m for m in _EXTRA_METHODS if m in cases]
+        if not extra or FASTPIPE not in cases:
+            continue
+        fp = cases[FASTPIPE]
+        label = f"{fp.title:<16} {_fmt_size(fp.nbytes)}"
+        for i, method in enumerate((FASTPIPE, COPYFILEOBJ, *extra)):
+            r = cases.get(method)
+            if r is None:
+                continue
+            total = r.extra.get("total_cpu_s")
+            per_gib = GiB / r.nbytes if r.nbytes else 0.0
+            vs = ""
+            if method != FASTPIPE:
+                vs = f"{_ratio(fp.mib_s, r.mib_s)}, {_ratio(r.cpu, fp.cpu)}"
+                if total and fp.extra.get("total_cpu_s"):
+                    vs += f" (total {_ratio(total, fp.extra['total_cpu_s'])})"
+            name = METHOD_TITLES[method]
+            if method == FASTPIPE and fp.extra.get("method_used"):
+                name += f" ({fp.extra['method_used']})"
+            cells = (
+                label if i == 0 else "",
+                name,
+                f"{_fmt_ms(r.median)} [{_fmt_ms(r.best)}]",
+                f"{r.mib_s:.0f}",
+                f"{r.cpu_per_gib:.2f}",
+                f"{total * per_gib:.2f}" if total else "-",
+                vs,
+            )
+            lines.append("".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip())
+    if len(lines) == 1:
+        return []
+    lines.append(
+        "  speed-up = baseline's time / fastpipe's; CPU/byte = baseline's relay CPU / fastpipe's "
+        "(above 1 is fastpipe cheaper); +ends = relay and endpoint processes together, s/GiB."
+    )
+    return lines
+
+
 def _footnotes(grouped: dict[str, dict[str, Result]]) -> list[str]:
     # Paragraphs; one starting with "  " continues the one before it.
     paragraphs = [
@@ -1302,6 +1474,9 @@ def format_report(results: Sequence[Result], header: str) -> str:
     lines = [header, ""]
     for table in (_wall_table, _throughput_table, _cpu_table):
         lines += [*table(rows), ""]
+    baselines = _baselines_table(grouped)
+    if baselines:
+        lines += [*baselines, ""]
     lines += _footnotes(grouped)
     return "\n".join(lines)
 

@@ -258,6 +258,7 @@ cdef Py_ssize_t _pipes_peak = 0
 cdef Py_ssize_t _pipes_created = 0
 cdef Py_ssize_t _pipes_small = 0    # created below PIPE_SIZE (quota)
 cdef unsigned int _pipe_gen = 0
+cdef int _pipe_want = PIPE_SIZE     # what F_SETPIPE_SZ asks for; tests lower it
 
 pthread_mutex_init(&_pipe_lock, NULL)
 
@@ -297,7 +298,7 @@ cdef FpPipe *_pipe_take(int *err) noexcept nogil:
     # Past pipe-user-pages-soft an unprivileged F_SETPIPE_SZ fails (EPERM)
     # and new pipes may be as small as one page; the loop works with any
     # size, it just makes more calls.
-    fcntl(fds[1], F_SETPIPE_SZ, <int>PIPE_SIZE)
+    fcntl(fds[1], F_SETPIPE_SZ, _pipe_want)
     size = fcntl(fds[1], F_GETPIPE_SZ)
     if size <= 0:
         size = 4096
@@ -319,7 +320,7 @@ cdef FpPipe *_pipe_take(int *err) noexcept nogil:
         _pipe_all.all_prev = p
     _pipe_all = p
     _pipes_created += 1
-    if size < PIPE_SIZE:
+    if size < _pipe_want:
         _pipes_small += 1
     _pipes_in_use += 1
     if _pipes_in_use > _pipes_peak:
@@ -373,7 +374,7 @@ def pipe_stats():
         nsmall = _pipes_small
         pthread_mutex_unlock(&_pipe_lock)
     return {
-        "pipe_size": PIPE_SIZE,
+        "pipe_size": _pipe_want,
         "allocated": nfree + nuse,
         "free": nfree,
         "in_use": nuse,
@@ -382,6 +383,15 @@ def pipe_stats():
         "created": ncreated,
         "small": nsmall,
     }
+
+
+def _set_pipe_size(int size):
+    """For tests: ask for ``size``-byte pipes from now on (the kernel rounds
+    it up to a power of two pages, and never goes below one page), as the
+    per-user pipe quota would.  Idle pipes of the old size are closed."""
+    global _pipe_want
+    _pipe_want = size
+    trim_pipes()
 
 
 def trim_pipes():
@@ -502,6 +512,13 @@ cdef struct CopyState:
     bint zerocopy           # kernel paths allowed
     FpPipe *pipe            # the intermediate pipe, while held
     Py_ssize_t pipe_len     # bytes inside it
+    # A pipe source fills the intermediate pipe before it is written out:
+    # the producer's small pipe is emptied at once (a page move) and the
+    # sink gets few large writes.  A socket source never does: there the
+    # pipe must be empty before each read, or EAGAIN would be ambiguous.
+    bint fill_pipe
+    bint draining           # write the pipe out completely before reading
+    bint src_eof
 
 
 cdef inline void _release(CopyState *st) noexcept nogil:
@@ -703,7 +720,9 @@ cdef int _kernel_step(CopyState *st) noexcept nogil:
     while True:
         if fp_load_int(&st.cancel_req):
             return STEP_CANCELLED
-        if st.pipe_len > 0:
+        if st.pipe_len > 0 and (
+            st.draining or not st.fill_pipe or st.pipe_len >= st.pipe.size or st.limit == 0
+        ):
             # The second leg: intermediate pipe -> dst.
             if st.kdst_wait_first:
                 r = _wait_step(st, st.dst, POLLOUT)
@@ -729,10 +748,13 @@ cdef int _kernel_step(CopyState *st) noexcept nogil:
                 st.err = err
                 return STEP_ERROR
             st.pipe_len -= n
+            if st.pipe_len == 0:
+                st.draining = False
             fp_store_ll(&st.copied, st.copied + n)
             _progress(st)
             continue
-        if st.limit == 0:
+        if st.limit == 0 or st.src_eof:
+            _release_pipe(st)
             return STEP_DONE
         chunk = KERNEL_CHUNK
         if st.limit >= 0 and st.limit < <long long>chunk:
@@ -762,8 +784,8 @@ cdef int _kernel_step(CopyState *st) noexcept nogil:
                             return STEP_FALLBACK
                         st.err = err
                         return STEP_ERROR
-                if <size_t>st.pipe.size < chunk:
-                    chunk = <size_t>st.pipe.size
+                if <size_t>(st.pipe.size - st.pipe_len) < chunk:
+                    chunk = <size_t>(st.pipe.size - st.pipe_len)
                 n = splice(st.src, NULL, st.pipe.wfd, NULL, chunk, SPLICE_F_NONBLOCK)
             else:
                 if st.kdst_wait_first:
@@ -777,9 +799,14 @@ cdef int _kernel_step(CopyState *st) noexcept nogil:
                 st.err = EINTR
                 return STEP_SIGNALS
             if err == EAGAIN:
+                if st.method == M_SPLICE and st.via_pipe and st.pipe_len > 0:
+                    # A pipe source is empty, or our pipe is full: either
+                    # way, what we hold goes out first.
+                    st.draining = True
+                    continue
                 if st.method == M_SPLICE and st.via_pipe:
-                    # The pipe is empty (it always is before this leg), so
-                    # the source has nothing: park without holding it.
+                    # Our pipe is empty, so the source has nothing: park
+                    # without holding the pipe.
                     _release_pipe(st)
                     r = _wait_step(st, st.src, POLLIN)
                 elif st.method == M_SPLICE:
@@ -799,6 +826,10 @@ cdef int _kernel_step(CopyState *st) noexcept nogil:
             st.err = err
             return STEP_ERROR
         if n == 0:
+            if st.pipe_len > 0:
+                st.src_eof = True
+                st.draining = True
+                continue
             if not st.kmoved and st.method != M_SPLICE:
                 # procfs and sysfs files report size 0 and copy_file_range
                 # (or sendfile) moves nothing; read() decides whether this
@@ -808,7 +839,7 @@ cdef int _kernel_step(CopyState *st) noexcept nogil:
             _release_pipe(st)
             return STEP_DONE
         if st.method == M_SPLICE and st.via_pipe:
-            st.pipe_len = n
+            st.pipe_len += n
             _moved(st, n, False)
         else:
             _moved(st, n, True)
@@ -1011,6 +1042,7 @@ cdef int _choose_kernel_path(CopyState *st, bint in_main_thread) noexcept nogil:
         # through one too: splicing straight into the page cache holds the
         # producer's pipe locked and stalls it.
         st.via_pipe = not (dk == KIND_PIPE or (sk == KIND_PIPE and dk != KIND_FILE))
+        st.fill_pipe = st.via_pipe and sk == KIND_PIPE
         if sk == KIND_SOCKET:
             st.method = M_READWRITE
             st.splice_later = True

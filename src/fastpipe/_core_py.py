@@ -87,6 +87,7 @@ _pipe_lock = threading.Lock()
 _pipes_free: list[tuple[int, int, int]] = []
 _pipes_all: set[tuple[int, int, int]] = set()
 _pipe_counts = {"in_use": 0, "peak": 0, "created": 0, "small": 0}
+_pipe_want = PIPE_SIZE
 
 
 def _pipe_take() -> tuple[int, int, int]:
@@ -97,7 +98,7 @@ def _pipe_take() -> tuple[int, int, int]:
             return pipe
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, _pipe_want)
     except OSError:
         pass  # over the per-user pipe quota: a smaller pipe still works
     size = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
@@ -105,7 +106,7 @@ def _pipe_take() -> tuple[int, int, int]:
     with _pipe_lock:
         _pipes_all.add(pipe)
         _pipe_counts["created"] += 1
-        _pipe_counts["small"] += size < PIPE_SIZE
+        _pipe_counts["small"] += size < _pipe_want
         _note_pipe_in_use(1)
     return pipe
 
@@ -132,7 +133,7 @@ def pipe_stats() -> dict[str, int]:
     """Return the state of the intermediate pipe pool (see ``_core``)."""
     with _pipe_lock:
         return {
-            "pipe_size": PIPE_SIZE,
+            "pipe_size": _pipe_want,
             "allocated": len(_pipes_free) + _pipe_counts["in_use"],
             "free": len(_pipes_free),
             "in_use": _pipe_counts["in_use"],
@@ -141,6 +142,13 @@ def pipe_stats() -> dict[str, int]:
             "created": _pipe_counts["created"],
             "small": _pipe_counts["small"],
         }
+
+
+def _set_pipe_size(size: int) -> None:
+    """For tests: smaller pipes from now on, as the pipe quota would make them."""
+    global _pipe_want
+    _pipe_want = size
+    trim_pipes()
 
 
 def trim_pipes() -> int:
@@ -488,10 +496,10 @@ class CopyJob:
                         break
                     out.append(v[: min(n, len(v))])
                     n -= len(v)
+                got = sum(map(len, out))  # before _write_all consumes out
                 if dst_wait_first:
                     self._wait(self._dst, select.POLLOUT)
                 self._write_all(dst_sock, out)
-                got = sum(map(len, out))
                 if self._splice_later and got >= SPLICE_MIN_READ:
                     self._splice_later = False
                     self._method = "splice"

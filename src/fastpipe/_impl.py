@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # both twins have these names; _core.pyi types them
         BUFFER_SIZE,
         CopyJob,
         PoolCore,
+        _set_pipe_size,
         buffer_stats,
         copy_fd,
         fd_ready,
@@ -49,6 +50,7 @@ else:
     trim_buffers = _module.trim_buffers
     pipe_stats = _module.pipe_stats
     trim_pipes = _module.trim_pipes
+    _set_pipe_size = _module._set_pipe_size
 
 __all__ = [
     "BUFFER_SIZE",

@@ -1,0 +1,363 @@
+"""The kernel paths: copy_file_range, sendfile and splice, and their fallbacks.
+
+The matrix in test_copy_matrix runs every fd pair on both paths; these tests
+cover what the matrix cannot: counts and file offsets on each kernel path,
+O_APPEND, procfs, tmpfs <-> disk, a stalled reader, the pipe pool, and small
+pipes (the per-user pipe quota).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import fastpipe
+from fastpipe import _impl
+
+from conftest import KINDS, Endpoints, close_quietly, tcp_pair
+
+
+def payload(size: int) -> bytes:
+    return os.urandom(size)
+
+
+def run_job(src: int, dst: int, count: int | None = None, zerocopy: bool = True) -> tuple[int, str]:
+    """copy_fd, but also returns the path that was used."""
+    job = _impl.CopyJob(src, dst, count, zerocopy=zerocopy)
+    n = job.run()
+    return n, job.method
+
+
+@pytest.mark.parametrize("count", [0, 1, 4095, 65536, 1_000_003])
+@pytest.mark.parametrize("dst_kind", KINDS)
+@pytest.mark.parametrize("src_kind", KINDS)
+def test_count_is_exact_on_every_path(
+    endpoints: Endpoints, src_kind: str, dst_kind: str, count: int
+) -> None:
+    data = payload(1_500_000)
+    src = endpoints.source(src_kind, data)
+    dst = endpoints.sink(dst_kind)
+    n, _ = run_job(src.fd, dst.fd, count)
+    assert n == count
+    assert dst.received() == data[:count]
+    # Not one byte more left the source: the rest is still there to read.
+    assert src.leftover() == data[count:]
+
+
+@pytest.mark.parametrize("dst_kind", ["file", "pipe", "unix", "tcp"])
+def test_file_offsets_advance_exactly_on_kernel_paths(endpoints: Endpoints, dst_kind: str) -> None:
+    """copy_file_range, sendfile and splice all use and move the fd's offset."""
+    data = payload(300_000)
+    src = endpoints.source("file", data)
+    dst = endpoints.sink(dst_kind)
+    os.lseek(src.fd, 777, os.SEEK_SET)
+    n, method = run_job(src.fd, dst.fd, 100_000)
+    assert n == 100_000
+    assert method == {"file": "copy_file_range", "pipe": "splice"}.get(dst_kind, "sendfile")
+    assert os.lseek(src.fd, 0, os.SEEK_CUR) == 100_777
+    if dst_kind == "file":
+        assert os.lseek(dst.fd, 0, os.SEEK_CUR) == 100_000
+    n, _ = run_job(src.fd, dst.fd)
+    assert n == len(data) - 100_777
+    assert dst.received() == data[777:]
+
+
+@pytest.mark.parametrize("src_kind", KINDS)
+def test_an_o_append_destination_gets_appended_to(endpoints: Endpoints, src_kind: str) -> None:
+    data = payload(200_000)
+    src = endpoints.source(src_kind, data)
+    path = os.path.join(endpoints.tmp_path, "appended")
+    with open(path, "wb") as f:
+        f.write(b"existing head\n")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)  # O_APPEND ignores this for every write
+        n, method = run_job(src.fd, fd)
+    finally:
+        os.close(fd)
+    assert n == len(data)
+    assert method == "readwrite"
+    with open(path, "rb") as f:
+        assert f.read() == b"existing head\n" + data
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/proc/self/cmdline",
+        "/proc/version",
+        "/proc/filesystems",
+        "/sys/devices/system/cpu/possible",
+    ],
+)
+@pytest.mark.parametrize("dst_kind", ["file", "pipe", "unix"])
+def test_a_procfs_or_sysfs_source_is_copied_whole(
+    endpoints: Endpoints, path: str, dst_kind: str
+) -> None:
+    """These report size 0, and copy_file_range moves nothing: never stop there."""
+    if not os.path.exists(path):
+        pytest.skip(f"{path} does not exist here")
+    with open(path, "rb") as f:
+        expected = f.read()
+    assert expected, "the test needs a non-empty file"
+    fd = os.open(path, os.O_RDONLY)
+    dst = endpoints.sink(dst_kind)
+    try:
+        n, _ = run_job(fd, dst.fd)
+    finally:
+        os.close(fd)
+    assert dst.received() == expected
+    assert n == len(expected)
+
+
+def _tmpfs_dir() -> str | None:
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+@pytest.mark.parametrize("direction", ["tmpfs->disk", "disk->tmpfs"])
+def test_tmpfs_and_disk_copy_across_filesystems(tmp_path: os.PathLike[str], direction: str) -> None:
+    """copy_file_range across filesystems is EXDEV on some kernels: fall back."""
+    shm = _tmpfs_dir()
+    if shm is None:
+        pytest.skip("no writable tmpfs at /dev/shm")
+    disk = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(__file__)))
+    try:
+        dirs = (shm, disk) if direction == "tmpfs->disk" else (disk, shm)
+        data = payload(3_000_001)
+        src_path = os.path.join(dirs[0], f"fastpipe-src-{os.getpid()}")
+        dst_path = os.path.join(dirs[1], f"fastpipe-dst-{os.getpid()}")
+        with open(src_path, "wb") as f:
+            f.write(data)
+        src = os.open(src_path, os.O_RDONLY)
+        dst = os.open(dst_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            n, method = run_job(src, dst)
+        finally:
+            os.close(src)
+            os.close(dst)
+        with open(dst_path, "rb") as f:
+            assert f.read() == data
+        assert n == len(data)
+        assert method in ("copy_file_range", "sendfile")
+        print(f"{direction}: {method}")
+    finally:
+        for p in (src_path, dst_path):
+            if os.path.exists(p):
+                os.unlink(p)
+        os.rmdir(disk)
+
+
+def test_a_full_destination_pipe_waits_without_spinning() -> None:
+    """A reader that stalls: the copy must sleep in poll, not loop on EAGAIN.
+
+    Go had both bugs (issues 68303 and 75304).  CPU time, not wall time, is
+    what shows a spin, so this holds on a loaded machine too.
+    """
+    data = payload(8 << 20)
+    src_r, src_w = os.pipe()
+    dst_r, dst_w = os.pipe()
+    os.set_blocking(dst_w, False)  # EAGAIN from the sink, the tempting case
+    feeder = threading.Thread(target=_write_all, args=(src_w, data, True), daemon=True)
+    feeder.start()
+    relay = fastpipe.relay(src_r, dst_w)
+    try:
+        deadline = time.monotonic() + 10
+        while relay.bytes_copied < 65536:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.1)
+        cpu0 = time.process_time()
+        time.sleep(0.5)  # nobody reads: the relay is parked
+        spent = time.process_time() - cpu0
+        assert spent < 0.2, f"the relay burned {spent:.3f} s of CPU while parked"
+        got = _read_all(dst_r)
+        assert relay.result(timeout=10) == len(data)
+        assert got == data
+        assert relay.method == "splice"
+    finally:
+        feeder.join(10)
+        os.close(dst_r)
+
+
+def _write_all(fd: int, data: bytes, close: bool = False) -> None:
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view[: 1 << 20]) :]
+    finally:
+        if close:
+            os.close(fd)
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _socket_relay_through_pipe(size: int) -> tuple[bytes, bytes, str]:
+    """TCP -> TCP through the pipe pool; returns (sent, received, method)."""
+    a_out, a_in = tcp_pair()  # the relay reads a_in
+    b_in, b_out = tcp_pair()  # the relay writes b_in
+    data = payload(size)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(_recv_all(b_out)), daemon=True)
+    reader.start()
+    relay = fastpipe.relay(a_in, b_in)
+    a_out.sendall(data)
+    a_out.close()
+    relay.result(timeout=30)
+    reader.join(30)
+    b_out.close()
+    return data, got[0], str(relay.method)
+
+
+def _recv_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_pipes_are_pooled_and_reused() -> None:
+    fastpipe.trim_pipes()
+    sent, got, method = _socket_relay_through_pipe(4 << 20)
+    assert got == sent and method == "splice"
+    created = fastpipe.pipe_stats()["created"]
+    for _ in range(5):
+        sent, got, _ = _socket_relay_through_pipe(2 << 20)
+        assert got == sent
+    stats = fastpipe.pipe_stats()
+    assert stats["created"] == created, "sequential relays should reuse one pipe"
+    assert stats["in_use"] == 0 and stats["free"] >= 1
+    assert stats["allocated"] == stats["free"] + stats["in_use"]
+    assert fastpipe.trim_pipes() == stats["free"]
+    assert fastpipe.pipe_stats()["free"] == 0
+
+
+def test_a_pipe_with_bytes_left_inside_is_closed_not_pooled() -> None:
+    """The sink dies mid-stream: whatever is in the pipe must not reach the
+    next relay that takes a pooled pipe."""
+    fastpipe.trim_pipes()
+    a_out, a_in = tcp_pair()
+    b_in, b_out = tcp_pair()
+    relay = fastpipe.relay(a_in, b_in)
+    stop = threading.Event()
+
+    def feed() -> None:
+        chunk = b"\xee" * (1 << 20)
+        try:
+            while not stop.is_set():
+                a_out.sendall(chunk)
+        except OSError:
+            pass
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    deadline = time.monotonic() + 10
+    while relay.method != "splice" or relay.bytes_copied < (4 << 20):
+        assert time.monotonic() < deadline
+        b_out.recv(1 << 20)
+    # Reset the sink with data in flight: the pipe may hold some of it.
+    b_out.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    b_out.close()
+    with pytest.raises((ConnectionResetError, BrokenPipeError)):
+        relay.result(timeout=10)
+    stop.set()
+    a_out.close()
+    feeder.join(10)
+    stats = fastpipe.pipe_stats()
+    assert stats["in_use"] == 0
+    # The next relay gets a clean pipe: exactly its own bytes arrive.
+    sent, got, _ = _socket_relay_through_pipe(3 << 20)
+    assert got == sent
+
+
+@pytest.fixture
+def small_pipes() -> Iterator[None]:
+    """Pipes of one page, as an exhausted pipe-user-pages-soft quota leaves them."""
+    _impl._set_pipe_size(4096)
+    try:
+        yield
+    finally:
+        _impl._set_pipe_size(1 << 20)
+
+
+@pytest.mark.usefixtures("small_pipes")
+@pytest.mark.parametrize("pair", [("tcp", "tcp"), ("unix", "file"), ("pipe", "file")])
+def test_small_pipes_still_copy_every_byte(endpoints: Endpoints, pair: tuple[str, str]) -> None:
+    data = payload(3_000_017)
+    src = endpoints.source(pair[0], data)
+    dst = endpoints.sink(pair[1])
+    n, _ = run_job(src.fd, dst.fd)
+    assert n == len(data)
+    assert dst.received() == data
+    assert fastpipe.pipe_stats()["pipe_size"] == 4096
+
+
+def test_pipe_stats_keys() -> None:
+    stats = fastpipe.pipe_stats()
+    assert set(stats) == {
+        "pipe_size",
+        "allocated",
+        "free",
+        "in_use",
+        "peak",
+        "max_free",
+        "created",
+        "small",
+    }
+    assert stats["pipe_size"] == 1 << 20
+
+
+def test_zerocopy_false_never_splices(endpoints: Endpoints) -> None:
+    data = payload(2_000_000)
+    src = endpoints.source("tcp", data)
+    dst = endpoints.sink("tcp")
+    created = fastpipe.pipe_stats()["created"]
+    n, method = run_job(src.fd, dst.fd, zerocopy=False)
+    assert (n, method) == (len(data), "readwrite")
+    assert dst.received() == data
+    assert fastpipe.pipe_stats()["created"] == created
+
+
+def test_a_socket_source_moves_to_splice_for_bulk_data(endpoints: Endpoints) -> None:
+    # The whole payload is in the socket before the copy starts, so the
+    # first read is large.
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    data = payload(1 << 20)
+    t = threading.Thread(target=lambda: (a.sendall(data), a.shutdown(socket.SHUT_WR)))
+    t.start()
+    dst = endpoints.sink("file")
+    try:
+        time.sleep(0.05)
+        n, method = run_job(b.fileno(), dst.fd)
+    finally:
+        t.join(10)
+        a.close()
+        b.close()
+    assert n == len(data)
+    assert method == "splice"
+    assert dst.received() == data
+
+
+def test_closed_read_end_is_a_broken_pipe_on_splice() -> None:
+    r, w = os.pipe()
+    out_r, out_w = os.pipe()
+    os.write(r and w, b"x" * 1000)
+    os.close(w)
+    os.close(out_r)
+    try:
+        with pytest.raises(BrokenPipeError):
+            run_job(r, out_w)
+    finally:
+        close_quietly(r)
+        close_quietly(out_w)
