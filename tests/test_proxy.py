@@ -434,3 +434,25 @@ def test_interpreter_exit_does_not_hang_on_blocked_proxies() -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "exiting\n"
     assert proc.stderr == ""
+
+
+def test_idle_timeout_of_a_proxy_still_queued() -> None:
+    """No byte moved while it waited: it fails and leaves the queue at once."""
+    r, w = os.pipe()
+    pairs = [socket.socketpair() for _ in range(2)]
+    try:
+        with WorkerPool(max_workers=2) as pool:
+            blockers = [pool.relay(os.dup(r), os.open(os.devnull, os.O_WRONLY)) for _ in range(2)]
+            relay = pool.proxy(pairs[0][0], pairs[1][0], idle_timeout=0.2)
+            assert pool.stats()["queued"] == 2
+            with pytest.raises(TimeoutError):
+                relay.result(timeout=10)
+            assert pool.stats()["queued"] == 0
+            assert pairs[0][0].fileno() == -1 and pairs[1][0].fileno() == -1
+            os.close(w)
+            assert [b.result(timeout=10) for b in blockers] == [0, 0]
+    finally:
+        os.close(r)
+        for a, b in pairs:
+            a.close()
+            b.close()

@@ -189,8 +189,8 @@ class ProxyTask:
         i = self.jobs.index(job)
         self.dropped[i] = True
         self.cancel_requested = True
-        _stop(self.jobs[1 - i])
         self._done(i)
+        self._stop(1 - i)
 
     def complete(self, job: Any) -> None:
         """Called once per finished job, with the GIL."""
@@ -204,7 +204,7 @@ class ProxyTask:
                 if self.error is None:
                     self.error = exc
             # An error in one direction stops both.
-            _stop(self.jobs[1 - i])
+            self._stop(1 - i)
             del exc
         else:
             with self.lock:
@@ -221,15 +221,21 @@ class ProxyTask:
         stop.  Returns at once: ``Relay.cancel`` waits for the completion.
         """
         self.cancel_requested = True
-        stopped = False
-        for i, job in enumerate(self.jobs):
-            if self.core.unqueue(job):
-                stopped = True
-                self.dropped[i] = True
-                self._done(i)
-            elif _stop(job):
-                stopped = True
-        return stopped
+        stopped = [self._stop(i) for i in (0, 1)]
+        return any(stopped)
+
+    def _stop(self, i: int) -> bool:
+        """Stop job ``i``: off the queue if it waits there, else ``cancel()``.
+
+        A job cancelled while still queued would only end once a worker
+        picks it up, which with ``max_workers`` may be much later.
+        """
+        job = self.jobs[i]
+        if self.core.unqueue(job):
+            self.dropped[i] = True
+            self._done(i)
+            return True
+        return bool(job.cancel())
 
     def bytes_moved(self) -> int:
         return sum(job.bytes_copied for job in self.jobs)
@@ -240,8 +246,8 @@ class ProxyTask:
             if self.pending == 0:
                 return
             self.timed_out = True
-        for job in self.jobs:
-            _stop(job)
+        self._stop(0)
+        self._stop(1)
 
     # -- the end ----------------------------------------------------------
 
@@ -303,11 +309,6 @@ class ProxyTask:
         else:
             relay.set_result((self.jobs[0].result(), self.jobs[1].result()))
         del error
-
-
-def _stop(job: Any) -> bool:
-    """Ask a job to stop; True if it had not finished."""
-    return bool(job.cancel())
 
 
 # -- idle_timeout: one watchdog thread for every proxy that has one -----------
