@@ -8,7 +8,8 @@ Low level, the compiled core::
 
 High level, a pool of persistent worker threads::
 
-    relay(src, dst, *, close=True, count=None, zerocopy=True) -> Relay
+    relay(src, dst, *, close=True, count=None, zerocopy=True, idle_timeout=None) -> Relay
+    proxy(a, b, *, close=True, idle_timeout=None) -> Relay
     default_pool() -> WorkerPool
 """
 
@@ -38,6 +39,7 @@ __all__ = [
     "copy_fd",
     "default_pool",
     "pipe_stats",
+    "proxy",
     "relay",
     "trim_buffers",
     "trim_pipes",
@@ -57,3 +59,14 @@ def relay(
     return default_pool().relay(
         src, dst, close=close, count=count, zerocopy=zerocopy, idle_timeout=idle_timeout
     )
+
+
+def proxy(
+    a: FdLike | tuple[FdLike, FdLike],
+    b: FdLike | tuple[FdLike, FdLike],
+    *,
+    close: bool = True,
+    idle_timeout: float | None = None,
+) -> Relay:
+    """Relay ``a`` and ``b`` both ways in the default pool; see ``WorkerPool.proxy``."""
+    return default_pool().proxy(a, b, close=close, idle_timeout=idle_timeout)

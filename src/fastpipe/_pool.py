@@ -25,28 +25,30 @@ import itertools
 import os
 import threading
 import weakref
-from concurrent.futures import Future
+from concurrent.futures import CancelledError
 from typing import Any
 
-from fastpipe import _impl
+from fastpipe import _impl, _proxy
 from fastpipe._relay import (
     FdLike,
     Relay,
+    cancel_future,
     close_ends,
     closes_in_c,
     coerce,
     complete_all,
     forget_closed,
     make_job,
+    mark_completer_thread,
 )
 
 _thread_ids = itertools.count(1)
 
 
 class _Task:
-    """A relay on its way through the pool: its future, jobs and ends."""
+    """A relay on its way through the pool: its future, job and ends."""
 
-    __slots__ = ("relay", "jobs", "ends", "in_c", "close", "core", "pending")
+    __slots__ = ("relay", "jobs", "ends", "in_c", "close", "core")
 
     def __init__(
         self, relay: Relay, jobs: tuple[Any, ...], ends: list[object], close: bool, core: Any
@@ -55,24 +57,32 @@ class _Task:
         self.jobs = jobs
         self.ends = ends  # what the user passed: ints and objects
         self.close = close
-        # Which ends the workers close in C (decided once, before they run).
+        # Which ends the worker closes in C (decided once, before it runs).
         self.in_c = (closes_in_c(ends[0]), closes_in_c(ends[1])) if close else ()
         self.core = core
-        self.pending = len(jobs)
 
-    def unqueue(self) -> bool:
-        """Take every job off the pool's queue; False if one has started."""
-        return all(self.core.unqueue(job) for job in self.jobs)
+    def cancel(self) -> bool:
+        """Stop the relay: off the queue, or its running copy asked to stop.
+
+        Returns at once; False if the copy had already ended by itself.
+        """
+        (job,) = self.jobs
+        if self.core.unqueue(job):
+            self.drop(job)
+            return True
+        return bool(job.cancel())
+
+    def drop(self, job: Any) -> None:
+        """The job was taken off the queue and will never run."""
+        if cancel_future(self.relay):
+            self.close_ends()
 
     def close_ends(self) -> BaseException | None:
         """Close every end of a relay that never reached a worker."""
         return close_ends(self.ends) if self.close else None
 
     def complete(self, job: Any) -> None:
-        """Called by the completer, with the GIL, once per finished job."""
-        self.pending -= 1
-        if self.pending:
-            return
+        """Called by the completer, with the GIL, once the job has finished."""
         error: BaseException | None = None
         result: Any = None
         try:
@@ -93,16 +103,20 @@ class _Task:
             if error is None:
                 error = close_error
         relay = self.relay
-        if error is not None:
+        if isinstance(error, CancelledError):
+            # Relay.cancel() stopped it: a cancelled future, not a failed one.
+            cancel_future(relay)
+        elif error is not None:
             relay.set_exception(error)
-            del error  # break the cycle exception -> traceback -> frame
         else:
             relay.set_result(result)
+        del error  # break the cycle exception -> traceback -> frame
 
 
 def _completer_main(core: Any) -> None:
     if hasattr(core, "name_this_thread"):
         core.name_this_thread(b"fastpipe-done")
+    mark_completer_thread()
     # One GIL acquisition per batch of finished jobs, however many.
     while (jobs := core.take_done()) is not None:
         complete_all(jobs)
@@ -132,6 +146,7 @@ class WorkerPool:
             if max_workers <= 0:
                 raise ValueError("max_workers must be greater than 0")
         self._core = _impl.PoolCore(max_workers, idle_worker_timeout)
+        self._max_workers = max_workers
         self._lock = threading.Lock()
         self._threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
         self._completer: threading.Thread | None = None
@@ -188,6 +203,57 @@ class WorkerPool:
         self._submit(task)
         return relay
 
+    def proxy(
+        self,
+        a: FdLike | tuple[FdLike, FdLike],
+        b: FdLike | tuple[FdLike, FdLike],
+        *,
+        close: bool = True,
+        idle_timeout: float | None = None,
+    ) -> Relay:
+        """Copy ``a`` to ``b`` and ``b`` to ``a`` at once, in two workers.
+
+        When one direction reaches end of file, the side it was writing to
+        is half-closed so that its peer sees end of file too:
+        ``shutdown(SHUT_WR)`` for a socket (with either ``close=``), and for
+        a separate write end (the writer of a ``(reader, writer)`` pair, such
+        as a pipe) ``close()`` when ``close=True``.  The other direction goes
+        on to its own end of file.  An error in either direction stops both.
+
+        Args:
+            a: one side: an int fd or an object with ``fileno()``, read and
+                written (a socket), or a ``(reader, writer)`` pair such as
+                ``(proc.stdout, proc.stdin)``.
+            b: the other side, the same kinds.
+            close: close every end once both directions have ended, however
+                they ended; an fd shared by both sides is closed once.
+            idle_timeout: fail with ``TimeoutError`` once this many seconds
+                pass with no byte moving either way (checked four times per
+                timeout, so it fires between 1 and 1.25 times the timeout
+                after the last byte); None waits for ever.
+
+        Returns:
+            A ``Relay`` whose result is ``(a_to_b, b_to_a)`` byte counts and
+            whose ``bytes_copied`` is their sum.
+
+        Raises:
+            TypeError: an end is neither an int nor has ``fileno()``, is a
+                text-mode file, or ``idle_timeout`` is not a number.
+            ValueError: a negative fd or idle_timeout, a closed object, or a
+                pool with ``max_workers=1`` (a proxy needs two workers: one
+                direction queued behind the other would deadlock).
+            RuntimeError: the pool has been shut down.
+        """
+        if self._max_workers == 1:
+            raise ValueError("a proxy needs two workers; this pool has max_workers=1")
+        relay = Relay()
+        task = _proxy.build(relay, a, b, close, idle_timeout, self._core)
+        relay._task = task
+        self._submit(task)
+        if task.idle_timeout is not None:
+            _proxy.watchdog.watch(task)
+        return relay
+
     def stats(self) -> dict[str, int]:
         """Return ``workers``, ``idle``, ``busy``, ``queued`` and ``peak``.
 
@@ -210,12 +276,11 @@ class WorkerPool:
         with self._lock:
             self._shutdown = True
         for job in self._core.shutdown(bool(cancel_relays)):
-            # Already off the queue, so Relay.cancel's unqueue step is done:
-            # cancel the plain future and close what the relay owned.
+            # Already off the queue: the task cancels its future (a proxy
+            # also stops its other direction) and closes what it owned.
             task = job.task
-            assert isinstance(task, _Task)
-            if Future.cancel(task.relay):
-                task.close_ends()
+            assert isinstance(task, (_Task, _proxy.ProxyTask))
+            task.drop(job)
         if wait:
             me = threading.current_thread()
             with self._lock:
@@ -240,7 +305,7 @@ class WorkerPool:
         thread.start()
         return thread
 
-    def _submit(self, task: _Task) -> None:
+    def _submit(self, task: _Task | _proxy.ProxyTask) -> None:
         if self._completer is None:
             with self._lock:
                 if self._shutdown:
@@ -249,17 +314,28 @@ class WorkerPool:
                     self._completer = self._start_thread(
                         _completer_main, (self._core,), "completer"
                     )
-        (job,) = task.jobs
-        handed = self._core.submit(job)  # raises RuntimeError after shutdown
-        if handed is False:
-            return  # queued: a worker starts it when one is free
-        if handed is not True:
+        for n, job in enumerate(task.jobs):
             try:
-                self._start_thread(self._core.worker_main, (handed,), "worker")
-            except BaseException:
-                self._core.abandon(handed)
-                task.close_ends()
+                handed = self._core.submit(job)  # raises RuntimeError after shutdown
+            except RuntimeError:
+                if n:
+                    # A proxy's second direction, refused by a shutdown that
+                    # came in between: the first one stops, and its
+                    # completion closes the ends as close= says.
+                    task.drop(job)
                 raise
+            if handed is False:
+                continue  # queued: a worker starts it when one is free
+            if handed is not True:
+                try:
+                    self._start_thread(self._core.worker_main, (handed,), "worker")
+                except BaseException:
+                    self._core.abandon(handed)
+                    if n:
+                        task.drop(job)
+                    else:
+                        task.close_ends()
+                    raise
 
     def _reset_after_fork(self) -> None:
         # The child has none of the parent's threads: start empty.  Relays

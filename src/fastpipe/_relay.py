@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Generator
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from typing import Any, Protocol, runtime_checkable
 
 from fastpipe import _impl
@@ -44,7 +44,7 @@ class Relay(Future[Any]):
     The future stays PENDING while a worker copies and moves straight to
     FINISHED: the worker never needs the GIL to mark it RUNNING.  So
     ``running()`` is answered from the pool's own state, and ``cancel()``
-    succeeds only for a relay still waiting in the queue.
+    (which can stop a running copy) moves it to CANCELLED itself.
     """
 
     def __init__(self) -> None:
@@ -103,22 +103,34 @@ class Relay(Future[Any]):
         return task is not None and any(job.started for job in task.jobs) and not self.done()
 
     def cancel(self) -> bool:
-        """Cancel the relay if it has not started yet.
+        """Cancel the relay, whether it is still queued or already copying.
+
+        A running copy is stopped by the core within milliseconds, even when
+        blocked on an idle fd (its worker polls a wake-up fd beside the data
+        fds; nothing is closed under it).  ``cancel()`` returns once the copy
+        has stopped: ``bytes_copied`` is then exact, the ends are closed as
+        ``close=`` said, done-callbacks have run and ``result()`` raises
+        ``CancelledError``.  Called from a done-callback (a completion
+        thread), it does not wait: the relay is cancelled just after.
 
         Returns:
-            True if it is cancelled; its ends are then closed as ``close=``
-            said.  False once a worker has started copying.
+            True if the relay is (or is about to be) cancelled; False if it
+            had already ended by itself, successfully or not.
         """
         if self.done():
             return self.cancelled()
         task = self._task
-        if task is not None and not task.unqueue():
-            return False
-        if not super().cancel():
-            return False
-        if task is not None:
-            task.close_ends()
-        return True
+        if task is None:
+            return cancel_future(self)
+        if not task.cancel():
+            return False  # it ended by itself; its completion is on the way
+        if getattr(_completing, "active", False):
+            # This thread may hold the very job in its batch: waiting for
+            # it here would wait for ourselves.
+            return True
+        self._help(None)
+        wait((self,))
+        return self.cancelled()
 
     def __await__(self) -> Generator[Any, None, Any]:
         # wrap_future() completes an asyncio future from the completer thread
@@ -128,8 +140,45 @@ class Relay(Future[Any]):
         return asyncio.wrap_future(self).__await__()
 
 
+def cancel_future(relay: Future[Any]) -> bool:
+    """Move a PENDING relay to cancelled, as its waiters expect it.
+
+    ``Future.cancel()`` alone leaves the state CANCELLED, which
+    ``concurrent.futures.wait()`` and ``as_completed()`` do not count as
+    done until ``set_running_or_notify_cancel()`` moves it on (an executor's
+    worker does that when it picks the item up; no Python worker picks a
+    relay up, so we do it here).
+    """
+    if not Future.cancel(relay):
+        return False
+    relay.set_running_or_notify_cancel()
+    return True
+
+
+# Marks a thread that completes relays (the completer, or a thread helping in
+# result()): done-callbacks run there, and a cancel() from one must not wait.
+_completing = threading.local()
+
+
+def mark_completer_thread() -> None:
+    _completing.active = True
+
+
 def complete_all(jobs: list[Any]) -> None:
     """Complete finished pool jobs: in the completer, or a thread in result()."""
+    if not jobs:
+        return
+    if getattr(_completing, "active", False):
+        _complete_each(jobs)
+        return
+    _completing.active = True
+    try:
+        _complete_each(jobs)
+    finally:
+        _completing.active = False
+
+
+def _complete_each(jobs: list[Any]) -> None:
     for job in jobs:
         try:
             job.task.complete(job)
@@ -142,7 +191,7 @@ def complete_all(jobs: list[Any]) -> None:
                 relay.set_exception(exc)
 
 
-def _fd_of(obj: object, name: str) -> int:
+def fd_of(obj: object, name: str) -> int:
     """Return the fd behind obj, raising TypeError/ValueError at once."""
     if type(obj) is socket.socket:  # the common case, checked first
         fd = obj.fileno()
@@ -283,4 +332,4 @@ def close_ends(objs: list[object]) -> BaseException | None:
 
 def coerce(src: object, dst: object) -> tuple[int, int]:
     """Check a relay's ends in the caller's thread; return their fds."""
-    return _fd_of(src, "src"), _fd_of(dst, "dst")
+    return fd_of(src, "src"), fd_of(dst, "dst")

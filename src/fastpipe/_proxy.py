@@ -1,0 +1,420 @@
+"""proxy(): two relays that make one connection, and how they end together.
+
+A proxy is one task holding two core ``CopyJob``s, a->b and b->a, each run by
+its own pool worker.  The Python side only acts at the edges, with the GIL,
+in whichever thread completes a finished job (the completer, or a thread
+waiting in ``result()``):
+
+* a direction that reaches end of file half-closes the side it wrote to:
+  ``shutdown(SHUT_WR)`` on a socket, so the peer reads end of file but can
+  still answer; a separate write-only end (a pipe's write end, given as the
+  second item of a ``(reader, writer)`` pair) is closed, which is the only
+  end of file a pipe has.  The other direction goes on to its own end.
+* a direction that fails stops the other one with ``CopyJob.cancel()``, which
+  wakes a worker blocked on an idle fd without closing anything under it.
+* once both are done, the ends are closed (``close=True``): each fd once,
+  even when ``a`` and ``b`` are the same object or share an fd.
+
+``idle_timeout`` means "no byte either way for that long": a download keeps
+the upload direction idle for as long as it lasts, so a per-direction
+timeout would kill healthy connections.  The core's clock is per job, so the
+proxy's is a watchdog thread that samples both jobs' ``bytes_copied``.
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import itertools
+import os
+import socket
+import stat
+import threading
+import time
+from concurrent.futures import CancelledError
+from typing import Any
+
+from fastpipe._relay import (
+    Relay,
+    cancel_future,
+    close_ends,
+    closes_in_c,
+    fd_of,
+    forget_closed,
+    make_job,
+)
+
+
+class _Side:
+    """One side of a proxy, resolved in the caller's thread.
+
+    ``a`` may be one object read and written both ways (a socket, a tty), or
+    a ``(reader, writer)`` pair such as ``(proc.stdout, proc.stdin)``.
+    """
+
+    __slots__ = ("reader", "writer", "read_fd", "write_fd", "write_is_socket")
+
+    def __init__(self, side: object, name: str) -> None:
+        if isinstance(side, tuple):
+            if len(side) != 2:
+                raise TypeError(f"{name} must be one end or a (reader, writer) pair")
+            self.reader, self.writer = side
+            self.read_fd = fd_of(self.reader, f"{name}[0]")
+            self.write_fd = fd_of(self.writer, f"{name}[1]")
+        else:
+            self.reader = self.writer = side
+            self.read_fd = self.write_fd = fd_of(side, name)
+        if type(self.writer) is socket.socket:
+            self.write_is_socket = True
+        else:
+            try:
+                self.write_is_socket = stat.S_ISSOCK(os.fstat(self.write_fd).st_mode)
+            except OSError:
+                # A bad fd: the job reports EBADF through the relay.
+                self.write_is_socket = False
+
+
+def _shutdown_write(end: object, fd: int) -> None:
+    """``shutdown(SHUT_WR)`` a socket given as an object or as an int fd."""
+    try:
+        if isinstance(end, socket.socket):
+            end.shutdown(socket.SHUT_WR)
+        else:
+            # A view of the same socket, detached again so that it never
+            # closes the caller's fd.
+            view = socket.socket(fileno=fd)
+            try:
+                view.shutdown(socket.SHUT_WR)
+            finally:
+                view.detach()
+    except OSError:
+        # ENOTCONN: the peer is already gone, which the other direction
+        # reports (or has reported) by itself.
+        pass
+
+
+class ProxyTask:
+    """A proxy on its way through the pool: its future, both jobs and ends.
+
+    ``complete()`` is called once per job, possibly by two threads at once
+    (the completer and a thread in ``result()``), hence the lock: it also
+    orders a half-close before the final close, so that no fd number is shut
+    down or closed after it was closed (it may belong to someone else by
+    then).
+    """
+
+    def __init__(
+        self,
+        relay: Relay,
+        a: _Side,
+        b: _Side,
+        close: bool,
+        idle_timeout: float | None,
+        core: Any,
+    ) -> None:
+        self.relay = relay
+        self.core = core
+        self.close = close
+        self.idle_timeout = idle_timeout
+        self.lock = threading.Lock()
+        # jobs[0] copies a -> b, jobs[1] b -> a.
+        self.jobs = (
+            make_job(a.reader, b.writer, a.read_fd, b.write_fd, None, True, None),
+            make_job(b.reader, a.writer, b.read_fd, a.write_fd, None, True, None),
+        )
+        self.pending = 2
+        self.dropped = [False, False]  # taken off the queue, never run
+        self.error: BaseException | None = None
+        self.cancel_requested = False
+        self.timed_out = False
+        # The written end of each job: (object, fd, is_socket).
+        self.dst = (
+            (b.writer, b.write_fd, b.write_is_socket),
+            (a.writer, a.write_fd, a.write_is_socket),
+        )
+        # What closes each fd: every distinct object over it (two makefile()
+        # objects of one socket each hold a reference that must go), or, for
+        # an fd named only as an int, that int once.
+        ends: dict[int, list[object]] = {}
+        for obj, fd in (
+            (a.reader, a.read_fd),
+            (a.writer, a.write_fd),
+            (b.reader, b.read_fd),
+            (b.writer, b.write_fd),
+        ):
+            owners = ends.setdefault(fd, [])
+            if isinstance(obj, int):
+                if not owners:
+                    owners.append(obj)
+            else:
+                if owners and isinstance(owners[0], int):
+                    owners.clear()
+                if not any(o is obj for o in owners):
+                    owners.append(obj)
+        self.ends = ends
+        self.closed: set[int] = set()
+        self.users = {
+            fd: {i for i, job in enumerate(self.jobs) if fd in (job.src_fd, job.dst_fd)}
+            for fd in ends
+        }
+        # An end only one job uses is closed by that job's worker in C the
+        # moment it ends (when it is an int or a plain socket): a pipe's
+        # write end is half-closed that way without waiting for the GIL.
+        # An end both jobs use is closed here, once both have ended.
+        self.in_c: list[set[int]] = [set(), set()]
+        if close:
+            for i, job in enumerate(self.jobs):
+                src = self._closes_in_c(job.src_fd, i)
+                dst = job.dst_fd != job.src_fd and self._closes_in_c(job.dst_fd, i)
+                if src or dst:
+                    job.close_fds(src, dst)
+                    self.in_c[i] = {fd for fd, yes in ((job.src_fd, src), (job.dst_fd, dst)) if yes}
+        for job in self.jobs:
+            job.task = self
+
+    def _closes_in_c(self, fd: int, i: int) -> bool:
+        owners = self.ends[fd]
+        return self.users[fd] == {i} and len(owners) == 1 and closes_in_c(owners[0])
+
+    # -- the pool's protocol ----------------------------------------------
+
+    def close_ends(self) -> BaseException | None:
+        """Close every end of a proxy that never reached a worker."""
+        if not self.close:
+            return None
+        return close_ends([obj for owners in self.ends.values() for obj in owners])
+
+    def drop(self, job: Any) -> None:
+        """``job`` was taken off the queue and will never run."""
+        i = self.jobs.index(job)
+        self.dropped[i] = True
+        self.cancel_requested = True
+        self._done(i)
+        self._stop(1 - i)
+
+    def complete(self, job: Any) -> None:
+        """Called once per finished job, with the GIL."""
+        i = self.jobs.index(job)
+        try:
+            job.result()
+        except CancelledError:
+            pass  # we asked for it: the cause is recorded already
+        except BaseException as exc:  # noqa: B036 - delivered through the future
+            with self.lock:
+                if self.error is None:
+                    self.error = exc
+            # An error in one direction stops both.
+            self._stop(1 - i)
+            del exc
+        else:
+            with self.lock:
+                # The last direction too: with close=False nothing else
+                # tells its peer that the proxy is done writing.
+                if self.error is None and not self.cancel_requested and not self.timed_out:
+                    self._half_close(i)
+        self._done(i)
+
+    def cancel(self) -> bool:
+        """Stop both directions; True if the proxy had not ended by itself.
+
+        Jobs still queued are taken off the queue; running ones are asked to
+        stop.  Returns at once: ``Relay.cancel`` waits for the completion.
+        """
+        self.cancel_requested = True
+        stopped = [self._stop(i) for i in (0, 1)]
+        return any(stopped)
+
+    def _stop(self, i: int) -> bool:
+        """Stop job ``i``: off the queue if it waits there, else ``cancel()``.
+
+        A job cancelled while still queued would only end once a worker
+        picks it up, which with ``max_workers`` may be much later.
+        """
+        job = self.jobs[i]
+        if self.core.unqueue(job):
+            self.dropped[i] = True
+            self._done(i)
+            return True
+        return bool(job.cancel())
+
+    def bytes_moved(self) -> int:
+        return sum(job.bytes_copied for job in self.jobs)
+
+    def expire(self) -> None:
+        """The watchdog saw no byte either way for ``idle_timeout`` seconds."""
+        with self.lock:
+            if self.pending == 0:
+                return
+            self.timed_out = True
+        self._stop(0)
+        self._stop(1)
+
+    # -- the end ----------------------------------------------------------
+
+    def _half_close(self, i: int) -> None:
+        """Job ``i`` reached end of file: let its peer see end of file too."""
+        obj, fd, is_socket = self.dst[i]
+        if fd in self.in_c[i] or fd in self.closed:
+            return  # the worker closed it in C: the peer has its end of file
+        if is_socket:
+            _shutdown_write(obj, fd)
+        elif self.close and self.users[fd] == {i}:
+            # A write-only end that nothing else uses (a pipe): closing it
+            # is its end of file.  With close=False it stays open: the fd
+            # is the caller's, and closing it here would turn their own
+            # later close into a double close.
+            self.closed.add(fd)
+            error = close_ends(self.ends[fd])
+            if error is not None and self.error is None:
+                self.error = error
+
+    def _done(self, i: int) -> None:
+        with self.lock:
+            self.pending -= 1
+            if not self.dropped[i]:
+                self.closed |= self.in_c[i]
+            if self.pending:
+                return
+            error = self.error
+            if self.close:
+                rest = []
+                for fd, owners in self.ends.items():
+                    if fd not in self.closed:
+                        rest += owners
+                    elif any(fd in s for s in self.in_c):
+                        # Closed by a worker in C: only a plain socket
+                        # object is left to mark closed.
+                        for obj in owners:
+                            if not isinstance(obj, int):
+                                forget_closed(obj)
+                close_error = close_ends(rest) if rest else None
+                self.closed.update(self.ends)
+                if error is None:
+                    error = close_error
+        relay = self.relay
+        cancelled = self.cancel_requested and (
+            any(self.dropped) or any(job.cancelled for job in self.jobs)
+        )
+        if self.error is None and cancelled and not self.timed_out:
+            cancel_future(relay)
+        elif error is not None:
+            relay.set_exception(error)
+        elif self.timed_out:
+            relay.set_exception(
+                TimeoutError(
+                    errno.ETIMEDOUT,
+                    f"no byte moved either way for {self.idle_timeout:g} s (idle_timeout)",
+                )
+            )
+        else:
+            relay.set_result((self.jobs[0].result(), self.jobs[1].result()))
+        del error
+
+
+# -- idle_timeout: one watchdog thread for every proxy that has one -----------
+
+
+class _Watchdog:
+    """Samples each watched proxy's byte count every quarter of its timeout.
+
+    A proxy expires once a sample sees no change for ``idle_timeout``: it
+    fails between ``T`` and ``1.25 T`` after its last byte.  The thread
+    exits when it has nothing to watch and is started again on demand; it is
+    a daemon for the same reason as the workers (it must never delay exit).
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._heap: list[tuple[float, int, ProxyTask, int, float]] = []
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, task: ProxyTask) -> None:
+        assert task.idle_timeout is not None
+        now = time.monotonic()
+        with self._cond:
+            self._push(task, now, 0, now)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._main, name="fastpipe-watchdog", daemon=True
+                )
+                self._thread.start()
+            else:
+                self._cond.notify()
+
+    def _push(self, task: ProxyTask, now: float, seen: int, since: float) -> None:
+        assert task.idle_timeout is not None
+        step = task.idle_timeout / 4
+        due = min(now + step, since + task.idle_timeout)
+        heapq.heappush(self._heap, (due, next(self._ids), task, seen, since))
+
+    def _main(self) -> None:
+        cond = self._cond
+        while True:
+            with cond:
+                while True:
+                    if not self._heap:
+                        self._thread = None
+                        return
+                    now = time.monotonic()
+                    if self._heap[0][0] <= now:
+                        break
+                    cond.wait(self._heap[0][0] - now)
+                _, _, task, seen, since = heapq.heappop(self._heap)
+                if task.relay.done():
+                    continue
+                assert task.idle_timeout is not None
+                moved = task.bytes_moved()
+                if moved != seen:
+                    seen, since = moved, now
+                if now - since < task.idle_timeout:
+                    self._push(task, now, seen, since)
+                    continue
+            # Outside the lock: cancelling takes each job's own lock.
+            task.expire()
+
+
+watchdog = _Watchdog()
+
+
+def build(
+    relay: Relay,
+    a: object,
+    b: object,
+    close: bool,
+    idle_timeout: float | None,
+    core: Any,
+) -> ProxyTask:
+    """Check a proxy's arguments in the caller's thread; return its task.
+
+    Raises:
+        TypeError, ValueError: as ``relay()`` does, for either side or for
+            ``idle_timeout``.
+    """
+    side_a = _Side(a, "a")
+    side_b = _Side(b, "b")
+    if idle_timeout is not None:
+        # The same checks, and messages, as the core's.
+        idle_timeout = _check_idle_timeout(idle_timeout)
+    return ProxyTask(relay, side_a, side_b, bool(close), idle_timeout, core)
+
+
+def _check_idle_timeout(seconds: object) -> float:
+    # The core's checks and messages, for a timeout the core never sees.
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise TypeError(f"idle_timeout must be a number or None, not {type(seconds).__name__}")
+    if not seconds > 0:
+        raise ValueError(f"idle_timeout must be greater than 0, got {seconds}")
+    return float(seconds)
+
+
+def _after_fork_in_child() -> None:
+    # The parent's watchdog thread does not exist here; its proxies do not
+    # run here either.
+    watchdog._reset()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

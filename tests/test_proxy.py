@@ -1,0 +1,458 @@
+"""proxy(): both directions at once, half-close, errors, closing, idle_timeout.
+
+Real clients where it matters: urllib through a proxy to ``python -m
+http.server``, a protocol that answers only after the client's end of file,
+``cat`` behind a pair of pipes, and a peer that resets mid-stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+import fastpipe
+from fastpipe import WorkerPool
+
+from conftest import tcp_pair
+
+FAMILIES = ["tcp", "unix"]
+
+
+def stream_pair(family: str) -> tuple[socket.socket, socket.socket]:
+    if family == "unix":
+        return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    return tcp_pair()
+
+
+def read_to_eof(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def read_fd_to_eof(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class Proxied:
+    """client <-> [a  proxy  b] <-> server, the proxy holding ``a`` and ``b``."""
+
+    def __init__(self, family: str, **kwargs: object) -> None:
+        self.client, self.a = stream_pair(family)
+        self.b, self.server = stream_pair(family)
+        self.relay = fastpipe.proxy(self.a, self.b, **kwargs)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        for sock in (self.client, self.server, self.a, self.b):
+            sock.close()
+
+
+@pytest.fixture(params=FAMILIES)
+def proxied(request: pytest.FixtureRequest) -> Iterator[Proxied]:
+    p = Proxied(request.param)
+    yield p
+    p.close()
+
+
+# -- real clients ---------------------------------------------------------------
+
+
+@pytest.fixture
+def http_server(tmp_path) -> Iterator[tuple[int, bytes]]:
+    """``python -m http.server`` serving a 3 MiB random file; yields (port, data)."""
+    data = os.urandom(3 * 1024 * 1024 + 12345)
+    (tmp_path / "blob.bin").write_bytes(data)
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # "Serving HTTP on 127.0.0.1 port N (...) ..."
+        port = int(line.split(" port ")[1].split()[0])
+        yield port, data
+    finally:
+        proc.kill()
+        proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+def test_http_download_through_proxy(http_server: tuple[int, bytes]) -> None:
+    port, data = http_server
+    relays: list[fastpipe.Relay] = []
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+
+        def serve_one() -> None:
+            client, _ = listener.accept()
+            upstream = socket.create_connection(("127.0.0.1", port))
+            relays.append(fastpipe.proxy(client, upstream))
+
+        acceptor = threading.Thread(target=serve_one)
+        acceptor.start()
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/blob.bin"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            body = response.read()
+        acceptor.join(10)
+    assert hashlib.sha256(body).hexdigest() == hashlib.sha256(data).hexdigest()
+    (relay,) = relays
+    request_bytes, response_bytes = relay.result(timeout=30)
+    assert request_bytes > 0
+    # The headers, then exactly the file.
+    assert response_bytes > len(data)
+    assert relay.bytes_copied == request_bytes + response_bytes
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_server_that_answers_after_the_clients_eof(family: str) -> None:
+    """Half-close: no truncated reply, no hang (tokio#3876)."""
+    p = Proxied(family)
+    try:
+        request = os.urandom(2 * 1024 * 1024)
+        reply: list[bytes] = []
+
+        def server() -> None:
+            got = read_to_eof(p.server)  # only ends once the proxy half-closes
+            answer = hashlib.sha256(got).digest() + got[::-1]
+            p.server.sendall(answer)
+            p.server.close()
+            reply.append(answer)
+
+        t = threading.Thread(target=server)
+        t.start()
+        p.client.sendall(request)
+        p.client.shutdown(socket.SHUT_WR)
+        received = read_to_eof(p.client)
+        t.join(10)
+        assert received == hashlib.sha256(request).digest() + request[::-1]
+        assert received == reply[0]
+        assert p.relay.result(timeout=10) == (len(request), len(received))
+        # close=True: both ends the proxy held are closed.
+        assert p.a.fileno() == -1
+        assert p.b.fileno() == -1
+    finally:
+        p.close()
+
+
+def test_interactive_round_trips(proxied: Proxied) -> None:
+    """Request/response over one connection: both directions live at once."""
+    for i in range(50):
+        message = f"ping {i} ".encode() * (i + 1)
+        proxied.client.sendall(message)
+        got = b""
+        while len(got) < len(message):
+            got += proxied.server.recv(1 << 16)
+        assert got == message
+        proxied.server.sendall(got.upper())
+        back = b""
+        while len(back) < len(message):
+            back += proxied.client.recv(1 << 16)
+        assert back == message.upper()
+    proxied.client.shutdown(socket.SHUT_WR)
+    assert read_to_eof(proxied.server) == b""
+    proxied.server.shutdown(socket.SHUT_WR)
+    assert read_to_eof(proxied.client) == b""
+    total = sum(len(f"ping {i} ".encode() * (i + 1)) for i in range(50))
+    assert proxied.relay.result(timeout=10) == (total, total)
+
+
+def test_peer_reset_mid_stream_fails_the_proxy_and_stops_both() -> None:
+    p = Proxied("tcp")
+    try:
+        stop = threading.Event()
+
+        def server() -> None:
+            # Streams towards the client, which stops reading and resets.
+            block = b"r" * 65536
+            with contextlib.suppress(OSError):
+                while not stop.is_set():
+                    p.server.sendall(block)
+
+        t = threading.Thread(target=server)
+        t.start()
+        p.client.sendall(b"hello")
+        time.sleep(0.1)
+        linger_0 = struct.pack("ii", 1, 0)
+        p.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger_0)
+        p.client.close()  # RST, not FIN
+        with pytest.raises((ConnectionResetError, BrokenPipeError)):
+            p.relay.result(timeout=10)
+        stop.set()
+        # The other direction stopped too, and the proxy closed its end of
+        # the server connection: the server's sendall fails or sees EOF.
+        t.join(10)
+        assert not t.is_alive()
+        assert p.a.fileno() == -1
+        assert p.b.fileno() == -1
+        assert p.relay.bytes_copied >= 5
+    finally:
+        p.close()
+
+
+def test_error_in_one_direction_stops_the_idle_other() -> None:
+    """a->b hits EPIPE while b->a waits on an idle pipe: both stop at once."""
+    r1, w1 = os.pipe()  # test -> a's reader
+    r2, w2 = os.pipe()  # b's writer -> nobody (closed reader: EPIPE)
+    r3, w3 = os.pipe()  # b's reader, idle
+    r4, w4 = os.pipe()  # a's writer -> test
+    os.close(r2)
+    relay = fastpipe.proxy((r1, w4), (r3, w2))
+    start = time.monotonic()
+    os.write(w1, b"data that cannot be delivered")
+    with pytest.raises(BrokenPipeError):
+        relay.result(timeout=10)
+    elapsed = time.monotonic() - start
+    assert elapsed < 2.0
+    for fd in (r1, w2, r3, w4):  # all four ends closed by the proxy
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    assert read_fd_to_eof(r4) == b""  # a's writer closed: EOF, nothing sent
+    for fd in (w1, w3, r4):
+        os.close(fd)
+
+
+# -- pipes, objects and sharing ------------------------------------------------
+
+
+def test_pipes_through_proxy() -> None:
+    """(reader, writer) pairs of pipes: a pipe's write end half-closes by closing."""
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    r3, w3 = os.pipe()
+    r4, w4 = os.pipe()
+    relay = fastpipe.proxy((r1, w4), (r3, w2))
+    forward = os.urandom(300_000)
+    backward = os.urandom(200_000)
+    writer = threading.Thread(target=lambda: (os.write(w1, forward), os.close(w1)))
+    writer.start()
+    # a reached EOF: b's writer (w2) was closed, so r2 ends.
+    assert read_fd_to_eof(r2) == forward
+    writer.join()
+    assert not relay.done()  # b -> a goes on
+    writer = threading.Thread(target=lambda: (os.write(w3, backward), os.close(w3)))
+    writer.start()
+    assert read_fd_to_eof(r4) == backward
+    writer.join()
+    assert relay.result(timeout=10) == (len(forward), len(backward))
+    for fd in (r2, r4):
+        os.close(fd)
+
+
+def test_subprocess_pipes_to_socket_with_half_close() -> None:
+    """proxy((proc.stdout, proc.stdin), sock): closing cat's stdin is its EOF."""
+    client, a = tcp_pair()
+    proc = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        relay = fastpipe.proxy((proc.stdout, proc.stdin), a)
+        data = os.urandom(1024 * 1024)
+        sender = threading.Thread(
+            target=lambda: (client.sendall(data), client.shutdown(socket.SHUT_WR))
+        )
+        sender.start()
+        assert read_to_eof(client) == data
+        sender.join()
+        assert relay.result(timeout=10) == (len(data), len(data))
+        assert proc.wait(10) == 0
+        assert proc.stdin.closed and proc.stdout.closed
+        assert a.fileno() == -1
+    finally:
+        client.close()
+        proc.kill()
+        proc.wait()
+
+
+def test_same_object_both_sides_is_closed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """proxy(x, x) echoes; x closes once (a second close could hit a reused fd)."""
+    client, x = tcp_pair()
+    fd = x.detach()
+    closes: list[int] = []
+    real_close = os.close
+
+    def counting_close(n: int) -> None:
+        closes.append(n)
+        real_close(n)
+
+    monkeypatch.setattr(os, "close", counting_close)
+    try:
+        relay = fastpipe.proxy(fd, fd)
+        client.sendall(b"echo me")
+        assert client.recv(100) == b"echo me"
+        client.shutdown(socket.SHUT_WR)
+        assert read_to_eof(client) == b""
+        assert sum(relay.result(timeout=10)) == len(b"echo me")
+    finally:
+        client.close()
+    assert closes.count(fd) <= 1
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+def test_socket_and_its_own_fd_are_closed_once() -> None:
+    client, x = tcp_pair()
+    try:
+        relay = fastpipe.proxy(x, x.fileno())
+        client.shutdown(socket.SHUT_WR)
+        assert read_to_eof(client) == b""
+        assert relay.result(timeout=10) == (0, 0)
+        assert x.fileno() == -1
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_close_false_half_closes_sockets_and_leaves_them_open(family: str) -> None:
+    p = Proxied(family, close=False)
+    try:
+        p.client.sendall(b"question")
+        p.client.shutdown(socket.SHUT_WR)
+        assert read_to_eof(p.server) == b"question"  # SHUT_WR reached the server
+        p.server.sendall(b"answer")
+        p.server.shutdown(socket.SHUT_WR)
+        assert read_to_eof(p.client) == b"answer"
+        assert p.relay.result(timeout=10) == (8, 6)
+        # Still open, and ours to close.
+        assert p.a.fileno() >= 0 and p.b.fileno() >= 0
+        os.fstat(p.a.fileno())
+        os.fstat(p.b.fileno())
+    finally:
+        p.close()
+
+
+def test_buffered_objects_are_flushed_and_drained() -> None:
+    """makefile() ends: read-ahead goes first, written bytes are flushed first."""
+    client, a = tcp_pair()
+    b, server = tcp_pair()
+    client.sendall(b"first line\nrest of the request")
+    client.shutdown(socket.SHUT_WR)
+    reader = a.makefile("rb")
+    assert reader.readline() == b"first line\n"  # reads ahead past the line
+    writer = b.makefile("wb")
+    writer.write(b"prefix:")  # still in the buffer
+    relay = fastpipe.proxy((reader, a.makefile("wb")), (b.makefile("rb"), writer))
+    a.close()
+    b.close()  # the makefile objects keep the sockets alive until closed
+    assert read_to_eof(server) == b"prefix:rest of the request"
+    server.sendall(b"ok")
+    server.shutdown(socket.SHUT_WR)
+    assert read_to_eof(client) == b"ok"
+    # The counts are what the proxy copied: read-ahead yes, the writer's own
+    # buffered bytes (flushed, not copied) no.
+    assert relay.result(timeout=10) == (len(b"rest of the request"), 2)
+    client.close()
+    server.close()
+
+
+def test_bad_arguments_raise_at_once() -> None:
+    r, w = os.pipe()
+    try:
+        with pytest.raises(TypeError):
+            fastpipe.proxy("nope", r)  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            fastpipe.proxy((r, w, r), r)  # type: ignore[arg-type]
+        with pytest.raises(ValueError):
+            fastpipe.proxy(-1, r)
+        with pytest.raises(ValueError):
+            fastpipe.proxy(r, w, idle_timeout=0)
+        with pytest.raises(TypeError):
+            fastpipe.proxy(r, w, idle_timeout="1")  # type: ignore[arg-type]
+        with WorkerPool(max_workers=1) as pool, pytest.raises(ValueError, match="two workers"):
+            pool.proxy(r, w)
+        # Nothing was taken over.
+        os.fstat(r)
+        os.fstat(w)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+# -- idle_timeout ----------------------------------------------------------------
+
+
+def test_idle_timeout_when_no_byte_moves_either_way() -> None:
+    p = Proxied("tcp", idle_timeout=0.3)
+    try:
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match="either way"):
+            p.relay.result(timeout=10)
+        elapsed = time.monotonic() - start
+        assert 0.25 <= elapsed < 3.0
+        assert p.a.fileno() == -1 and p.b.fileno() == -1
+        assert read_to_eof(p.client) == b""
+    finally:
+        p.close()
+
+
+def test_idle_timeout_is_not_triggered_by_one_quiet_direction() -> None:
+    """A download keeps the upload direction idle: the proxy is not idle."""
+    p = Proxied("tcp", idle_timeout=0.3)
+    try:
+        sent = b""
+        for i in range(20):  # 1 s of a slow download
+            chunk = f"chunk {i}\n".encode()
+            p.server.sendall(chunk)
+            sent += chunk
+            time.sleep(0.05)
+        assert not p.relay.done()
+        with pytest.raises(TimeoutError):
+            p.relay.result(timeout=10)
+        assert read_to_eof(p.client) == sent
+        assert p.relay.bytes_copied == len(sent)
+    finally:
+        p.close()
+
+
+def test_interpreter_exit_does_not_hang_on_blocked_proxies() -> None:
+    code = (
+        "import socket, fastpipe\n"
+        "pairs = [socket.socketpair() for _ in range(4)]\n"
+        "relays = [fastpipe.proxy(pairs[0][0], pairs[1][0]),"
+        " fastpipe.proxy(pairs[2][0], pairs[3][0], idle_timeout=60)]\n"
+        "print('exiting', flush=True)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "exiting\n"
+    assert proc.stderr == ""
+
+
+def test_idle_timeout_of_a_proxy_still_queued() -> None:
+    """No byte moved while it waited: it fails and leaves the queue at once."""
+    r, w = os.pipe()
+    pairs = [socket.socketpair() for _ in range(2)]
+    try:
+        with WorkerPool(max_workers=2) as pool:
+            blockers = [pool.relay(os.dup(r), os.open(os.devnull, os.O_WRONLY)) for _ in range(2)]
+            relay = pool.proxy(pairs[0][0], pairs[1][0], idle_timeout=0.2)
+            assert pool.stats()["queued"] == 2
+            with pytest.raises(TimeoutError):
+                relay.result(timeout=10)
+            assert pool.stats()["queued"] == 0
+            assert pairs[0][0].fileno() == -1 and pairs[1][0].fileno() == -1
+            os.close(w)
+            assert [b.result(timeout=10) for b in blockers] == [0, 0]
+    finally:
+        os.close(r)
+        for a, b in pairs:
+            a.close()
+            b.close()
