@@ -115,12 +115,6 @@ def test_cancel_relay_blocked_on_an_idle_socket(family: str) -> None:
     peer.close()
 
 
-@pytest.mark.xfail(
-    fastpipe.IMPLEMENTATION == "c",
-    reason="core: a worker blocked in write() to a full blocking socket (readwrite path)"
-    " does not see CopyJob.cancel() until the peer reads",
-    strict=True,
-)
 def test_cancel_relay_blocked_writing_to_a_full_socket() -> None:
     peer, sock = tcp_pair()  # the peer does not read, at first
     src = os.open("/dev/zero", os.O_RDONLY)

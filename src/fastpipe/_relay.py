@@ -27,6 +27,9 @@ class HasFileno(Protocol):
 
 FdLike = int | HasFileno
 
+# How often Relay.cancel() asks a copy that has not stopped yet again.
+_CANCEL_REPOKE = 0.005
+
 # How long a main thread waiting in result() waits between signal checks.
 _MAIN_THREAD_SLICE = 0.05
 
@@ -106,8 +109,10 @@ class Relay(Future[Any]):
         """Cancel the relay, whether it is still queued or already copying.
 
         A running copy is stopped by the core within milliseconds, even when
-        blocked on an idle fd (its worker polls a wake-up fd beside the data
-        fds; nothing is closed under it).  ``cancel()`` returns once the copy
+        blocked on an idle fd or a stalled sink: the compiled core knocks its
+        worker out of the syscall with a signal, the pure-Python twin polls
+        an eventfd beside the data fds; nothing is ever closed under a
+        blocked thread.  ``cancel()`` returns once the copy
         has stopped: ``bytes_copied`` is then exact, the ends are closed as
         ``close=`` said, done-callbacks have run and ``result()`` raises
         ``CancelledError``.  Called from a done-callback (a completion
@@ -128,7 +133,13 @@ class Relay(Future[Any]):
             # This thread may hold the very job in its batch: waiting for
             # it here would wait for ourselves.
             return True
-        self._help(None)
+        while not self.done():
+            self._help(_CANCEL_REPOKE)
+            # The core's wake-up signal can land just before its worker
+            # enters a syscall; asking again is cheap and closes that gap.
+            for job in task.jobs:
+                if not job.finished:
+                    job.cancel()
         wait((self,))
         return self.cancelled()
 
