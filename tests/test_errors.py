@@ -6,6 +6,8 @@ import errno
 import io
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -199,3 +201,43 @@ def test_relay_broken_pipe_through_the_future(endpoints: Endpoints) -> None:
     close_quietly(r)
     relay = fastpipe.relay(src.disown(), w)
     assert isinstance(relay.exception(timeout=10), BrokenPipeError)
+
+
+_SIGPIPE_SCRIPT = r"""
+import os, signal, socket, sys
+import fastpipe
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # as CLI tools do: die under `| head`
+how, zerocopy = sys.argv[1], sys.argv[2] == "1"
+r, w = os.pipe()
+os.write(w, b"x" * 60000)
+os.close(w)
+if how.endswith("pipe"):
+    out_r, out = os.pipe()
+    os.close(out_r)
+else:
+    out, peer = socket.socketpair()
+    peer.close()
+try:
+    if how.startswith("relay"):
+        fastpipe.relay(r, out, zerocopy=zerocopy).result(10)
+    else:
+        fastpipe.copy_fd(r, out if isinstance(out, int) else out.fileno(), zerocopy=zerocopy)
+except BrokenPipeError:
+    print("BrokenPipeError")
+assert signal.SIGPIPE not in signal.pthread_sigmask(signal.SIG_BLOCK, []), "mask not restored"
+"""
+
+
+@pytest.mark.parametrize("zerocopy", [True, False], ids=["zerocopy", "readwrite"])
+@pytest.mark.parametrize("how", ["relay-socket", "relay-pipe", "copy_fd-socket", "copy_fd-pipe"])
+def test_epipe_never_kills_a_process_with_default_sigpipe(how: str, zerocopy: bool) -> None:
+    """writev, splice and sendfile raise SIGPIPE; sendmsg's MSG_NOSIGNAL
+    does not cover them.  A program with SIGPIPE at SIG_DFL must get
+    BrokenPipeError and live."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _SIGPIPE_SCRIPT, how, "1" if zerocopy else "0"],
+        capture_output=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, (proc.returncode, proc.stderr.decode()[-2000:])
+    assert proc.stdout.strip() == b"BrokenPipeError"

@@ -83,6 +83,38 @@ static inline int fp_install_wake_signal(void) {
     return sig;
 }
 
+/* SIGPIPE.  A write to a pipe or socket whose reader is gone raises SIGPIPE
+ * in the writing thread; sendmsg(MSG_NOSIGNAL) can say no, but writev,
+ * splice and sendfile cannot.  CPython ignores SIGPIPE, yet programs that
+ * restore SIG_DFL (to die quietly under `| head`) would be killed by a
+ * relay's EPIPE.  So copies block SIGPIPE in their thread (workers for good,
+ * a caller's thread for the length of the copy), and a SIGPIPE left pending
+ * by an EPIPE is consumed before the mask is restored: the error reaches
+ * Python as BrokenPipeError and nothing else happens. */
+static inline void fp_block_sigpipe(sigset_t *old) {
+    sigset_t s;
+    sigemptyset(&s);
+    sigaddset(&s, SIGPIPE);
+    pthread_sigmask(SIG_BLOCK, &s, old);
+}
+
+static inline int fp_sigpipe_blocked_in(const sigset_t *mask) {
+    return sigismember(mask, SIGPIPE) == 1;
+}
+
+static inline void fp_discard_sigpipe(void) {
+    sigset_t s;
+    struct timespec zero = {0, 0};
+    sigemptyset(&s);
+    sigaddset(&s, SIGPIPE);
+    while (sigtimedwait(&s, NULL, &zero) > 0) {
+    }
+}
+
+static inline void fp_set_sigmask(const sigset_t *mask) {
+    pthread_sigmask(SIG_SETMASK, mask, NULL);
+}
+
 /* Wait on a semaphore for at most ms milliseconds of CLOCK_MONOTONIC time
  * (a wall-clock jump must not wake or strand an idle worker).  Returns 0,
  * or -1 with errno ETIMEDOUT; EINTR is retried here. */

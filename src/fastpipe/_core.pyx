@@ -30,16 +30,17 @@ import threading as _threading
 from concurrent.futures import CancelledError as _CancelledError
 
 from fastpipe._syscalls cimport (
-    ECANCELED, EIO, ENOSYS, EPERM, EXDEV, FIONREAD, F_GETFL, F_GETPIPE_SZ, F_SETPIPE_SZ,
+    ECANCELED, EIO, ENOSYS, EPERM, EPIPE, EXDEV, FIONREAD, F_GETFL, F_GETPIPE_SZ, F_SETPIPE_SZ,
     MSG_DONTWAIT, MSG_NOSIGNAL, O_APPEND, O_CLOEXEC, O_NONBLOCK, POLLIN, POLLNVAL, POLLOUT,
     RWF_NOWAIT, SEEK_CUR, SPLICE_F_NONBLOCK, S_ISBLK, S_ISFIFO, S_ISREG, S_ISSOCK, close,
-    copy_file_range, fcntl, fp_cond_init_monotonic, fp_cond_wait_until_ms,
-    fp_install_wake_signal, fp_load_int, fp_load_ll, fp_sem_wait_ms, fp_store_int, fp_store_ll,
-    fstat, ioctl, lseek, msghdr, pipe2, poll, pollfd, preadv2, pthread_cond_broadcast,
-    pthread_cond_init, pthread_cond_signal, pthread_cond_t, pthread_cond_wait, pthread_kill,
-    pthread_mutex_init, pthread_mutex_lock, pthread_mutex_t, pthread_mutex_unlock, pthread_self,
-    pthread_setname_np, pthread_t, pwritev2, readv, recvmsg, sem_destroy, sem_init, sem_post,
-    sem_t, sem_wait, sendfile, sendmsg, splice, stat, writev,
+    copy_file_range, fcntl, fp_block_sigpipe, fp_cond_init_monotonic, fp_cond_wait_until_ms,
+    fp_discard_sigpipe, fp_install_wake_signal, fp_load_int, fp_load_ll, fp_sem_wait_ms,
+    fp_set_sigmask, fp_sigpipe_blocked_in, fp_store_int, fp_store_ll, fstat, ioctl, lseek,
+    msghdr, pipe2, poll, pollfd, preadv2, pthread_cond_broadcast, pthread_cond_init,
+    pthread_cond_signal, pthread_cond_t, pthread_cond_wait, pthread_kill, pthread_mutex_init,
+    pthread_mutex_lock, pthread_mutex_t, pthread_mutex_unlock, pthread_self, pthread_setname_np,
+    pthread_t, pwritev2, readv, recvmsg, sem_destroy, sem_init, sem_post, sem_t, sem_wait,
+    sendfile, sendmsg, sigset_t, splice, stat, writev,
 )
 
 
@@ -479,6 +480,7 @@ cdef struct CopyState:
     # fd's own flag, so there is no poll before each read.
     bint src_is_socket
     bint src_nowait
+    bint poll_next          # the last non-blocking read was short
     int wait_ms             # poll timeout: -1, or a tick in the main thread
     long long idle_ms       # idle_timeout in ms, or -1
     long long deadline_ms   # CLOCK_MONOTONIC ms by which a byte must move
@@ -946,6 +948,16 @@ cdef int _copy_step(CopyState *st) noexcept nogil:
                 r = _wait_step(st, st.src, POLLIN)
                 if r != STEP_AGAIN:
                     return r
+        elif st.poll_next:
+            # The last read was short: the source is drained, and reading
+            # again now would almost always be EAGAIN and then a poll.  Poll
+            # straight away (it returns at once if bytes came meanwhile):
+            # one syscall less per message of a request/response protocol.
+            st.poll_next = False
+            _release(st)
+            r = _wait_step(st, st.src, POLLIN)
+            if r != STEP_AGAIN:
+                return r
         if st.nbufs < st.want:
             got = _buffers_take(&st.bufs[st.nbufs], st.want - st.nbufs)
             st.nbufs += got
@@ -997,6 +1009,7 @@ cdef int _copy_step(CopyState *st) noexcept nogil:
             st.limit -= n
         st.pend_off = 0
         st.pend_len = n
+        st.poll_next = n < want_bytes and (st.src_is_socket or st.src_nowait)
         if st.splice_later and n >= _splice_min_read:
             # Bulk data: splice from here on (after these bytes are out).
             st.splice_later = False
@@ -1451,10 +1464,15 @@ cdef class CopyJob:
         cdef int rc
         if self._started or self.st.status != STEP_AGAIN:
             raise RuntimeError("a CopyJob runs only once")
+        cdef sigset_t oldmask
+        cdef bint masked = False
         self._started = True
         if _prepare(&self.st, _in_main_thread(), self.st.zerocopy) < 0:
             self.st.status = STEP_ERROR
             _raise_errno(self.st.err)
+        if self.st.dst_kind == KIND_PIPE or self.st.dst_kind == KIND_SOCKET:
+            fp_block_sigpipe(&oldmask)
+            masked = not fp_sigpipe_blocked_in(&oldmask)
         with nogil:
             pthread_mutex_lock(&self.st.wake_lock)
             self.st.thread = pthread_self()
@@ -1482,6 +1500,10 @@ cdef class CopyJob:
                 pthread_mutex_lock(&self.st.wake_lock)
                 self.st.in_thread = False
                 pthread_mutex_unlock(&self.st.wake_lock)
+            if masked:
+                if self.st.err == EPIPE:
+                    fp_discard_sigpipe()
+                fp_set_sigmask(&oldmask)
             # Bytes read but not written are lost only when run() raises.
             _discard(&self.st)
             self._prefix = None
@@ -1819,10 +1841,12 @@ cdef class PoolCore:
         cdef CWorker *w = handle.w
         cdef CopyState *st
         cdef bint leave = False
+        cdef sigset_t oldmask
         handle.w = NULL  # this thread owns it now
         # The OS-level name shows in top -H, ps -L, perf and gdb.
         pthread_setname_np(pthread_self(), b"fastpipe-worker")
         with nogil:
+            fp_block_sigpipe(&oldmask)  # for the thread's life (see _compat.h)
             # The first job was stored before this thread started.
             st = w.job
             w.job = NULL
@@ -1837,6 +1861,8 @@ cdef class PoolCore:
                     if st == NULL:
                         continue
                 _copy_in_worker(st)
+                if st.status == STEP_ERROR and st.err == EPIPE:
+                    fp_discard_sigpipe()
                 st = self._finish(w, st, &leave)
                 if leave:
                     break

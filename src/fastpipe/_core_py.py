@@ -13,6 +13,7 @@ import errno
 import fcntl
 import os
 import select
+import signal
 import socket
 import stat
 import sys
@@ -418,11 +419,20 @@ class CopyJob:
         if self._started or self.finished:
             raise RuntimeError("a CopyJob runs only once")
         self._started = True
+        # SIGPIPE is blocked in this thread for the copy, and one left
+        # pending by an EPIPE is consumed: a program that restored SIG_DFL
+        # gets BrokenPipeError, not death (see _core's _compat.h).
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGPIPE})
         try:
             self._result = self._copy()
         except BaseException as exc:
             self._error = exc
             raise
+        finally:
+            if signal.SIGPIPE not in old:
+                while signal.sigtimedwait({signal.SIGPIPE}, 0) is not None:
+                    pass
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
         return self._result
 
     def _copy(self) -> int:

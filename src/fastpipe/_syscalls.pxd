@@ -70,6 +70,14 @@ cdef extern from "_compat.h" nogil:
     void fp_store_int(int *p, int v)
     int fp_load_int(const int *p)
     int fp_install_wake_signal()
+    ctypedef struct sigset_t:
+        pass
+    void fp_block_sigpipe(sigset_t *old)
+    bint fp_sigpipe_blocked_in(const sigset_t *mask)
+    void fp_discard_sigpipe()
+    void fp_set_sigmask(const sigset_t *mask)
+    enum:
+        EPIPE
     void fp_store_ll(long long *p, long long v)
     long long fp_load_ll(const long long *p)
 
