@@ -38,6 +38,14 @@ static inline long long fp_load_ll(const long long *p) {
     return __atomic_load_n(p, __ATOMIC_RELAXED);
 }
 
+/* A benchmark-only build (CFLAGS=-DFASTPIPE_NO_CANCEL) compiles the cancel
+ * checks out, to measure what being cancellable costs; never ship it. */
+#ifdef FASTPIPE_NO_CANCEL
+#define FP_CANCELLABLE 0
+#else
+#define FP_CANCELLABLE 1
+#endif
+
 static inline void fp_store_int(int *p, int v) {
     __atomic_store_n(p, v, __ATOMIC_SEQ_CST);
 }

@@ -30,17 +30,17 @@ import threading as _threading
 from concurrent.futures import CancelledError as _CancelledError
 
 from fastpipe._syscalls cimport (
-    ECANCELED, EIO, ENOSYS, EPERM, EPIPE, EXDEV, FIONREAD, F_GETFL, F_GETPIPE_SZ, F_SETPIPE_SZ,
-    MSG_DONTWAIT, MSG_NOSIGNAL, O_APPEND, O_CLOEXEC, O_NONBLOCK, POLLIN, POLLNVAL, POLLOUT,
-    RWF_NOWAIT, SEEK_CUR, SPLICE_F_NONBLOCK, S_ISBLK, S_ISFIFO, S_ISREG, S_ISSOCK, close,
-    copy_file_range, fcntl, fp_block_sigpipe, fp_cond_init_monotonic, fp_cond_wait_until_ms,
-    fp_discard_sigpipe, fp_install_wake_signal, fp_load_int, fp_load_ll, fp_sem_wait_ms,
-    fp_set_sigmask, fp_sigpipe_blocked_in, fp_store_int, fp_store_ll, fstat, ioctl, lseek,
-    msghdr, pipe2, poll, pollfd, preadv2, pthread_cond_broadcast, pthread_cond_init,
-    pthread_cond_signal, pthread_cond_t, pthread_cond_wait, pthread_kill, pthread_mutex_init,
-    pthread_mutex_lock, pthread_mutex_t, pthread_mutex_unlock, pthread_self, pthread_setname_np,
-    pthread_t, pwritev2, readv, recvmsg, sem_destroy, sem_init, sem_post, sem_t, sem_wait,
-    sendfile, sendmsg, sigset_t, splice, stat, writev,
+    ECANCELED, EIO, ENOSYS, EPERM, EPIPE, EXDEV, FIONREAD, FP_CANCELLABLE, F_GETFL,
+    F_GETPIPE_SZ, F_SETPIPE_SZ, MSG_DONTWAIT, MSG_NOSIGNAL, O_APPEND, O_CLOEXEC, O_NONBLOCK,
+    POLLIN, POLLNVAL, POLLOUT, RWF_NOWAIT, SEEK_CUR, SPLICE_F_NONBLOCK, S_ISBLK, S_ISFIFO,
+    S_ISREG, S_ISSOCK, close, copy_file_range, fcntl, fp_block_sigpipe, fp_cond_init_monotonic,
+    fp_cond_wait_until_ms, fp_discard_sigpipe, fp_install_wake_signal, fp_load_int, fp_load_ll,
+    fp_sem_wait_ms, fp_set_sigmask, fp_sigpipe_blocked_in, fp_store_int, fp_store_ll, fstat,
+    ioctl, lseek, msghdr, pipe2, poll, pollfd, preadv2, pthread_cond_broadcast,
+    pthread_cond_init, pthread_cond_signal, pthread_cond_t, pthread_cond_wait, pthread_kill,
+    pthread_mutex_init, pthread_mutex_lock, pthread_mutex_t, pthread_mutex_unlock, pthread_self,
+    pthread_setname_np, pthread_t, pwritev2, readv, recvmsg, sem_destroy, sem_init, sem_post,
+    sem_t, sem_wait, sendfile, sendmsg, sigset_t, splice, stat, writev,
 )
 
 
@@ -620,7 +620,7 @@ cdef int _write_pending(CopyState *st) noexcept nogil:
     while st.pre_len > 0 or st.pend_len > 0:
         # A cancel's signal cuts a blocked send short, and the partial
         # count comes back here, not to _copy_step's check.
-        if fp_load_int(&st.cancel_req):
+        if FP_CANCELLABLE and fp_load_int(&st.cancel_req):
             return STEP_CANCELLED
         if st.dst_wait_first:
             r = _wait_step(st, st.dst, POLLOUT)
@@ -777,7 +777,7 @@ cdef int _kernel_step(CopyState *st) noexcept nogil:
     cdef size_t chunk
     cdef int err, r
     while True:
-        if fp_load_int(&st.cancel_req):
+        if FP_CANCELLABLE and fp_load_int(&st.cancel_req):
             return STEP_CANCELLED
         if st.pipe_len > 0 and (
             st.draining or not st.fill_pipe or st.pipe_len >= st.pipe.size or st.limit == 0
@@ -916,7 +916,7 @@ cdef int _copy_step(CopyState *st) noexcept nogil:
     while True:
         # One atomic load per round trip through the loop; a cancel that
         # lands mid-syscall interrupts it (EINTR) and comes back here.
-        if fp_load_int(&st.cancel_req):
+        if FP_CANCELLABLE and fp_load_int(&st.cancel_req):
             return STEP_CANCELLED
         r = _write_pending(st)
         if r != STEP_AGAIN:
@@ -1201,10 +1201,11 @@ cdef void _copy_in_worker(CopyState *st) noexcept nogil:
     """The whole copy of a pool job; never needs the GIL past the prologue."""
     cdef int r
     st.in_worker = True
-    pthread_mutex_lock(&st.wake_lock)
-    st.thread = pthread_self()
-    st.in_thread = True
-    pthread_mutex_unlock(&st.wake_lock)
+    if FP_CANCELLABLE:
+        pthread_mutex_lock(&st.wake_lock)
+        st.thread = pthread_self()
+        st.in_thread = True
+        pthread_mutex_unlock(&st.wake_lock)
     if st.needs_prologue and not fp_load_int(&st.cancel_req):
         with gil:
             r = (<CopyJob>st.owner)._run_prologue()
@@ -1225,9 +1226,10 @@ cdef void _copy_in_worker(CopyState *st) noexcept nogil:
                 st.err = ECANCELED
                 r = STEP_ERROR
             st.status = r
-    pthread_mutex_lock(&st.wake_lock)
-    st.in_thread = False
-    pthread_mutex_unlock(&st.wake_lock)
+    if FP_CANCELLABLE:
+        pthread_mutex_lock(&st.wake_lock)
+        st.in_thread = False
+        pthread_mutex_unlock(&st.wake_lock)
     _discard(st)
     # Closing int ends here, before completion, keeps the promise that a
     # finished relay's fds are closed, at no GIL cost.  Objects are closed

@@ -67,6 +67,8 @@ cdef extern from "_compat.h" nogil:
     int pthread_mutex_lock(pthread_mutex_t *m)
     int pthread_mutex_unlock(pthread_mutex_t *m)
 
+    enum:
+        FP_CANCELLABLE
     void fp_store_int(int *p, int v)
     int fp_load_int(const int *p)
     int fp_install_wake_signal()
