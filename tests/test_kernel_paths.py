@@ -13,6 +13,7 @@ import socket
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -397,3 +398,30 @@ def test_a_sink_that_is_read_only_afterwards_does_not_hang(
     finally:
         a.close()
         b.close()
+
+
+def test_a_forked_child_gets_its_own_pipes() -> None:
+    """A pooled pipe is shared with a child after fork(): using it from both
+    processes would mix their bytes.  The child closes its copies and starts
+    a new pool; the parent's stays as it was."""
+    sent, got, _ = _socket_relay_through_pipe(2 << 20)
+    assert got == sent
+    before = fastpipe.pipe_stats()
+    assert before["free"] >= 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads: see test_pool
+        pid = os.fork()
+    if pid == 0:  # the child: report through the exit status only
+        status = 1
+        try:
+            stats = fastpipe.pipe_stats()
+            fresh = stats["allocated"] == 0 and stats["in_use"] == 0
+            s, g, method = _socket_relay_through_pipe(1 << 20)
+            status = 0 if fresh and s == g and method == "splice" else 2
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert fastpipe.pipe_stats()["free"] == before["free"]
+    sent, got, _ = _socket_relay_through_pipe(1 << 20)
+    assert got == sent
