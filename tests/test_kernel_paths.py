@@ -425,3 +425,55 @@ def test_a_forked_child_gets_its_own_pipes() -> None:
     assert fastpipe.pipe_stats()["free"] == before["free"]
     sent, got, _ = _socket_relay_through_pipe(1 << 20)
     assert got == sent
+
+
+@pytest.fixture
+def comm_sink() -> Iterator[int]:
+    """A sink that refuses splice: procfs files have no splice_write (EINVAL).
+
+    /proc/thread-self/comm takes any write and keeps its first 15 bytes as
+    this thread's name, which is restored afterwards.
+    """
+    with open("/proc/thread-self/comm", "rb") as f:
+        name = f.read()
+    fd = os.open("/proc/thread-self/comm", os.O_WRONLY)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+        with open("/proc/thread-self/comm", "wb") as f:
+            f.write(name)
+
+
+def test_a_sink_that_refuses_splice_gets_the_pipe_contents_by_write(comm_sink: int) -> None:
+    """The first splice leg filled our pipe, the second is refused: the bytes
+    already in the pipe go out by write(), then the copy goes on by
+    read/write; nothing lost, nothing repeated."""
+    pattern = b"0123456789abcdef"
+    data = pattern * 8192  # 128 KiB
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    a.sendall(data)
+    a.shutdown(socket.SHUT_WR)
+    old = _impl._set_splice_min_read(0)  # splice from the first byte
+    try:
+        n, method = run_job(b.fileno(), comm_sink)
+    finally:
+        _impl._set_splice_min_read(old)
+        a.close()
+        b.close()
+    assert n == len(data)
+    assert method == "readwrite"
+    with open("/proc/thread-self/comm", "rb") as f:
+        name = f.read().rstrip(b"\n")
+    assert len(name) == 15 and name in pattern * 2  # the start of some write
+
+
+def test_file_to_a_sink_that_refuses_both_kernel_paths(
+    endpoints: Endpoints, comm_sink: int
+) -> None:
+    """copy_file_range, then sendfile, refuse; read/write does the copy."""
+    data = b"0123456789abcdef" * 4096
+    src = endpoints.source("file", data)
+    n, method = run_job(src.fd, comm_sink)
+    assert (n, method) == (len(data), "readwrite")
