@@ -565,15 +565,16 @@ class Forwarder:
         """Wait up to ``grace`` seconds for the open connections to end.
 
         Returns:
-            True if none is left; False at the deadline or at another signal.
+            True if none is left; False at the deadline or at a second signal.
         """
-        signals_seen = len(self.signals)
+        # Counted from the start, not from this call: a second signal that
+        # came in while the first one was being logged counts too.
         deadline = time.monotonic() + grace
         poller = select.poll()
         poller.register(self._wake_r, select.POLLIN)
         while self.open_count:
             left = deadline - time.monotonic()
-            if left <= 0 or len(self.signals) > signals_seen:
+            if left <= 0 or len(self.signals) >= 2:
                 return False
             poller.poll(left * 1000)
             self._drain_wake()
@@ -671,6 +672,10 @@ def run(args: argparse.Namespace) -> int:
         )
     except ListenError as exc:
         err.write(f"{PROG}: error: {exc}\n")
+        return 1
+    except Exception as exc:  # the promise is one line, never a traceback
+        # Not expected (poll failing, out of memory, a bug): still one line.
+        err.write(f"{PROG}: error: {_reason(exc)}\n")
         return 1
 
 
