@@ -18,10 +18,14 @@ def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 
 
 def test_help() -> None:
-    for args in (["--help"], ["bench", "--help"], ["cp", "--help"]):
+    for args in (["--help"], ["bench", "--help"], ["cp", "--help"], ["forward", "--help"]):
         proc = run(*args)
         assert proc.returncode == 0
         assert "usage: fastpipe" in proc.stdout
+    # The top-level help lists every subcommand.
+    top = run("--help").stdout
+    for command in ("bench", "cp", "forward"):
+        assert command in top
 
 
 def test_bad_arguments_exit_2_with_a_message() -> None:

@@ -456,3 +456,28 @@ def test_idle_timeout_of_a_proxy_still_queued() -> None:
         for a, b in pairs:
             a.close()
             b.close()
+
+
+def test_bytes_each_way_is_there_however_the_proxy_ends() -> None:
+    """Per direction, live, and after a cancel (when result() has nothing to say)."""
+    p = Proxied("tcp")
+    try:
+        p.client.sendall(b"up" * 10)
+        assert p.server.recv(20, socket.MSG_WAITALL) == b"up" * 10
+        p.server.sendall(b"down")
+        assert p.client.recv(4, socket.MSG_WAITALL) == b"down"
+        assert p.relay.bytes_each_way == (20, 4)
+        assert p.relay.cancel()
+        assert p.relay.bytes_each_way == (20, 4)
+        assert p.relay.bytes_copied == 24
+    finally:
+        p.close()
+    r, w = os.pipe()
+    os.write(w, b"12345")
+    os.close(w)
+    r2, w2 = os.pipe()
+    relay = fastpipe.relay(r, w2)
+    assert relay.result(timeout=10) == 5
+    assert relay.bytes_each_way == (5,)
+    assert read_fd_to_eof(r2) == b"12345"
+    os.close(r2)

@@ -2,6 +2,7 @@
 
 Subcommands:
     cp: copy a file, a pipe or standard input (``_cli_cp``).
+    forward: a TCP port forwarder, one proxy per connection (``_cli_forward``).
     bench: fastpipe.relay side by side with ``shutil.copyfileobj``.
 """
 
@@ -37,7 +38,8 @@ def _positive_multiple_of(step: int) -> Callable[[str], int]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``fastpipe`` argument parser, one subparser per subcommand."""
-    from fastpipe import _bench, _cli_cp  # stdlib only, and fastpipe is imported anyway
+    # stdlib only, and fastpipe is imported anyway
+    from fastpipe import _bench, _cli_cp, _cli_forward
 
     parser = argparse.ArgumentParser(
         prog="fastpipe",
@@ -45,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _cli_cp.add_parser(commands)
+    _cli_forward.add_parser(commands)
 
     bench = commands.add_parser(
         "bench",
@@ -178,7 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         The exit status: 0 on success, 1 when a copy or a benchmark failed,
         2 for a usage error (argparse exits with 2 itself, ``bench --plot``
         without matplotlib), 130 on Ctrl-C, 141 when ``cp``'s standard output
-        was closed by its reader.
+        was closed by its reader.  ``forward`` handles SIGINT and SIGTERM
+        itself and exits with 0 after them.
     """
     args = build_parser().parse_args(argv)
     try:

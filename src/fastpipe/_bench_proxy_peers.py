@@ -8,6 +8,8 @@ so that a peer costs the relay's process nothing but the bytes it relays.
     rr-client PORT TRIPS MSGSIZE connect, say "ready", wait for "go", make
                                  TRIPS round trips checking each answer,
                                  half-close, read to end of file, say "done N"
+    rr-latency PORT TRIPS MSGSIZE as rr-client, timing each round trip, and
+                                 say "done N MEDIAN_NS MIN_NS P99_NS"
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 
 
 def _say(line: str) -> None:
@@ -50,7 +53,9 @@ def _echo_server(msgsize: int) -> None:
     _say(f"done {count}")
 
 
-def _rr_client(port: int, trips: int, msgsize: int) -> None:
+def _rr_client(port: int, trips: int, msgsize: int, timed: bool = False) -> None:
+    times: list[int] = []
+    clock = time.perf_counter_ns
     with socket.create_connection(("127.0.0.1", port)) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         _say("ready")
@@ -60,21 +65,29 @@ def _rr_client(port: int, trips: int, msgsize: int) -> None:
         view = memoryview(answer)
         for i in range(trips):
             message = (i.to_bytes(4, "big") * (msgsize // 4 + 1))[:msgsize]
+            t0 = clock()
             sock.sendall(message)
             if not _recv_exactly(sock, view) or answer != message:
                 raise SystemExit(f"round trip {i}: wrong answer")
+            times.append(clock() - t0)
         sock.shutdown(socket.SHUT_WR)
         if sock.recv(1):
             raise SystemExit("bytes after the last answer")
-    _say(f"done {trips}")
+    if not timed:
+        _say(f"done {trips}")
+        return
+    times.sort()
+    p99 = times[min(len(times) - 1, len(times) * 99 // 100)]
+    _say(f"done {trips} {times[len(times) // 2]} {times[0]} {p99}")
 
 
 def main(argv: list[str]) -> int:
     role, args = argv[0], [int(a) for a in argv[1:]]
     if role == "echo-server":
         _echo_server(*args)
-    elif role == "rr-client":
-        _rr_client(*args)
+    elif role in ("rr-client", "rr-latency"):
+        port, trips, msgsize = args
+        _rr_client(port, trips, msgsize, timed=role == "rr-latency")
     else:
         raise SystemExit(f"unknown role {role!r}")
     return 0

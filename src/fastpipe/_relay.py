@@ -61,6 +61,19 @@ class Relay(Future[Any]):
         return 0 if task is None else sum(job.bytes_copied for job in task.jobs)
 
     @property
+    def bytes_each_way(self) -> tuple[int, ...]:
+        """Bytes written so far per direction: ``(a_to_b, b_to_a)`` for a proxy.
+
+        ``(n,)`` for a relay.  Unlike ``result()`` it is there however the
+        relay ended (failed, timed out, cancelled), which is what a log line
+        about a proxied connection needs; exact once the relay is done.
+        """
+        task = self._task
+        if task is None:
+            return (0,)
+        return tuple(job.bytes_copied for job in task.jobs)
+
+    @property
     def method(self) -> str | None:
         """The copy path in use, or None before the copy has started."""
         task = self._task

@@ -1,0 +1,628 @@
+"""``fastpipe forward``, driven as a user would: a subprocess, real TCP clients and servers.
+
+The forwarder runs as ``python -m fastpipe forward 127.0.0.1:0 TARGET``; its
+listening address comes from its first stderr line.  Servers run in this
+process (threads) or as ``python -m http.server``.  Contents are compared
+byte for byte or by sha256; times are only "does not hang" bounds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+LISTENING = re.compile(r"listening on (\S+), forwarding to ")
+LINE = re.compile(
+    r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\S* fastpipe forward: conn=(\d+) peer=(\S+)"
+    r" end=(\S+) up=(\d+) down=(\d+) duration=([\d.]+)s(?: error=\"(.*)\")?$"
+)
+
+#: Python keeps SIGINT ignored when it starts with it ignored (as under a
+#: runner without job control); the SIGINT tests turn the default back on.
+SIGINT_PRELUDE = (
+    "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "from fastpipe.__main__ import main; sys.exit(main())"
+)
+
+
+def read_to_eof(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def split_address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class Forwarder:
+    """A ``fastpipe forward`` subprocess; its stderr is collected by a thread."""
+
+    def __init__(self, *args: str, sigint_prelude: bool = False) -> None:
+        head = ["-c", SIGINT_PRELUDE] if sigint_prelude else ["-m", "fastpipe"]
+        self.proc = subprocess.Popen(
+            [sys.executable, *head, "forward", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self._lines: list[str] = []
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.address: tuple[str, int] | None = None
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self._cond:
+                self._lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._lines.append("")  # end of stream marker
+            self._cond.notify_all()
+
+    @property
+    def lines(self) -> list[str]:
+        with self._cond:
+            return [line for line in self._lines if line]
+
+    def wait_for(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
+        """The first stderr line matching ``pattern``, waiting for it if need be."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self._lines:
+                    if m := regex.search(line):
+                        return m
+                left = deadline - time.monotonic()
+                if left <= 0 or (self._lines and self._lines[-1] == "" and self.proc.poll()):
+                    raise AssertionError(f"no line matching {pattern!r} in {self._lines}")
+                self._cond.wait(min(left, 0.1))
+
+    def started(self) -> tuple[str, int]:
+        self.address = split_address(self.wait_for(LISTENING.pattern).group(1))
+        return self.address
+
+    def connect(self) -> socket.socket:
+        assert self.address is not None
+        return socket.create_connection(self.address, timeout=10)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        self.proc.send_signal(sig)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float = 15.0) -> int:
+        status = self.proc.wait(timeout)
+        self._reader.join(10)
+        return status
+
+    def connection_lines(self) -> list[re.Match[str]]:
+        return [m for line in self.lines if (m := LINE.match(line))]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self._reader.join(10)
+        assert self.proc.stderr is not None
+        self.proc.stderr.close()
+        assert not any("Traceback" in line for line in self.lines), self.lines
+
+
+@pytest.fixture
+def forwarder() -> Iterator[Callable[..., Forwarder]]:
+    """``start(*args)``: a started forwarder, killed at teardown whatever happened."""
+    started: list[Forwarder] = []
+
+    def start(*args: str, sigint_prelude: bool = False) -> Forwarder:
+        fwd = Forwarder(*args, sigint_prelude=sigint_prelude)
+        started.append(fwd)
+        fwd.started()
+        return fwd
+
+    try:
+        yield start
+    finally:
+        for fwd in started:
+            fwd.close()
+
+
+class EchoServer:
+    """Echoes each connection until its end of file; counts concurrent connections.
+
+    ``hold`` (an Event) makes each connection wait for it after the first
+    message, before echoing the rest: a client that has its first answer is
+    then known to be proxied right now.
+    """
+
+    def __init__(self, *, trickle: float = 0.0) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.05)
+        self.port = self.listener.getsockname()[1]
+        self.target = f"127.0.0.1:{self.port}"
+        self.active = 0
+        self.peak = 0
+        self.served = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._accepter = threading.Thread(target=self._accept_loop, daemon=True)
+        self._accepter.start()
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            t = threading.Thread(target=self._echo, args=(conn,), daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _echo(self, conn: socket.socket) -> None:
+        with self._lock:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+        try:
+            with conn, contextlib.suppress(OSError):
+                conn.settimeout(30)
+                while chunk := conn.recv(1 << 16):
+                    conn.sendall(chunk)
+                conn.shutdown(socket.SHUT_WR)
+        finally:
+            with self._lock:
+                self.active -= 1
+                self.served += 1
+
+    def close(self) -> None:
+        self._stop.set()
+        self._accepter.join(10)
+        self.listener.close()
+        for t in self._threads:
+            t.join(10)
+
+
+@pytest.fixture
+def echo_server() -> Iterator[EchoServer]:
+    server = EchoServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def exchange(fwd: Forwarder, data: bytes) -> bytes:
+    """Send ``data`` through the forwarder (in a thread), return what came back."""
+    with fwd.connect() as sock:
+        sender = threading.Thread(target=_send_and_half_close, args=(sock, data))
+        sender.start()
+        try:
+            return read_to_eof(sock)
+        finally:
+            sender.join(10)
+
+
+def _send_and_half_close(sock: socket.socket, data: bytes) -> None:
+    with contextlib.suppress(OSError):
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+
+
+# -- real clients --------------------------------------------------------------
+
+
+@pytest.fixture
+def http_server(tmp_path: Path) -> Iterator[tuple[int, bytes]]:
+    """``python -m http.server`` serving a 3 MiB random file; yields (port, data)."""
+    data = os.urandom(3 * 1024 * 1024 + 12345)
+    (tmp_path / "blob.bin").write_bytes(data)
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # "Serving HTTP on 127.0.0.1 port N (...) ..."
+        yield int(line.split(" port ")[1].split()[0]), data
+    finally:
+        proc.kill()
+        proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+def test_http_download_through_the_forwarder(
+    forwarder: Callable[..., Forwarder], http_server: tuple[int, bytes]
+) -> None:
+    port, data = http_server
+    fwd = forwarder("127.0.0.1:0", f"127.0.0.1:{port}")
+    host, fport = fwd.started()
+    assert host == "127.0.0.1" and fport > 0
+    for _ in range(2):
+        with urllib.request.urlopen(f"http://127.0.0.1:{fport}/blob.bin", timeout=20) as resp:
+            body = resp.read()
+        assert hashlib.sha256(body).hexdigest() == hashlib.sha256(data).hexdigest()
+    assert fwd.stop() == 0
+    conns = fwd.connection_lines()
+    assert [m.group(3) for m in conns] == ["ok", "ok"]
+    for m in conns:
+        assert m.group(2).startswith("127.0.0.1:")
+        assert int(m.group(5)) > len(data)  # the body plus the headers
+        assert 0 < int(m.group(4)) < 1000  # the request
+    fwd.wait_for(r"stopped: connections=2 ok=2 errors=0 idle_timeouts=0 cancelled=0 ")
+
+
+def test_concurrent_connections_each_get_their_own_bytes(
+    forwarder: Callable[..., Forwarder], echo_server: EchoServer
+) -> None:
+    fwd = forwarder("127.0.0.1:0", echo_server.target)
+    payloads = [os.urandom(200_000 + 1000 * i) for i in range(20)]
+    results: list[bytes | BaseException | None] = [None] * 20
+    start = threading.Barrier(20)
+
+    def client(i: int) -> None:
+        try:
+            start.wait(10)
+            results[i] = exchange(fwd, payloads[i])
+        except BaseException as exc:  # noqa: B036 - reported by the test
+            results[i] = exc
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for i, got in enumerate(results):
+        assert got == payloads[i], f"client {i}: {got!r:.100}"
+    assert fwd.stop() == 0
+    fwd.wait_for(r"stopped: connections=20 ok=20 errors=0 ")
+    conns = fwd.connection_lines()
+    assert sorted(int(m.group(4)) for m in conns) == sorted(len(p) for p in payloads)
+    assert all(m.group(4) == m.group(5) for m in conns)  # echoed: as much each way
+
+
+def test_ipv6_listen_address(forwarder: Callable[..., Forwarder], echo_server: EchoServer) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        with socket.create_server(("::1", 0), family=socket.AF_INET6):
+            pass
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    fwd = forwarder("[::1]:0", echo_server.target)
+    fwd.wait_for(r"listening on \[::1\]:\d+, ")
+    assert fwd.address is not None and fwd.address[0] == "::1"
+    assert exchange(fwd, b"over IPv6") == b"over IPv6"
+    assert fwd.stop() == 0
+    assert fwd.connection_lines()[0].group(2).startswith("[::1]:")
+
+
+# -- stopping --------------------------------------------------------------------
+
+
+class SlowServer:
+    """Sends ``chunks`` blocks of ``size`` random bytes, one every ``interval`` seconds."""
+
+    def __init__(self, chunks: int, size: int, interval: float) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.target = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.sent: list[bytes] = []
+        self._args = (chunks, size, interval)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def serve(self, connections: int) -> None:
+        """Serve the next ``connections`` clients, each in its own thread."""
+        for _ in range(connections):
+            self.sent.append(b"")
+            t = threading.Thread(target=self._one, args=(len(self.sent) - 1,), daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _one(self, i: int) -> None:
+        self.listener.settimeout(10)
+        conn, _ = self.listener.accept()
+        chunks, size, interval = self._args
+        with conn, contextlib.suppress(OSError):
+            for _ in range(chunks):
+                block = os.urandom(size)
+                conn.sendall(block)
+                self.sent[i] += block
+                if self._stop.wait(interval):
+                    return
+            conn.shutdown(socket.SHUT_WR)
+            read_to_eof(conn)
+
+    def close(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(10)
+        self.listener.close()
+
+
+@pytest.fixture
+def slow_server() -> Iterator[Callable[[int, int, float], SlowServer]]:
+    servers: list[SlowServer] = []
+
+    def make(chunks: int, size: int, interval: float) -> SlowServer:
+        servers.append(SlowServer(chunks, size, interval))
+        return servers[-1]
+
+    try:
+        yield make
+    finally:
+        for s in servers:
+            s.close()
+
+
+def _download(fwd: Forwarder, out: list[bytes], i: int, connected: threading.Event) -> None:
+    with fwd.connect() as sock:
+        first = sock.recv(1 << 20)
+        connected.set()
+        try:
+            out[i] = first + read_to_eof(sock)
+        except OSError as exc:
+            out[i] = first + f"<{type(exc).__name__}>".encode()
+        sock.shutdown(socket.SHUT_WR)
+
+
+def test_sigterm_lets_transfers_finish_within_the_grace_period(
+    forwarder: Callable[..., Forwarder],
+    slow_server: Callable[[int, int, float], SlowServer],
+) -> None:
+    server = slow_server(8, 64 * 1024, 0.1)  # about 0.8 s per download
+    server.serve(3)
+    fwd = forwarder("127.0.0.1:0", server.target, "--grace", "20")
+    got: list[bytes] = [b""] * 3
+    events = [threading.Event() for _ in range(3)]
+    clients = [threading.Thread(target=_download, args=(fwd, got, i, events[i])) for i in range(3)]
+    for t in clients:
+        t.start()
+    for e in events:
+        assert e.wait(10)
+    start = time.monotonic()
+    fwd.proc.send_signal(signal.SIGTERM)
+    fwd.wait_for(r"SIGTERM: stopped accepting; \d+ open, grace 20 s")
+    # The listener is closed at once: a new client is refused.
+    assert fwd.address is not None
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(fwd.address, timeout=5).close()
+    assert fwd.wait(20) == 0
+    # It left as soon as the downloads were done, not at the end of the grace.
+    assert time.monotonic() - start < 15
+    for t in clients:
+        t.join(10)
+    assert sorted(got) == sorted(server.sent)
+    assert all(len(g) == 8 * 64 * 1024 for g in got)
+    fwd.wait_for(r"stopped: connections=3 ok=3 errors=0 idle_timeouts=0 cancelled=0 ")
+
+
+def test_a_transfer_outlasting_the_grace_period_is_cancelled(
+    forwarder: Callable[..., Forwarder],
+    slow_server: Callable[[int, int, float], SlowServer],
+) -> None:
+    server = slow_server(1000, 1000, 0.05)  # 50 s: far longer than the grace
+    server.serve(1)
+    fwd = forwarder("127.0.0.1:0", server.target, "--grace", "1")
+    got = [b""]
+    connected = threading.Event()
+    client = threading.Thread(target=_download, args=(fwd, got, 0, connected))
+    client.start()
+    assert connected.wait(10)
+    start = time.monotonic()
+    assert fwd.stop(signal.SIGTERM, timeout=15) == 0
+    elapsed = time.monotonic() - start
+    assert 0.9 <= elapsed < 10  # the grace, plus a generous "does not hang"
+    client.join(10)
+    assert not client.is_alive()  # the client saw its connection end
+    assert server.sent[0].startswith(got[0].split(b"<")[0])
+    fwd.wait_for(r"grace period over: cancelling 1 open")
+    (line,) = fwd.connection_lines()
+    assert line.group(3) == "cancelled"
+    assert int(line.group(5)) >= 1000
+    fwd.wait_for(r"stopped: connections=1 ok=0 errors=0 idle_timeouts=0 cancelled=1 ")
+
+
+def test_a_second_sigint_cancels_at_once(
+    forwarder: Callable[..., Forwarder], echo_server: EchoServer
+) -> None:
+    fwd = forwarder("127.0.0.1:0", echo_server.target, "--grace", "60", sigint_prelude=True)
+    with fwd.connect() as idle:
+        idle.sendall(b"x")
+        assert idle.recv(1) == b"x"  # proxied now, and then idle
+        fwd.proc.send_signal(signal.SIGINT)
+        fwd.wait_for(r"SIGINT: stopped accepting; 1 open, grace 60 s")
+        start = time.monotonic()
+        assert fwd.stop(signal.SIGINT, timeout=15) == 0
+        assert time.monotonic() - start < 10  # not the 60 s of grace
+        idle.settimeout(10)
+        assert read_to_eof(idle) == b""
+    fwd.wait_for(r"second signal: cancelling 1 open")
+    fwd.wait_for(r"stopped: connections=1 ok=0 errors=0 idle_timeouts=0 cancelled=1 ")
+
+
+def test_stop_with_nothing_open(forwarder: Callable[..., Forwarder]) -> None:
+    fwd = forwarder("127.0.0.1:0", "127.0.0.1:9", sigint_prelude=True)
+    assert fwd.stop(signal.SIGINT) == 0
+    fwd.wait_for(r"stopped: connections=0 ok=0 errors=0 idle_timeouts=0 cancelled=0 up=0 down=0$")
+
+
+# -- options ---------------------------------------------------------------------
+
+
+def test_max_connections_keeps_the_others_waiting(
+    forwarder: Callable[..., Forwarder], echo_server: EchoServer
+) -> None:
+    fwd = forwarder("127.0.0.1:0", echo_server.target, "--max-connections", "2")
+    release = threading.Event()
+    answered = [threading.Event() for _ in range(4)]
+    results: list[bytes | BaseException | None] = [None] * 4
+
+    def client(i: int) -> None:
+        try:
+            with fwd.connect() as sock:
+                sock.settimeout(20)
+                message = f"client {i} ".encode() * 100
+                sock.sendall(message)
+                got = b""
+                while len(got) < len(message):
+                    chunk = sock.recv(1 << 16)
+                    if not chunk:
+                        break
+                    got += chunk
+                answered[i].set()
+                release.wait(20)  # hold the connection open until told
+                sock.shutdown(socket.SHUT_WR)
+                results[i] = got + read_to_eof(sock)
+        except BaseException as exc:  # noqa: B036 - reported by the test
+            results[i] = exc
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while sum(e.is_set() for e in answered) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.5)  # room for a third to (wrongly) get through
+        assert sum(e.is_set() for e in answered) == 2
+        assert echo_server.active == 2
+    finally:
+        release.set()
+        for t in threads:
+            t.join(30)
+    for i, got in enumerate(results):
+        assert got == f"client {i} ".encode() * 100, f"client {i}: {got!r:.100}"
+    assert echo_server.peak == 2
+    # Its threads count a connection after the close the client has seen.
+    deadline = time.monotonic() + 10
+    while echo_server.served < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert echo_server.served == 4
+    assert fwd.stop() == 0
+    fwd.wait_for(r"stopped: connections=4 ok=4 ")
+
+
+def test_idle_timeout_closes_an_idle_connection(
+    forwarder: Callable[..., Forwarder], echo_server: EchoServer
+) -> None:
+    fwd = forwarder("127.0.0.1:0", echo_server.target, "--idle-timeout", "0.5")
+    with fwd.connect() as sock:
+        sock.sendall(b"hello")
+        assert sock.recv(5) == b"hello"
+        start = time.monotonic()
+        assert read_to_eof(sock) == b""  # closed by the forwarder: EOF
+        assert time.monotonic() - start < 8
+    line = fwd.wait_for(r"conn=1 .* end=idle-timeout up=5 down=5 ")
+    assert LINE.match(line.string)
+    assert fwd.stop() == 0
+    fwd.wait_for(r"stopped: connections=1 ok=0 errors=0 idle_timeouts=1 cancelled=0 ")
+
+
+def test_a_refused_target_closes_the_client_and_logs_the_error(
+    forwarder: Callable[..., Forwarder],
+) -> None:
+    # Bound but not listening: a connect to it is refused.
+    with socket.socket() as nobody:
+        nobody.bind(("127.0.0.1", 0))
+        port = nobody.getsockname()[1]
+        fwd = forwarder("127.0.0.1:0", f"127.0.0.1:{port}", "--quiet")
+        with fwd.connect() as sock:
+            assert read_to_eof(sock) == b""
+        m = fwd.wait_for(r" end=error up=0 down=0 ")
+        assert m.string.endswith(
+            f'error="connect to 127.0.0.1:{port}: ConnectionRefusedError: Connection refused"'
+        )
+        assert fwd.stop() == 0
+    # --quiet: the listening line (port 0) and the error, nothing else.
+    assert len(fwd.lines) == 2, fwd.lines
+
+
+def test_quiet_logs_nothing_for_good_connections(
+    forwarder: Callable[..., Forwarder], echo_server: EchoServer
+) -> None:
+    fwd = forwarder("127.0.0.1:0", echo_server.target, "-q")
+    assert exchange(fwd, b"quiet") == b"quiet"
+    assert fwd.stop() == 0
+    assert len(fwd.lines) == 1 and LISTENING.search(fwd.lines[0]), fwd.lines
+
+
+# -- usage errors ------------------------------------------------------------------
+
+
+def run_forward(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fastpipe", "forward", *args],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["127.0.0.1:8080"],
+        ["127.0.0.1", "127.0.0.1:80"],
+        ["127.0.0.1:65536", "127.0.0.1:80"],
+        ["127.0.0.1:-1", "127.0.0.1:80"],
+        ["127.0.0.1:http", "127.0.0.1:80"],
+        ["::1:8080", "127.0.0.1:80"],
+        ["[::1]8080", "127.0.0.1:80"],
+        ["127.0.0.1:0", "127.0.0.1:0"],
+        ["127.0.0.1:0", ":80"],
+        ["127.0.0.1:0", "127.0.0.1:80", "--max-connections", "0"],
+        ["127.0.0.1:0", "127.0.0.1:80", "--max-connections", "-3"],
+        ["127.0.0.1:0", "127.0.0.1:80", "--idle-timeout", "0"],
+        ["127.0.0.1:0", "127.0.0.1:80", "--grace", "-1"],
+        ["127.0.0.1:0", "127.0.0.1:80", "--grace", "nan"],
+        ["127.0.0.1:0", "127.0.0.1:80", "--connect-timeout", "soon"],
+    ],
+)
+def test_bad_arguments_exit_2(args: list[str]) -> None:
+    proc = run_forward(*args)
+    assert proc.returncode == 2, proc
+    assert "fastpipe forward: error:" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_listen_address_in_use_exits_1_with_one_line() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        proc = run_forward(f"127.0.0.1:{port}", "127.0.0.1:80")
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        f"fastpipe forward: error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    )
+
+
+def test_help() -> None:
+    proc = run_forward("--help")
+    assert proc.returncode == 0
+    assert "usage: fastpipe forward" in proc.stdout
+    for option in ("--max-connections", "--idle-timeout", "--grace", "--connect-timeout"):
+        assert option in proc.stdout
