@@ -466,6 +466,10 @@ def test_bytes_each_way_is_there_however_the_proxy_ends() -> None:
         assert p.server.recv(20, socket.MSG_WAITALL) == b"up" * 10
         p.server.sendall(b"down")
         assert p.client.recv(4, socket.MSG_WAITALL) == b"down"
+        # The count moves just after the write returns: a reader can be quicker.
+        deadline = time.monotonic() + 5
+        while p.relay.bytes_each_way != (20, 4) and time.monotonic() < deadline:
+            time.sleep(0.001)
         assert p.relay.bytes_each_way == (20, 4)
         assert p.relay.cancel()
         assert p.relay.bytes_each_way == (20, 4)
