@@ -179,15 +179,20 @@ def test_shutdown_waits_for_running_relays() -> None:
     assert relay.result() == 1000
 
 
-def test_shutdown_cancel_relays_cancels_queued_ones() -> None:
+def test_shutdown_cancel_relays_cancels_queued_and_running_ones() -> None:
     pool = WorkerPool(max_workers=1)
     running, w = idle_relay(pool)
     queued, w2 = idle_relay(pool)
     wait_for(lambda: pool.stats()["queued"] == 1)
-    pool.shutdown(wait=False, cancel_relays=True)
-    assert queued.cancelled()
-    finish([w])
-    assert running.result(timeout=10) == 1000
+    os.write(w, b"y" * 10)
+    wait_for(lambda: running.bytes_copied == 10)
+    start = time.monotonic()
+    pool.shutdown(wait=True, cancel_relays=True)  # the running one is parked on an idle pipe
+    assert time.monotonic() - start < 5
+    assert queued.cancelled() and running.cancelled()
+    assert running.bytes_copied == 10
+    assert pool.stats()["workers"] == 0
+    os.close(w)
     os.close(w2)
 
 

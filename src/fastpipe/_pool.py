@@ -149,6 +149,9 @@ class WorkerPool:
         self._max_workers = max_workers
         self._lock = threading.Lock()
         self._threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+        # Every relay handed out and not yet collected, for
+        # shutdown(cancel_relays=True); a finished one costs nothing there.
+        self._relays: weakref.WeakSet[Relay] = weakref.WeakSet()
         self._completer: threading.Thread | None = None
         self._shutdown = False
         # A pool dropped without shutdown() still lets its threads go.
@@ -201,6 +204,7 @@ class WorkerPool:
         job.task = task
         relay._task = task
         self._submit(task)
+        self._relays.add(relay)
         return relay
 
     def proxy(
@@ -250,6 +254,7 @@ class WorkerPool:
         task = _proxy.build(relay, a, b, close, idle_timeout, self._core)
         relay._task = task
         self._submit(task)
+        self._relays.add(relay)
         if task.idle_timeout is not None:
             _proxy.watchdog.watch(task)
         return relay
@@ -264,14 +269,15 @@ class WorkerPool:
     def shutdown(self, wait: bool = True, *, cancel_relays: bool = False) -> None:
         """Stop accepting relays and let the workers exit.
 
-        Idempotent.  Relays already queued still run unless ``cancel_relays``
-        is true, in which case they are cancelled (and their ends closed as
-        ``close=`` said).  Relays already running finish normally.
+        Idempotent.  Without ``cancel_relays``, relays already queued or
+        running go on to their end.  With it, every one of them is cancelled
+        (``Relay.cancel()``): queued ones never start, running ones stop
+        within milliseconds, and their ends are closed as ``close=`` said.
 
         Args:
             wait: block until every worker thread has exited, which means
                 until every running relay has finished.
-            cancel_relays: cancel relays that have not started yet.
+            cancel_relays: cancel the relays that are queued or running.
         """
         with self._lock:
             self._shutdown = True
@@ -281,6 +287,9 @@ class WorkerPool:
             task = job.task
             assert isinstance(task, (_Task, _proxy.ProxyTask))
             task.drop(job)
+        if cancel_relays:
+            for relay in list(self._relays):
+                relay.cancel()
         if wait:
             me = threading.current_thread()
             with self._lock:
@@ -343,6 +352,7 @@ class WorkerPool:
         self._core.reset_after_fork()
         self._lock = threading.Lock()
         self._threads = weakref.WeakSet()
+        self._relays = weakref.WeakSet()
         self._completer = None
 
 
