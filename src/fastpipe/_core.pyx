@@ -1835,6 +1835,11 @@ cdef class PoolCore:
             pthread_cond_signal(&self.helper_cond)
         elif self.completer_waiting:
             pthread_cond_signal(&self.done_cond)
+        if leave[0] and self.completer_waiting:
+            # The last worker leaving a pool that shuts down is what lets the
+            # completer exit; a helper in result() may have taken the job
+            # (and the wake-up) above, so wake the completer to look too.
+            pthread_cond_signal(&self.done_cond)
         pthread_mutex_unlock(&self.lock)
         return nxt
 
