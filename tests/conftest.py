@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -272,3 +275,26 @@ def open_fds() -> set[int]:
 compiled_only = pytest.mark.skipif(
     fastpipe.IMPLEMENTATION != "c", reason="needs the compiled core (GIL-free loop)"
 )
+
+
+@pytest.fixture
+def http_server(tmp_path: Path) -> Iterator[tuple[int, bytes]]:
+    """``python -m http.server`` serving a 3 MiB random file; yields (port, data)."""
+    data = os.urandom(3 * 1024 * 1024 + 12345)
+    (tmp_path / "blob.bin").write_bytes(data)
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # "Serving HTTP on 127.0.0.1 port N (...) ..."
+        yield int(line.split(" port ")[1].split()[0]), data
+    finally:
+        proc.kill()
+        proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()

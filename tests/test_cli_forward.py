@@ -20,7 +20,6 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
@@ -229,29 +228,6 @@ def _send_and_half_close(sock: socket.socket, data: bytes) -> None:
 
 
 # -- real clients --------------------------------------------------------------
-
-
-@pytest.fixture
-def http_server(tmp_path: Path) -> Iterator[tuple[int, bytes]]:
-    """``python -m http.server`` serving a 3 MiB random file; yields (port, data)."""
-    data = os.urandom(3 * 1024 * 1024 + 12345)
-    (tmp_path / "blob.bin").write_bytes(data)
-    proc = subprocess.Popen(
-        [sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()  # "Serving HTTP on 127.0.0.1 port N (...) ..."
-        yield int(line.split(" port ")[1].split()[0]), data
-    finally:
-        proc.kill()
-        proc.wait()
-        assert proc.stdout is not None
-        proc.stdout.close()
 
 
 def test_http_download_through_the_forwarder(

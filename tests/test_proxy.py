@@ -72,30 +72,6 @@ def proxied(request: pytest.FixtureRequest) -> Iterator[Proxied]:
 # -- real clients ---------------------------------------------------------------
 
 
-@pytest.fixture
-def http_server(tmp_path) -> Iterator[tuple[int, bytes]]:
-    """``python -m http.server`` serving a 3 MiB random file; yields (port, data)."""
-    data = os.urandom(3 * 1024 * 1024 + 12345)
-    (tmp_path / "blob.bin").write_bytes(data)
-    proc = subprocess.Popen(
-        [sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()  # "Serving HTTP on 127.0.0.1 port N (...) ..."
-        port = int(line.split(" port ")[1].split()[0])
-        yield port, data
-    finally:
-        proc.kill()
-        proc.wait()
-        assert proc.stdout is not None
-        proc.stdout.close()
-
-
 def test_http_download_through_proxy(http_server: tuple[int, bytes]) -> None:
     port, data = http_server
     relays: list[fastpipe.Relay] = []
