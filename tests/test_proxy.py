@@ -98,6 +98,39 @@ def test_http_download_through_proxy(http_server: tuple[int, bytes]) -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_half_close_does_not_wait_for_python(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker shuts the socket down in C: a completion stuck behind the
+    GIL (here: held on purpose) must not hold back the peer's end of file."""
+    from fastpipe import _proxy
+
+    release = threading.Event()
+    real_complete = _proxy.ProxyTask.complete
+
+    def stuck_complete(self: _proxy.ProxyTask, job: object) -> None:
+        release.wait(30)
+        real_complete(self, job)
+
+    monkeypatch.setattr(_proxy.ProxyTask, "complete", stuck_complete)
+    p = Proxied(family)
+    try:
+        request = os.urandom(300_000)
+        p.client.sendall(request)
+        p.client.shutdown(socket.SHUT_WR)
+        p.server.settimeout(10)
+        # Without the shutdown in C this read would only end after release.
+        assert read_to_eof(p.server) == request
+        assert not p.relay.done()
+        p.server.sendall(b"reply")
+        p.server.close()
+        release.set()
+        assert read_to_eof(p.client) == b"reply"
+        assert p.relay.result(timeout=10) == (len(request), 5)
+    finally:
+        release.set()
+        p.close()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_server_that_answers_after_the_clients_eof(family: str) -> None:
     """Half-close: no truncated reply, no hang (tokio#3876)."""
     p = Proxied(family)

@@ -32,15 +32,16 @@ from concurrent.futures import CancelledError as _CancelledError
 from fastpipe._syscalls cimport (
     ECANCELED, EIO, ENOSYS, EPERM, EPIPE, EXDEV, FIONREAD, FP_CANCELLABLE, F_GETFL,
     F_GETPIPE_SZ, F_SETPIPE_SZ, MSG_DONTWAIT, MSG_NOSIGNAL, O_APPEND, O_CLOEXEC, O_NONBLOCK,
-    POLLIN, POLLNVAL, POLLOUT, RWF_NOWAIT, SEEK_CUR, SPLICE_F_NONBLOCK, S_ISBLK, S_ISFIFO,
-    S_ISREG, S_ISSOCK, close, copy_file_range, fcntl, fp_block_sigpipe, fp_cond_init_monotonic,
+    POLLIN, POLLNVAL, POLLOUT, RWF_NOWAIT, SEEK_CUR, SHUT_WR, SPLICE_F_NONBLOCK, S_ISBLK,
+    S_ISFIFO, S_ISREG, S_ISSOCK, close, copy_file_range, fcntl, fp_block_sigpipe,
+    fp_cond_init_monotonic,
     fp_cond_wait_until_ms, fp_discard_sigpipe, fp_install_wake_signal, fp_load_int, fp_load_ll,
     fp_sem_wait_ms, fp_set_sigmask, fp_sigpipe_blocked_in, fp_store_int, fp_store_ll, fstat,
     ioctl, lseek, msghdr, pipe2, poll, pollfd, preadv2, pthread_cond_broadcast,
     pthread_cond_init, pthread_cond_signal, pthread_cond_t, pthread_cond_wait, pthread_kill,
     pthread_mutex_init, pthread_mutex_lock, pthread_mutex_t, pthread_mutex_unlock, pthread_self,
     pthread_setname_np, pthread_t, pwritev2, readv, recvmsg, sem_destroy, sem_init, sem_post,
-    sem_t, sem_wait, sendfile, sendmsg, sigset_t, splice, stat, writev,
+    sem_t, sem_wait, sendfile, sendmsg, shutdown, sigset_t, splice, stat, writev,
 )
 
 
@@ -493,6 +494,7 @@ cdef struct CopyState:
     bint in_worker          # a worker has taken the job
     bint close_src          # close these int fds in C when the copy ends
     bint close_dst
+    bint shut_wr_at_eof     # shutdown(dst, SHUT_WR) when the source ends
     int status              # STEP_DONE or STEP_ERROR once finished
     # Cancellation: cancel_req is set by CopyJob.cancel() from any thread and
     # read by the copy loop between syscalls.  thread/in_thread say which
@@ -1231,6 +1233,11 @@ cdef void _copy_in_worker(CopyState *st) noexcept nogil:
         st.in_thread = False
         pthread_mutex_unlock(&st.wake_lock)
     _discard(st)
+    if st.shut_wr_at_eof and st.status == STEP_DONE:
+        # proxy(): the peer sees end of file the moment our source does,
+        # without waiting for the GIL.  shutdown() closes nothing, so the fd
+        # stays ours; ENOTCONN (peer gone) is the other direction's story.
+        shutdown(st.dst, SHUT_WR)
     # Closing int ends here, before completion, keeps the promise that a
     # finished relay's fds are closed, at no GIL cost.  Objects are closed
     # through their own close() by the completer.
@@ -1393,6 +1400,11 @@ cdef class CopyJob:
         """Have the worker close these int fds in C when the copy ends."""
         self.st.close_src = src
         self.st.close_dst = dst
+
+    def shut_wr_at_eof(self, bint on):
+        """Have the worker ``shutdown(dst, SHUT_WR)`` when the copy ends by
+        reaching end of file (not on an error or a cancel)."""
+        self.st.shut_wr_at_eof = on
 
     def prepend(self, bytes data not None):
         """Queue ``data`` to be written before anything read from the source.

@@ -251,6 +251,7 @@ class CopyJob:
         self._started = False
         self._close_src = False
         self._close_dst = False
+        self._shut_wr = False
         self._result: int | None = None
         self._error: BaseException | None = None
         self.bytes_copied = 0
@@ -303,6 +304,9 @@ class CopyJob:
         self._close_src = bool(src)
         self._close_dst = bool(dst)
 
+    def shut_wr_at_eof(self, on: bool) -> None:
+        self._shut_wr = bool(on)
+
     def result(self) -> int:
         if self._error is not None:
             raise self._error
@@ -316,6 +320,8 @@ class CopyJob:
             if self.prologue is not None and not self._cancel_req:
                 self.prologue(self)
             self.run()
+            if self._shut_wr:
+                _shutdown_wr(self._dst)
         except BaseException as exc:  # noqa: B036 - kept for the completer
             self._error = exc
         finally:
@@ -706,6 +712,22 @@ class CopyJob:
 def copy_fd(src_fd: int, dst_fd: int, count: int | None = None, *, zerocopy: bool = True) -> int:
     """Copy from ``src_fd`` to ``dst_fd``; see ``fastpipe.copy_fd``."""
     return CopyJob(src_fd, dst_fd, count, zerocopy=zerocopy).run()
+
+
+def _shutdown_wr(fd: int) -> None:
+    # proxy(): the peer sees end of file as soon as our source does.
+    # shutdown() closes nothing, so the fd stays the caller's; the socket
+    # object is only a view, detached before it could close the fd.
+    try:
+        view = socket.socket(fileno=fd)
+    except OSError:
+        return  # not a socket (any more): nothing to half-close
+    try:
+        view.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass  # ENOTCONN: the peer is gone, which the other direction reports
+    finally:
+        view.detach()
 
 
 def _close_quietly(fd: int) -> None:

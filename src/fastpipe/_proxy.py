@@ -6,7 +6,8 @@ in whichever thread completes a finished job (the completer, or a thread
 waiting in ``result()``):
 
 * a direction that reaches end of file half-closes the side it wrote to:
-  ``shutdown(SHUT_WR)`` on a socket, so the peer reads end of file but can
+  ``shutdown(SHUT_WR)`` on a socket, done by the worker in C the moment the
+  source ends (no wait for the GIL), so the peer reads end of file but can
   still answer; a separate write-only end (a pipe's write end, given as the
   second item of a ``(reader, writer)`` pair) is closed, which is the only
   end of file a pipe has.  The other direction goes on to its own end.
@@ -72,25 +73,6 @@ class _Side:
             except OSError:
                 # A bad fd: the job reports EBADF through the relay.
                 self.write_is_socket = False
-
-
-def _shutdown_write(end: object, fd: int) -> None:
-    """``shutdown(SHUT_WR)`` a socket given as an object or as an int fd."""
-    try:
-        if isinstance(end, socket.socket):
-            end.shutdown(socket.SHUT_WR)
-        else:
-            # A view of the same socket, detached again so that it never
-            # closes the caller's fd.
-            view = socket.socket(fileno=fd)
-            try:
-                view.shutdown(socket.SHUT_WR)
-            finally:
-                view.detach()
-    except OSError:
-        # ENOTCONN: the peer is already gone, which the other direction
-        # reports (or has reported) by itself.
-        pass
 
 
 class ProxyTask:
@@ -169,8 +151,10 @@ class ProxyTask:
                 if src or dst:
                     job.close_fds(src, dst)
                     self.in_c[i] = {fd for fd, yes in ((job.src_fd, src), (job.dst_fd, dst)) if yes}
-        for job in self.jobs:
+        for i, job in enumerate(self.jobs):
             job.task = self
+            if self.dst[i][2]:
+                job.shut_wr_at_eof(True)
 
     def _closes_in_c(self, fd: int, i: int) -> bool:
         owners = self.ends[fd]
@@ -253,12 +237,12 @@ class ProxyTask:
 
     def _half_close(self, i: int) -> None:
         """Job ``i`` reached end of file: let its peer see end of file too."""
-        obj, fd, is_socket = self.dst[i]
-        if fd in self.in_c[i] or fd in self.closed:
-            return  # the worker closed it in C: the peer has its end of file
-        if is_socket:
-            _shutdown_write(obj, fd)
-        elif self.close and self.users[fd] == {i}:
+        _, fd, is_socket = self.dst[i]
+        if is_socket or fd in self.in_c[i] or fd in self.closed:
+            # The worker shut a socket down, or closed the end, in C: the
+            # peer has its end of file.
+            return
+        if self.close and self.users[fd] == {i}:
             # A write-only end that nothing else uses (a pipe): closing it
             # is its end of file.  With close=False it stays open: the fd
             # is the caller's, and closing it here would turn their own

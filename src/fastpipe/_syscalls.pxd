@@ -36,6 +36,9 @@ cdef extern from "_compat.h" nogil:
     enum:
         MSG_NOSIGNAL
         MSG_DONTWAIT
+    int shutdown(int fd, int how)
+    enum:
+        SHUT_WR
 
     ssize_t readv(int fd, const iovec *iov, int iovcnt)
     ssize_t preadv2(int fd, const iovec *iov, int iovcnt, long offset, int flags)
