@@ -13,27 +13,9 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _positive_multiple_of(step: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        value = _positive_int(text)
-        if value % step:
-            raise argparse.ArgumentTypeError(f"must be a multiple of {step}, got {value}")
-        return value
-
-    return parse
+from fastpipe._cli_args import positive_int, positive_multiple_of
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,21 +44,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--size",
-        type=_positive_int,
+        type=positive_int,
         default=_bench.DEFAULT_SIZE_MIB,
         metavar="MiB",
         help="bytes per bulk copy, in MiB (default: %(default)s)",
     )
     bench.add_argument(
         "--repeat",
-        type=_positive_int,
+        type=positive_int,
         default=_bench.DEFAULT_REPEAT,
         metavar="N",
         help="runs per case; the median and the best are shown (default: %(default)s)",
     )
     bench.add_argument(
         "--relays",
-        type=_positive_multiple_of(_bench.SMALL_IN_FLIGHT),
+        type=positive_multiple_of(_bench.SMALL_IN_FLIGHT),
         default=_bench.SMALL_RELAYS,
         metavar="N",
         help=f"small relays per run, a multiple of {_bench.SMALL_IN_FLIGHT} (default: %(default)s)",

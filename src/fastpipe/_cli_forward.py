@@ -35,7 +35,6 @@ import argparse
 import contextlib
 import datetime
 import errno
-import math
 import select
 import signal
 import socket
@@ -46,6 +45,8 @@ import time
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NamedTuple, TextIO
+
+from fastpipe._cli_args import positive_int, seconds
 
 if TYPE_CHECKING:
     from fastpipe._pool import WorkerPool
@@ -129,30 +130,6 @@ def _target_address(text: str) -> Address:
     return parse_address(text, listen=False)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _seconds(*, zero_ok: bool) -> Any:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-        if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
-            least = "at least 0" if zero_ok else "greater than 0"
-            raise argparse.ArgumentTypeError(f"must be {least}, got {text!r}")
-        return value
-
-    return parse
-
-
 def add_parser(commands: Any) -> None:
     """Add the ``forward`` subcommand to ``commands`` (an argparse subparsers action)."""
     forward = commands.add_parser(
@@ -193,7 +170,7 @@ def add_parser(commands: Any) -> None:
     )
     forward.add_argument(
         "--max-connections",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help=(
             "relay at most N connections at once; further clients wait in the listen "
@@ -202,20 +179,20 @@ def add_parser(commands: Any) -> None:
     )
     forward.add_argument(
         "--idle-timeout",
-        type=_seconds(zero_ok=False),
+        type=seconds(zero_ok=False),
         metavar="SECONDS",
         help="close a connection when no byte has moved either way for SECONDS",
     )
     forward.add_argument(
         "--connect-timeout",
-        type=_seconds(zero_ok=False),
+        type=seconds(zero_ok=False),
         default=DEFAULT_CONNECT_TIMEOUT,
         metavar="SECONDS",
         help="give up connecting to TARGET after SECONDS (default: %(default)g)",
     )
     forward.add_argument(
         "--grace",
-        type=_seconds(zero_ok=True),
+        type=seconds(zero_ok=True),
         default=DEFAULT_GRACE,
         metavar="SECONDS",
         help=(
