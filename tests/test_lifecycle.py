@@ -237,20 +237,22 @@ def test_cancel_from_a_done_callback_does_not_deadlock() -> None:
     os.close(w2)
 
 
-def test_cancel_a_queued_proxy_and_one_half_started() -> None:
+def test_cancel_queued_proxies_behind_a_running_relay() -> None:
     r, w = os.pipe()
     pairs = [socket.socketpair() for _ in range(4)]
     try:
         with WorkerPool(max_workers=2) as pool:
             blocker = pool.relay(r, os.open(os.devnull, os.O_WRONLY))
-            half = pool.proxy(pairs[0][0], pairs[1][0])  # one job runs, one queued
-            queued = pool.proxy(pairs[2][0], pairs[3][0])  # both queued
-            wait_for(lambda: pool.stats()["queued"] == 3)
-            assert queued.cancel()
-            check_cancelled(queued)
-            assert pool.stats()["queued"] == 1
-            assert half.cancel()
-            check_cancelled(half)
+            # One worker is free, but a proxy starts whole or not at all.
+            first = pool.proxy(pairs[0][0], pairs[1][0])
+            second = pool.proxy(pairs[2][0], pairs[3][0])
+            wait_for(lambda: pool.stats()["queued"] == 4)
+            assert pool.stats()["idle"] == 1
+            assert second.cancel()
+            check_cancelled(second)
+            assert pool.stats()["queued"] == 2
+            assert first.cancel()
+            check_cancelled(first)
             for sock, _ in pairs:
                 assert sock.fileno() == -1
             assert pool.stats()["queued"] == 0
@@ -389,6 +391,119 @@ def test_a_proxy_takes_two_workers_and_max_workers_queues_the_next() -> None:
         assert pool.stats()["peak"] == 2
         for pair in p1 + p2:
             pair[1].close()
+
+
+def round_trip(client: socket.socket, server: socket.socket, message: bytes) -> None:
+    """One request and its reply through a proxy, each checked byte for byte."""
+    client.sendall(message)
+    server.settimeout(10)
+    client.settimeout(10)
+    got = b""
+    while len(got) < len(message):
+        got += server.recv(len(message) - len(got))
+    assert got == message
+    server.sendall(message[::-1])
+    got = b""
+    while len(got) < len(message):
+        got += client.recv(len(message) - len(got))
+    assert got == message[::-1]
+
+
+def test_a_proxy_never_starts_half_under_max_workers() -> None:
+    """With one worker free the proxy waits whole: started half, it would
+    forward the request and leave the reply without a worker."""
+    r, w = os.pipe()
+    client, a = socket.socketpair()
+    b, server = socket.socketpair()
+    try:
+        with WorkerPool(max_workers=2, idle_worker_timeout=0.05) as pool:
+            blocker = pool.relay(r, os.open(os.devnull, os.O_WRONLY))
+            proxied = pool.proxy(a, b)
+            wait_for(lambda: pool.stats()["queued"] == 2)
+            client.sendall(b"early")
+            # The spare worker that waits for the pair outlives its idle
+            # timeout many times over: the pair counts on it.
+            time.sleep(0.3)
+            assert pool.stats() == {"workers": 2, "idle": 1, "busy": 1, "queued": 2, "peak": 1}
+            assert proxied.bytes_copied == 0
+            os.close(w)
+            w = -1
+            assert blocker.result(timeout=10) == 0
+            server.settimeout(10)
+            assert server.recv(5) == b"early"
+            round_trip(client, server, os.urandom(5000))
+            client.shutdown(socket.SHUT_WR)
+            server.shutdown(socket.SHUT_WR)
+            assert proxied.result(timeout=10) == (5005, 5000)
+            assert pool.stats()["peak"] == 2
+    finally:
+        if w >= 0:
+            os.close(w)
+        for sock in (client, a, b, server):
+            sock.close()
+
+
+def test_a_relay_behind_a_waiting_proxy_keeps_its_place() -> None:
+    """FIFO: a relay submitted after a waiting proxy does not take the worker
+    the proxy is waiting to pair with."""
+    r, w = os.pipe()
+    r2, w2 = os.pipe()
+    client, a = socket.socketpair()
+    b, server = socket.socketpair()
+    try:
+        with WorkerPool(max_workers=2) as pool:
+            blocker = pool.relay(r, os.open(os.devnull, os.O_WRONLY))
+            proxied = pool.proxy(a, b)
+            out_r, out_w = os.pipe()
+            later = pool.relay(r2, out_w)
+            os.write(w2, b"later")
+            os.close(w2)
+            w2 = -1
+            wait_for(lambda: pool.stats()["queued"] == 3)
+            time.sleep(0.1)
+            assert not later.done()
+            os.close(w)
+            w = -1
+            assert blocker.result(timeout=10) == 0
+            round_trip(client, server, b"first")
+            client.shutdown(socket.SHUT_WR)
+            server.shutdown(socket.SHUT_WR)
+            assert proxied.result(timeout=10) == (5, 5)
+            assert later.result(timeout=10) == 5
+            assert os.read(out_r, 10) == b"later"
+            os.close(out_r)
+    finally:
+        for fd in (w, w2):
+            if fd >= 0:
+                os.close(fd)
+        for sock in (client, a, b, server):
+            sock.close()
+
+
+def test_shutdown_without_cancel_lets_a_waiting_proxy_run() -> None:
+    r, w = os.pipe()
+    client, a = socket.socketpair()
+    b, server = socket.socketpair()
+    pool = WorkerPool(max_workers=2)
+    try:
+        blocker = pool.relay(r, os.open(os.devnull, os.O_WRONLY))
+        proxied = pool.proxy(a, b)
+        wait_for(lambda: pool.stats()["queued"] == 2)
+        pool.shutdown(wait=False)
+        os.close(w)
+        w = -1
+        assert blocker.result(timeout=10) == 0
+        round_trip(client, server, os.urandom(100_000))
+        client.shutdown(socket.SHUT_WR)
+        server.shutdown(socket.SHUT_WR)
+        assert proxied.result(timeout=10) == (100_000, 100_000)
+        pool.shutdown(wait=True)
+        assert pool.stats()["workers"] == 0
+    finally:
+        if w >= 0:
+            os.close(w)
+        for sock in (client, a, b, server):
+            sock.close()
 
 
 def test_idle_workers_exit_after_proxies() -> None:

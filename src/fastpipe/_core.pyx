@@ -490,6 +490,7 @@ cdef struct CopyState:
     # to it from submit() until the completer takes the job back.
     PyObject *owner
     CopyState *link         # next in the pool's queue or done list
+    bint pair_head          # queued with the next job as one pair (proxy)
     bint needs_prologue     # run CopyJob.prologue with the GIL first
     bint in_worker          # a worker has taken the job
     bint close_src          # close these int fds in C when the copy ends
@@ -1608,6 +1609,13 @@ cdef class PoolCore:
 
     All of it lives under one mutex that is only ever held for a few pointer
     moves, so workers take it without the GIL.
+
+    The queue holds single jobs and pairs (a proxy's two directions, the
+    first marked pair_head), in order.  A pair starts whole or not at all:
+    half a proxy running under max_workers would forward a request whose
+    reply has no worker.  So an idle worker may wait while a pair at the head
+    needs one more; it neither times out nor leaves meanwhile.  Invariant:
+    while the queue is not empty the pool has no room to start a worker.
     """
 
     cdef pthread_mutex_t lock
@@ -1666,6 +1674,118 @@ cdef class PoolCore:
         if self.n_busy > self.peak:
             self.peak = self.n_busy
 
+    cdef int _check_submit(self, CopyJob job) except -1:
+        cdef CopyState *st = &job.st
+        if job._started or st.status != STEP_AGAIN or st.owner != NULL:
+            raise RuntimeError("a CopyJob runs only once")
+        return 0
+
+    cdef bint _has_room(self, int n) noexcept nogil:
+        return self.max_workers < 0 or self.n_idle + self.max_workers - self.n_workers >= n
+
+    cdef object _hand(self, CopyState *st, CWorker *fresh):
+        """Under the lock: give st to an idle worker (True), else to
+        ``fresh``, a new worker made by the caller (its WorkerHandle, for
+        the caller to start a thread for)."""
+        cdef WorkerHandle handle
+        self._note_busy()
+        if self.idle_head != NULL:
+            self._post_idle(st)
+            return True
+        fresh.job = st
+        handle = WorkerHandle.__new__(WorkerHandle)
+        handle.w = fresh
+        return handle
+
+    cdef CWorker *_new_worker(self, CopyState *st) noexcept nogil:
+        # Counted at once, so that the room it takes is taken.
+        cdef CWorker *w = <CWorker *>malloc(sizeof(CWorker))
+        if w == NULL:
+            return NULL
+        memset(w, 0, sizeof(CWorker))
+        sem_init(&w.wake, 0, 0)
+        w.job = st
+        self.n_workers += 1
+        return w
+
+    cdef void _free_worker(self, CWorker *w) noexcept nogil:
+        # Under the lock: a worker made by _new_worker that never got a job
+        # or a thread.
+        if w != NULL:
+            self.n_workers -= 1
+            sem_destroy(&w.wake)
+            free(w)
+
+    cdef void _post_idle(self, CopyState *st) noexcept nogil:
+        # Under the lock, with an idle worker: it gets st.  The post orders
+        # the write of w.job before the worker's read.
+        cdef CWorker *w = self.idle_head
+        self._unlink_idle(w)
+        w.job = st
+        sem_post(&w.wake)
+
+    cdef void _enqueue(self, CopyState *st) noexcept nogil:
+        st.link = NULL
+        if self.queue_tail == NULL:
+            self.queue_head = st
+        else:
+            self.queue_tail.link = st
+        self.queue_tail = st
+        self.n_queued += 1
+
+    cdef CopyState *_pop_queue(self) noexcept nogil:
+        cdef CopyState *st = self.queue_head
+        self.queue_head = st.link
+        if self.queue_head == NULL:
+            self.queue_tail = NULL
+        st.link = NULL
+        st.pair_head = False
+        self.n_queued -= 1
+        return st
+
+    cdef CopyState *_dispatch(self, bint spare) noexcept nogil:
+        """Under the lock: hand out queued entries while the head can start
+        whole.  With ``spare`` (a worker that just finished a job and is
+        still counted busy), the first job handed out is returned for it."""
+        cdef CopyState *mine = NULL
+        cdef int need
+        while self.queue_head != NULL:
+            need = 2 if self.queue_head.pair_head else 1
+            if self.n_idle + (1 if spare and mine == NULL else 0) < need:
+                break
+            while need:
+                need -= 1
+                if spare and mine == NULL:
+                    mine = self._pop_queue()
+                else:
+                    self._note_busy()
+                    self._post_idle(self._pop_queue())
+        if self.shutting_down and self.queue_head == NULL:
+            self._release_idle()
+        return mine
+
+    cdef void _release_idle(self) noexcept nogil:
+        # Under the lock: idle workers leave (shutdown, once nothing waits).
+        cdef CWorker *w
+        while self.idle_head != NULL:
+            w = self.idle_head
+            self._unlink_idle(w)
+            self.n_workers -= 1
+            w.exit_flag = True
+            sem_post(&w.wake)
+        if self.n_workers == 0 and self.completer_waiting:
+            pthread_cond_signal(&self.done_cond)
+
+    cdef void _own(self, CopyJob job) noexcept:
+        # The pool owns a reference from here until take_done().
+        Py_INCREF(job)
+        job.st.owner = <PyObject *>job
+        job.st.link = NULL
+
+    cdef void _disown(self, CopyJob job) noexcept:
+        job.st.owner = NULL
+        Py_DECREF(job)
+
     def submit(self, CopyJob job not None):
         """Hand a job to an idle worker, or queue it.
 
@@ -1677,55 +1797,96 @@ cdef class PoolCore:
         Raises:
             RuntimeError: after shutdown().
         """
-        cdef CopyState *st = &job.st
-        cdef CWorker *w = NULL
-        cdef WorkerHandle handle = None
-        if job._started or st.status != STEP_AGAIN or st.owner != NULL:
+        cdef object handed = False
+        cdef CWorker *fresh = NULL
+        self._check_submit(job)
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+        if self.shutting_down:
+            pthread_mutex_unlock(&self.lock)
+            raise RuntimeError("cannot start a relay after shutdown")
+        if self.queue_head == NULL and self._has_room(1):
+            if self.idle_head == NULL:
+                fresh = self._new_worker(NULL)
+                if fresh == NULL:
+                    pthread_mutex_unlock(&self.lock)
+                    raise MemoryError()
+            self._own(job)
+            handed = self._hand(&job.st, fresh)
+        else:
+            self._own(job)
+            self._enqueue(&job.st)
+        pthread_mutex_unlock(&self.lock)
+        return handed
+
+    def submit_pair(self, CopyJob a not None, CopyJob b not None):
+        """Start both jobs, or queue them to start together.
+
+        Returns:
+            ``(for_a, for_b, spare)``: what ``submit()`` returns for each job,
+            and a WorkerHandle for a new idle worker (or None) for the caller
+            to start.  When the pair must wait for a second worker, a free
+            place in the pool is filled now: only a running worker can later
+            hand the pair out.
+
+        Raises:
+            RuntimeError: after shutdown().
+        """
+        cdef object for_a = False
+        cdef object for_b = False
+        cdef CWorker *fresh_a = NULL
+        cdef CWorker *fresh_b = NULL
+        cdef CWorker *w
+        cdef WorkerHandle spare = None
+        self._check_submit(a)
+        self._check_submit(b)
+        if a is b:
             raise RuntimeError("a CopyJob runs only once")
         with nogil:
             pthread_mutex_lock(&self.lock)
         if self.shutting_down:
             pthread_mutex_unlock(&self.lock)
             raise RuntimeError("cannot start a relay after shutdown")
-        # The pool owns a reference from here until take_done().
-        Py_INCREF(job)
-        st.owner = <PyObject *>job
-        st.link = NULL
-        if self.idle_head != NULL:
-            w = self.idle_head
-            self._unlink_idle(w)
-            self._note_busy()
-            w.job = st
-            pthread_mutex_unlock(&self.lock)
-            sem_post(&w.wake)
-            return True
-        if self.max_workers < 0 or self.n_workers < self.max_workers:
-            w = <CWorker *>malloc(sizeof(CWorker))
-            if w == NULL:
-                st.owner = NULL
-                pthread_mutex_unlock(&self.lock)
-                Py_DECREF(job)
-                raise MemoryError()
-            memset(w, 0, sizeof(CWorker))
-            sem_init(&w.wake, 0, 0)
-            w.job = st
-            self.n_workers += 1
-            self._note_busy()
-            pthread_mutex_unlock(&self.lock)
-            handle = WorkerHandle.__new__(WorkerHandle)
-            handle.w = w
-            return handle
-        if self.queue_tail == NULL:
-            self.queue_head = st
+        if self.queue_head == NULL and self._has_room(2):
+            # Every new worker is made before either job is handed out, so
+            # that running out of memory leaves nothing half started.
+            if self.n_idle < 2:
+                fresh_b = self._new_worker(NULL)
+                if self.n_idle < 1 and fresh_b != NULL:
+                    fresh_a = self._new_worker(NULL)
+                    if fresh_a == NULL:
+                        self._free_worker(fresh_b)
+                        fresh_b = NULL
+                if fresh_b == NULL:
+                    pthread_mutex_unlock(&self.lock)
+                    raise MemoryError()
+            self._own(a)
+            self._own(b)
+            for_a = self._hand(&a.st, fresh_a)
+            for_b = self._hand(&b.st, fresh_b)
         else:
-            self.queue_tail.link = st
-        self.queue_tail = st
-        self.n_queued += 1
+            self._own(a)
+            self._own(b)
+            self._enqueue(&a.st)
+            a.st.pair_head = True
+            self._enqueue(&b.st)
+            if self.max_workers >= 0 and self.n_workers < self.max_workers:
+                w = self._new_worker(NULL)
+                if w != NULL:
+                    # Idle from birth: a finishing worker may hand it the
+                    # pair's other job before its thread is even running.
+                    self._link_idle(w)
+                    spare = WorkerHandle.__new__(WorkerHandle)
+                    spare.w = w
+                # Without memory for it the pair waits for running workers.
         pthread_mutex_unlock(&self.lock)
-        return False
+        return for_a, for_b, spare
 
     def unqueue(self, CopyJob job not None):
-        """Take a job off the queue if no worker has it yet; True if taken."""
+        """Take a job off the queue if no worker has it yet; True if taken.
+
+        The other half of a queued pair stays queued as a single job (and may
+        start at once)."""
         cdef CopyState *st = &job.st
         cdef CopyState *prev = NULL
         cdef CopyState *cur
@@ -1739,40 +1900,62 @@ cdef class PoolCore:
                         self.queue_head = cur.link
                     else:
                         prev.link = cur.link
+                        prev.pair_head = False
                     if self.queue_tail == cur:
                         self.queue_tail = prev
+                    cur.pair_head = False
                     self.n_queued -= 1
                     found = True
                     break
                 prev = cur
                 cur = cur.link
+            if found:
+                self._dispatch(False)
             pthread_mutex_unlock(&self.lock)
         if found:
             st.link = NULL
-            st.owner = NULL
-            Py_DECREF(job)  # the pool's reference
+            self._disown(job)  # the pool's reference
         return found
 
     def abandon(self, WorkerHandle handle not None):
         """The thread for a new worker could not start: undo its submit.
 
         Returns:
-            The job it was carrying, to be failed by the caller.
+            The job it was carrying, or had been handed meanwhile (a spare
+            from ``submit_pair``), to be failed by the caller; or None.
         """
         cdef CWorker *w = handle.w
-        cdef CopyState *st = w.job
-        cdef object job = <object>st.owner
+        cdef CopyState *st
+        cdef object job = None
         handle.w = NULL
         with nogil:
             pthread_mutex_lock(&self.lock)
+            if w.idle:
+                self._unlink_idle(w)
+            st = w.job
+            w.job = NULL
             self.n_workers -= 1
-            self.n_busy -= 1
+            if st != NULL:
+                self.n_busy -= 1
             pthread_mutex_unlock(&self.lock)
         sem_destroy(&w.wake)
         free(w)
-        st.owner = NULL
-        Py_DECREF(job)  # the pool's reference; `job` still holds one
+        if st != NULL:
+            job = <object>st.owner
+            st.owner = NULL
+            Py_DECREF(job)  # the pool's reference; `job` still holds one
         return job
+
+    cdef inline void _link_idle(self, CWorker *w) noexcept nogil:
+        # From here on only a hand-out may write w.job, and only after taking
+        # w off this list; it posts w.wake after the write.
+        w.idle = True
+        w.prev = NULL
+        w.next = self.idle_head
+        if self.idle_head != NULL:
+            self.idle_head.prev = w
+        self.idle_head = w
+        self.n_idle += 1
 
     cdef inline void _unlink_idle(self, CWorker *w) noexcept nogil:
         if w.prev != NULL:
@@ -1799,9 +1982,10 @@ cdef class PoolCore:
                 return w.exit_flag
             # Timed out: leave the pool, unless a job or the exit sentinel
             # was handed over just now (then w is no longer on the idle list
-            # and the post is on its way).
+            # and the post is on its way), or a pair waiting at the head of
+            # the queue counts on this worker.
             pthread_mutex_lock(&self.lock)
-            if w.idle:
+            if w.idle and self.queue_head == NULL:
                 self._unlink_idle(w)
                 self.n_workers -= 1
                 pthread_mutex_unlock(&self.lock)
@@ -1821,28 +2005,14 @@ cdef class PoolCore:
             self.done_tail.link = st
         self.done_tail = st
         st.link = NULL
-        if self.queue_head != NULL:
-            nxt = self.queue_head
-            self.queue_head = nxt.link
-            if self.queue_head == NULL:
-                self.queue_tail = NULL
-            nxt.link = NULL
-            self.n_queued -= 1
-        else:
+        nxt = self._dispatch(True)
+        if nxt == NULL:
             self.n_busy -= 1
-            if self.shutting_down:
+            if self.shutting_down and self.queue_head == NULL:
                 self.n_workers -= 1
                 leave[0] = True
             else:
-                # From here on only submit() may write w.job, and only after
-                # taking w off this list; it posts w.wake after the write.
-                w.idle = True
-                w.prev = NULL
-                w.next = self.idle_head
-                if self.idle_head != NULL:
-                    self.idle_head.prev = w
-                self.idle_head = w
-                self.n_idle += 1
+                self._link_idle(w)
         if self.helpers_waiting:
             pthread_cond_signal(&self.helper_cond)
         elif self.completer_waiting:
@@ -1855,6 +2025,14 @@ cdef class PoolCore:
         pthread_mutex_unlock(&self.lock)
         return nxt
 
+    cdef CopyState *_take_job(self, CWorker *w) noexcept nogil:
+        cdef CopyState *st
+        pthread_mutex_lock(&self.lock)
+        st = w.job
+        w.job = NULL
+        pthread_mutex_unlock(&self.lock)
+        return st
+
     def worker_main(self, WorkerHandle handle not None):
         """The body of a worker thread: returns when the worker exits."""
         cdef CWorker *w = handle.w
@@ -1866,17 +2044,16 @@ cdef class PoolCore:
         pthread_setname_np(pthread_self(), b"fastpipe-worker")
         with nogil:
             fp_block_sigpipe(&oldmask)  # for the thread's life (see _compat.h)
-            # The first job was stored before this thread started.
-            st = w.job
-            w.job = NULL
+            # The first job was stored before this thread started, unless it
+            # is a spare from submit_pair(), idle from birth: a job may be
+            # handed to it at any time, so w.job is read under the lock.  A
+            # post whose job was already taken here just comes back empty.
+            st = self._take_job(w)
             while True:
                 if st == NULL:
                     if self._park(w):
                         break
-                    # The post in submit() orders its write of w.job
-                    # before this read.
-                    st = w.job
-                    w.job = NULL
+                    st = self._take_job(w)
                     if st == NULL:
                         continue
                 _copy_in_worker(st)
@@ -1975,34 +2152,25 @@ cdef class PoolCore:
         Returns:
             The queued jobs taken off the queue when ``cancel_queued``.
         """
-        cdef CWorker *w
-        cdef CWorker *leaving = NULL
         cdef CopyState *queued = NULL
         cdef CopyState *nxt
         cdef list jobs = []
         with nogil:
             pthread_mutex_lock(&self.lock)
             self.shutting_down = True
-            while self.idle_head != NULL:
-                w = self.idle_head
-                self._unlink_idle(w)
-                self.n_workers -= 1
-                w.exit_flag = True
-                w.next = leaving
-                leaving = w
             if cancel_queued:
                 queued = self.queue_head
                 self.queue_head = self.queue_tail = NULL
                 self.n_queued = 0
+            # Idle workers stay while a pair waits for one more of them.
+            if self.queue_head == NULL:
+                self._release_idle()
             pthread_cond_signal(&self.done_cond)
             pthread_mutex_unlock(&self.lock)
-            while leaving != NULL:
-                w = leaving
-                leaving = w.next
-                sem_post(&w.wake)
         while queued != NULL:
             nxt = queued.link
             queued.link = NULL
+            queued.pair_head = False
             jobs.append(<object>queued.owner)
             Py_DECREF(<object>queued.owner)
             queued.owner = NULL

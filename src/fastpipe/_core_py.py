@@ -751,7 +751,14 @@ class WorkerHandle:
 
 
 class PoolCore:
-    """The twin of ``_core.PoolCore``: the same protocol, with threading locks."""
+    """The twin of ``_core.PoolCore``: the same protocol, with threading locks.
+
+    The queue holds single jobs and pairs (a proxy's two directions), in
+    order.  A pair starts whole or not at all: half a proxy running under
+    ``max_workers`` would forward a request whose reply has no worker.  So
+    idle workers may wait while a pair at the head needs one more, and they
+    do not time out or leave meanwhile.
+    """
 
     def __init__(self, max_workers: int | None = None, idle_worker_timeout: float | None = None):
         self._max = -1 if max_workers is None else max_workers
@@ -765,7 +772,8 @@ class PoolCore:
         self._lock = threading.Lock()
         self._done_cond = threading.Condition(self._lock)
         self._idle: list[WorkerHandle] = []
-        self._queue: deque[CopyJob] = deque()
+        self._queue: deque[list[CopyJob]] = deque()
+        self._queued = 0
         self._done: list[CopyJob] = []
         self._workers = 0
         self._busy = 0
@@ -776,7 +784,7 @@ class PoolCore:
                 "workers": self._workers,
                 "idle": len(self._idle),
                 "busy": self._busy,
-                "queued": len(self._queue),
+                "queued": self._queued,
                 "peak": self._peak,
             }
 
@@ -784,40 +792,122 @@ class PoolCore:
         self._busy += 1
         self._peak = max(self._peak, self._busy)
 
+    def _room(self) -> int:
+        return len(self._idle) + (1 << 30 if self._max < 0 else self._max - self._workers)
+
+    def _hand(self, job: CopyJob) -> bool | WorkerHandle:
+        # To an idle worker, else to a new one; the caller checked there is room.
+        self._note_busy()
+        if self._idle:
+            w = self._idle.pop()
+            w.idle = False
+            w.job = job
+            w.wake.release()
+            return True
+        self._workers += 1
+        return WorkerHandle(job)
+
+    def _enqueue(self, jobs: list[CopyJob]) -> None:
+        self._queue.append(jobs)
+        self._queued += len(jobs)
+
+    def _check_submit(self, jobs: tuple[CopyJob, ...]) -> None:
+        for job in jobs:
+            if job.started or job.finished:
+                raise RuntimeError("a CopyJob runs only once")
+        if self._shutting_down:
+            raise RuntimeError("cannot start a relay after shutdown")
+
     def submit(self, job: CopyJob) -> bool | WorkerHandle:
-        if job.started or job.finished:
-            raise RuntimeError("a CopyJob runs only once")
         with self._lock:
-            if self._shutting_down:
-                raise RuntimeError("cannot start a relay after shutdown")
-            if self._idle:
-                w = self._idle.pop()
-                w.idle = False
-                self._note_busy()
-                w.job = job
-                w.wake.release()
-                return True
-            if self._max < 0 or self._workers < self._max:
-                self._workers += 1
-                self._note_busy()
-                return WorkerHandle(job)
-            self._queue.append(job)
+            self._check_submit((job,))
+            if not self._queue and self._room() >= 1:
+                return self._hand(job)
+            self._enqueue([job])
             return False
+
+    def submit_pair(
+        self, a: CopyJob, b: CopyJob
+    ) -> tuple[bool | WorkerHandle, bool | WorkerHandle, WorkerHandle | None]:
+        """Start both jobs, or queue them to start together.
+
+        Returns what ``submit()`` returns for each, and a new idle worker
+        (or None) for the caller to start: when the pair has to wait for a
+        second worker, a free place in the pool is filled now, since only a
+        running worker can later hand the pair out.
+        """
+        with self._lock:
+            self._check_submit((a, b))
+            if a is b:
+                raise RuntimeError("a CopyJob runs only once")
+            if not self._queue and self._room() >= 2:
+                return self._hand(a), self._hand(b), None
+            self._enqueue([a, b])
+            spare = None
+            if self._max >= 0 and self._workers < self._max:
+                self._workers += 1
+                spare = WorkerHandle(None)
+                spare.idle = True
+                self._idle.append(spare)
+            return False, False, spare
+
+    def _dispatch(self, spare: WorkerHandle | None) -> CopyJob | None:
+        """Hand out queued entries while the head can start whole; the job
+        for ``spare`` (a worker that just finished one), if any."""
+        mine = None
+        while self._queue:
+            jobs = self._queue[0]
+            if len(self._idle) + (spare is not None and mine is None) < len(jobs):
+                break
+            self._queue.popleft()
+            self._queued -= len(jobs)
+            for job in jobs:
+                if spare is not None and mine is None:
+                    mine = job
+                else:
+                    self._hand(job)
+        if self._shutting_down and not self._queue:
+            self._release_idle()
+        return mine
+
+    def _release_idle(self) -> None:
+        leaving, self._idle = self._idle, []
+        for w in leaving:
+            w.idle = False
+            w.exit = True
+            self._workers -= 1
+            w.wake.release()
 
     def unqueue(self, job: CopyJob) -> bool:
         with self._lock:
-            try:
-                self._queue.remove(job)
-            except ValueError:
+            for jobs in self._queue:
+                if any(j is job for j in jobs):
+                    break
+            else:
                 return False
+            jobs.remove(job)
+            self._queued -= 1
+            if not jobs:
+                self._queue.remove(jobs)
+            # Half a pair left is a single job now: it may start at once.
+            self._dispatch(None)
             return True
 
-    def abandon(self, handle: WorkerHandle) -> CopyJob:
+    def abandon(self, handle: WorkerHandle) -> CopyJob | None:
+        """The thread for ``handle`` could not start: undo it.
+
+        Returns:
+            The job it was carrying, or had been handed meanwhile (a spare
+            from ``submit_pair``), for the caller to fail; or None.
+        """
         with self._lock:
             self._workers -= 1
-            self._busy -= 1
-        job = handle.job
-        assert job is not None
+            if handle.idle:
+                self._idle.remove(handle)
+                handle.idle = False
+            job, handle.job = handle.job, None
+            if job is not None:
+                self._busy -= 1
         return job
 
     def _park(self, w: WorkerHandle) -> bool:
@@ -825,7 +915,8 @@ class PoolCore:
             if w.wake.acquire(timeout=self._idle_timeout):
                 return w.exit
             with self._lock:
-                if w.idle:
+                # A pair waiting at the head counts on the idle workers.
+                if w.idle and not self._queue:
                     self._idle.remove(w)
                     w.idle = False
                     self._workers -= 1
@@ -843,12 +934,11 @@ class PoolCore:
             with self._lock:
                 self._done.append(job)
                 self._done_cond.notify_all()
-                if self._queue:
-                    job = self._queue.popleft()
+                job = self._dispatch(w)
+                if job is not None:
                     continue
-                job = None
                 self._busy -= 1
-                if self._shutting_down:
+                if self._shutting_down and not self._queue:
                     self._workers -= 1
                     return
                 w.idle = True
@@ -874,16 +964,13 @@ class PoolCore:
     def shutdown(self, cancel_queued: bool) -> list[CopyJob]:
         with self._lock:
             self._shutting_down = True
-            leaving, self._idle = self._idle, []
-            for w in leaving:
-                w.idle = False
-                w.exit = True
-                self._workers -= 1
             cancelled: list[CopyJob] = []
             if cancel_queued:
-                cancelled = list(self._queue)
+                cancelled = [job for jobs in self._queue for job in jobs]
                 self._queue.clear()
+                self._queued = 0
+            # Idle workers stay while a pair waits for one more of them.
+            if not self._queue:
+                self._release_idle()
             self._done_cond.notify_all()
-        for w in leaving:
-            w.wake.release()
         return cancelled

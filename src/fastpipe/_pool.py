@@ -244,8 +244,11 @@ class WorkerPool:
             TypeError: an end is neither an int nor has ``fileno()``, is a
                 text-mode file, or ``idle_timeout`` is not a number.
             ValueError: a negative fd or idle_timeout, a closed object, or a
-                pool with ``max_workers=1`` (a proxy needs two workers: one
-                direction queued behind the other would deadlock).
+                pool with ``max_workers=1`` (a proxy needs two workers).
+
+        Both directions start together, or wait in the queue together for
+        two free workers: one direction running without the other would
+        forward a request whose reply has no worker.
             RuntimeError: the pool has been shut down.
         """
         if self._max_workers == 1:
@@ -323,28 +326,39 @@ class WorkerPool:
                     self._completer = self._start_thread(
                         _completer_main, (self._core,), "completer"
                     )
-        for n, job in enumerate(task.jobs):
+        # Raises RuntimeError after shutdown, before anything is handed out.
+        if isinstance(task, _proxy.ProxyTask):
+            # Both directions start together or wait together: half a proxy
+            # running under max_workers would deadlock a request/reply.
+            handed = list(self._core.submit_pair(*task.jobs))
+        else:
+            handed = [self._core.submit(task.jobs[0])]
+        # True: an idle worker took it; False or None: queued, or no spare.
+        # The rest are new workers (their C half) whose threads start here.
+        fresh = [h for h in handed if h is not True and h is not False and h is not None]
+        for n, handle in enumerate(fresh):
             try:
-                handed = self._core.submit(job)  # raises RuntimeError after shutdown
-            except RuntimeError:
-                if n:
-                    # A proxy's second direction, refused by a shutdown that
-                    # came in between: the first one stops, and its
-                    # completion closes the ends as close= says.
-                    task.drop(job)
+                self._start_thread(self._core.worker_main, (handle,), "worker")
+            except BaseException:
+                self._abandon(task, fresh[n:])
                 raise
-            if handed is False:
-                continue  # queued: a worker starts it when one is free
-            if handed is not True:
-                try:
-                    self._start_thread(self._core.worker_main, (handed,), "worker")
-                except BaseException:
-                    self._core.abandon(handed)
-                    if n:
-                        task.drop(job)
-                    else:
-                        task.close_ends()
-                    raise
+
+    def _abandon(self, task: _Task | _proxy.ProxyTask, handles: list[Any]) -> None:
+        """Threads for ``handles`` could not start: fail what they carried.
+
+        ``drop`` cancels the job's future and closes its ends as ``close=``
+        says; for a proxy it also stops the other direction, which may be
+        running already.  A proxy whose pair is still queued behind a spare
+        worker that never started is taken off the queue the same way.
+        """
+        for handle in handles:
+            job = self._core.abandon(handle)
+            if job is not None:
+                owner = job.task
+                assert isinstance(owner, (_Task, _proxy.ProxyTask))
+                owner.drop(job)
+        if isinstance(task, _proxy.ProxyTask):
+            task.cancel()
 
     def _reset_after_fork(self) -> None:
         # The child has none of the parent's threads: start empty.  Relays
