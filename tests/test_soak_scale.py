@@ -29,6 +29,11 @@ running at once (the pool has 2,000 busy workers), then the test feeds every
 source and drains every sink at the same time from one epoll loop: payloads of
 1 B to 256 KiB, each a different window of random bytes, compared whole at the
 other end.  RLIMIT_NOFILE is raised within the hard limit in the child.
+
+At the thread limit (``RLIMIT_NPROC``, ``pid_max``, a cgroup's ``pids.max``),
+where no worker can start, ``relay()`` and ``proxy()`` raise ``RuntimeError``,
+close their ends and leave the pool working: simulated in-process by a
+``Thread.start`` that fails for workers (root ignores ``RLIMIT_NPROC``).
 """
 
 from __future__ import annotations
@@ -372,14 +377,17 @@ def _scale_child(relays: int, stack_kib: int = 0) -> dict[str, Any]:
 
 
 def _run_child(*args: str, timeout: float) -> dict[str, Any]:
+    # -W error and an empty stderr: pytest's filterwarnings=error does not
+    # reach the child, and a ResourceWarning from __del__ is only printed.
     proc = subprocess.run(
-        [sys.executable, __file__, *args],
+        [sys.executable, "-W", "error", __file__, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
     )
     assert proc.returncode == 0, f"child failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+    assert not proc.stderr, f"the child wrote to stderr:\n{proc.stderr[-3000:]}"
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["implementation"] == fastpipe.IMPLEMENTATION, "the child used the other twin"
     return result
@@ -436,6 +444,73 @@ def test_scale_2000_concurrent_relays_byte_exact() -> None:
     assert sum(r["methods"].values()) == n
     assert {"splice", "readwrite"} <= set(r["methods"]), r["methods"]
     assert r["buffers"]["in_use"] == 0 and r["pipes"]["in_use"] == 0, (r["buffers"], r["pipes"])
+
+
+def test_relay_at_the_thread_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When no worker thread can start (RLIMIT_NPROC, pid_max, pids.max),
+    relay() raises RuntimeError, closes its ends, and the pool goes on."""
+    real_start = threading.Thread.start
+
+    def start(self: threading.Thread) -> None:
+        if self.name.startswith("fastpipe-worker"):
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+
+    with fastpipe.WorkerPool() as pool:
+        r1, w1 = os.pipe()
+        r2, w2 = os.pipe()
+        monkeypatch.setattr(threading.Thread, "start", start)
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            pool.relay(r1, w2)
+        monkeypatch.undo()
+        # close=True closed both ends: the peers see it.
+        with pytest.raises(BrokenPipeError):
+            os.write(w1, b"x")
+        assert os.read(r2, 10) == b""
+        for fd in (w1, r2):
+            os.close(fd)
+        assert pool.stats()["workers"] == 0, pool.stats()
+
+        r1, w1 = os.pipe()
+        r2, w2 = os.pipe()
+        os.write(w1, b"after the failure")
+        os.close(w1)
+        assert pool.relay(r1, w2).result(timeout=60) == 17
+        assert _read_all(r2) == b"after the failure"
+        os.close(r2)
+        assert pool.stats()["workers"] == 1, pool.stats()
+
+
+def test_proxy_at_the_thread_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first direction's worker starts, the second's cannot: proxy()
+    raises, the first direction stops, and both sockets are closed."""
+    real_start = threading.Thread.start
+    workers_left = [1]
+
+    def start(self: threading.Thread) -> None:
+        if self.name.startswith("fastpipe-worker"):
+            if not workers_left[0]:
+                raise RuntimeError("can't start new thread")
+            workers_left[0] -= 1
+        real_start(self)
+
+    with fastpipe.WorkerPool() as pool:
+        a, a_peer = socket.socketpair()
+        b, b_peer = socket.socketpair()
+        monkeypatch.setattr(threading.Thread, "start", start)
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            pool.proxy(a, b)
+        monkeypatch.undo()
+        # Both of the proxy's sockets end up closed: their peers see end of file.
+        for peer in (a_peer, b_peer):
+            peer.settimeout(60)
+            assert peer.recv(10) == b""
+            peer.close()
+        deadline = time.monotonic() + 60
+        while (a.fileno() != -1 or b.fileno() != -1) and time.monotonic() < deadline:
+            time.sleep(0.01)  # closed by the completer, through close()
+        assert a.fileno() == -1 and b.fileno() == -1, (a, b)
+        assert pool.stats()["busy"] == 0, pool.stats()
 
 
 if __name__ == "__main__":
