@@ -513,6 +513,36 @@ def test_proxy_at_the_thread_limit(monkeypatch: pytest.MonkeyPatch) -> None:
         assert pool.stats()["busy"] == 0, pool.stats()
 
 
+def test_waiting_proxy_whose_spare_worker_cannot_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under max_workers a proxy that must wait for a second worker gets a
+    spare idle worker at once; when that thread cannot start, proxy() raises,
+    the waiting pair leaves the queue and both sockets are closed."""
+    real_start = threading.Thread.start
+
+    def start(self: threading.Thread) -> None:
+        if self.name.startswith("fastpipe-worker"):
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+
+    with fastpipe.WorkerPool(max_workers=2) as pool:
+        r, w = os.pipe()
+        blocker = pool.relay(r, os.open(os.devnull, os.O_WRONLY))
+        a, a_peer = socket.socketpair()
+        b, b_peer = socket.socketpair()
+        monkeypatch.setattr(threading.Thread, "start", start)
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            pool.proxy(a, b)
+        monkeypatch.undo()
+        assert pool.stats()["queued"] == 0, pool.stats()
+        for peer in (a_peer, b_peer):
+            peer.settimeout(60)
+            assert peer.recv(10) == b""
+            peer.close()
+        assert a.fileno() == -1 and b.fileno() == -1, (a, b)
+        os.close(w)
+        assert blocker.result(timeout=60) == 0
+
+
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "soak":
