@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -53,5 +54,17 @@ def test_a_short_bench_prints_the_table_and_writes_json(tmp_path) -> None:
     }
     assert all(r["MiB_per_s"] > 0 for r in doc["results"] if r["method"] != "setup-only")
     assert doc["idle_memory"]["relays"] == 1000
+    # Both twins: the other implementation's fastpipe.relay, run in a child
+    # process over the same workloads, as a table and in the JSON.
+    other = "py" if doc["implementation"] == "c" else "c"
+    twin = {r["workload"]: r for r in doc["results"] if r["method"] == "fastpipe-twin"}
+    if other == "c" and importlib.util.find_spec("fastpipe._core") is None:
+        assert not twin  # the compiled core is not built: nothing to compare with
+    else:
+        assert set(twin) == {r["workload"] for r in doc["results"] if r["method"] == "fastpipe"}
+        assert {r["extra"]["implementation"] for r in twin.values()} == {other}
+        assert all(r["MiB_per_s"] > 0 and r["walls"] for r in twin.values())
+        assert "both twins" in proc.stdout
+        assert ("python twin: ms" if other == "py" else "compiled core: ms") in proc.stdout
     assert doc["idle_memory"]["buffers_in_use"] == 0
     assert 0 < doc["idle_memory"]["rss_kib_per_relay"] < 64

@@ -87,6 +87,9 @@ FASTPIPE_RW = "fastpipe-readwrite"
 SPLICE_LOOP = "splice-loop"
 READWRITE_LOOP = "readwrite-256k"
 COPYFILE = "shutil-copyfile"
+#: fastpipe.relay on the other implementation (issue 6: "``fastpipe bench``
+#: shows both" twins), measured in a child process: see ``measure_other_twin``.
+FASTPIPE_TWIN = "fastpipe-twin"
 
 METHOD_TITLES = {
     FASTPIPE: "fastpipe.relay",
@@ -96,6 +99,7 @@ METHOD_TITLES = {
     SPLICE_LOOP: "os.splice loop",
     READWRITE_LOOP: "read/write 256 KiB",
     COPYFILE: "shutil.copyfile",
+    FASTPIPE_TWIN: "fastpipe (other twin)",
 }
 
 #: How each extra baseline copies (shared by the workloads that run it).
@@ -1165,14 +1169,24 @@ class Result:
         return self.cpu * GiB / self.nbytes if self.nbytes else 0.0
 
 
-def build_cases(size: int, relays: int, directory: str) -> list[list[Case]]:
-    """The command line's workloads, each a list of cases (one per method)."""
+def build_cases(
+    size: int, relays: int, directory: str, only: Sequence[str] | None = None
+) -> list[list[Case]]:
+    """The command line's workloads, each a list of cases (one per method).
+
+    Args:
+        only: build just these methods (each workload that has them).
+    """
+
+    def methods(cls: type[Case]) -> list[str]:
+        return [m for m in cls.methods if only is None or m in only]
+
     return [
-        [FileToFile(m, size, directory) for m in FileToFile.methods],
-        [PipeToFile(m, size, directory) for m in PipeToFile.methods],
-        [TcpToTcp(m, size) for m in TcpToTcp.methods],
-        [SmallRelays(m, relays) for m in SmallRelays.methods],
-        [TcpMainSpins(m, size) for m in TcpMainSpins.methods],
+        [FileToFile(m, size, directory) for m in methods(FileToFile)],
+        [PipeToFile(m, size, directory) for m in methods(PipeToFile)],
+        [TcpToTcp(m, size) for m in methods(TcpToTcp)],
+        [SmallRelays(m, relays) for m in methods(SmallRelays)],
+        [TcpMainSpins(m, size) for m in methods(TcpMainSpins)],
     ]
 
 
@@ -1410,6 +1424,44 @@ def _baselines_table(grouped: dict[str, dict[str, Result]]) -> list[str]:
     return lines
 
 
+def _twins_table(grouped: dict[str, dict[str, Result]]) -> list[str]:
+    """fastpipe.relay on this process's implementation and on the other twin."""
+    pairs = [
+        (cases[FASTPIPE], cases[FASTPIPE_TWIN])
+        for cases in grouped.values()
+        if FASTPIPE in cases and FASTPIPE_TWIN in cases
+    ]
+    if not pairs:
+        return []
+    twin = pairs[0][1].extra["implementation"]
+    this = _TWIN_NAMES["c" if twin == "py" else "py"]
+    other = _TWIN_NAMES[twin]
+    widths = (26, 24, 10, 24, 10, 0)
+    head = ("both twins", f"{this}: ms", "MiB/s", f"{other}: ms", "MiB/s", "time ratio")
+    lines = ["".join(c.ljust(w) for c, w in zip(head, widths, strict=True)).rstrip()]
+    for fp, tw in pairs:
+        if fp.workload == SmallRelays.workload:
+            label = f"small relays {fp.extra['relays']}x{fp.extra['payload'] // 1024} KiB"
+        else:
+            label = f"{fp.title:<16} {_fmt_size(fp.nbytes)}"
+        cells = (
+            label,
+            f"{_fmt_ms(fp.median)} [{_fmt_ms(fp.best)}]",
+            f"{fp.mib_s:.0f}",
+            f"{_fmt_ms(tw.median)} [{_fmt_ms(tw.best)}]",
+            f"{tw.mib_s:.0f}",
+            _ratio(tw.median, fp.median),
+        )
+        lines.append("".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip())
+    note = (
+        f"time ratio = {other}'s / {this}'s. Both run fastpipe.relay through the same "
+        f"WorkerPool, the {other} in a child process (FASTPIPE_NO_EXTENSIONS="
+        f"{'1' if twin == 'py' else '0'}) that runs the same cases and verifies every byte."
+    )
+    lines += textwrap.wrap(note, width=98, initial_indent="  ", subsequent_indent="    ")
+    return lines
+
+
 def _footnotes(grouped: dict[str, dict[str, Result]]) -> list[str]:
     # Paragraphs; one starting with "  " continues the one before it.
     paragraphs = [
@@ -1474,9 +1526,10 @@ def format_report(results: Sequence[Result], header: str) -> str:
     lines = [header, ""]
     for table in (_wall_table, _throughput_table, _cpu_table):
         lines += [*table(rows), ""]
-    baselines = _baselines_table(grouped)
-    if baselines:
-        lines += [*baselines, ""]
+    for extra_table in (_baselines_table, _twins_table):
+        extra_lines = extra_table(grouped)
+        if extra_lines:
+            lines += [*extra_lines, ""]
     lines += _footnotes(grouped)
     return "\n".join(lines)
 
@@ -1565,6 +1618,80 @@ def measure_idle_rss(relays: int = 1000) -> tuple[float, int, int]:
 
 IDLE_RELAYS = 1000
 
+_TWIN_NAMES = {"c": "compiled core", "py": "python twin"}
+_TWIN_CHILD = "import sys; from fastpipe import _bench; sys.exit(_bench._twin_child(sys.argv[1:]))"
+
+
+def other_twin() -> str | None:
+    """The implementation this process does not run: ``"py"``, ``"c"``, or None.
+
+    None when this process runs the pure-Python twin because the compiled
+    core is not built: there is no other twin to measure.
+    """
+    import importlib.util
+
+    import fastpipe
+
+    if fastpipe.IMPLEMENTATION == "c":
+        return "py"
+    return "c" if importlib.util.find_spec("fastpipe._core") is not None else None
+
+
+def measure_other_twin(size: int, relays: int, repeat: int, implementation: str) -> list[Result]:
+    """The ``fastpipe`` method of every workload, run by the other implementation.
+
+    A child process, because the implementation is chosen once per process
+    (``fastpipe._impl``, from ``FASTPIPE_NO_EXTENSIONS``): the twin's relays
+    then go through the same ``WorkerPool`` and ``Relay`` code as a user's
+    would.  The child runs the same cases, verifies every byte the same way
+    and sends its results back as JSON; they come back as method
+    ``fastpipe-twin``, with ``extra["implementation"]`` saying which twin.
+
+    Raises:
+        BenchError: the child failed, or ran the wrong implementation.
+    """
+    import fastpipe
+
+    env = dict(os.environ, FASTPIPE_NO_EXTENSIONS="1" if implementation == "py" else "0")
+    # The child imports this very package, wherever it was found.
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(fastpipe.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-c", _TWIN_CHILD, implementation, str(size), str(relays), str(repeat)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=TIMEOUT * 10,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise BenchError(f"the {_TWIN_NAMES[implementation]} child failed: {proc.stderr[-500:]}")
+    results = []
+    for doc in json.loads(proc.stdout):
+        doc["method"] = FASTPIPE_TWIN
+        doc["extra"] = {**doc["extra"], "method": FASTPIPE_TWIN, "implementation": implementation}
+        results.append(Result(**doc))
+    return results
+
+
+def _twin_child(argv: list[str]) -> int:
+    """``measure_other_twin``'s child: IMPLEMENTATION SIZE RELAYS REPEAT -> JSON on stdout."""
+    import fastpipe
+
+    implementation, size, relays, repeat = argv[0], int(argv[1]), int(argv[2]), int(argv[3])
+    if fastpipe.IMPLEMENTATION != implementation:
+        sys.stderr.write(f"expected the {implementation!r} core, got {fastpipe.IMPLEMENTATION!r}\n")
+        return 1
+    directory = tempfile.mkdtemp(prefix="fastpipe-bench-", dir=scratch_root())
+    results: list[Result] = []
+    try:
+        for cases in build_cases(size, relays, directory, only=(FASTPIPE,)):
+            results += run_workload(cases, repeat)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    sys.stdout.write(json.dumps([asdict(r) for r in results]))
+    return 0
+
 
 def run_bench(
     size_mib: int = DEFAULT_SIZE_MIB,
@@ -1611,6 +1738,15 @@ def run_bench(
         shutil.rmtree(directory, ignore_errors=True)
         if progress is not None:
             progress("")
+    twin = other_twin()
+    if twin is not None:
+        if progress is not None:
+            progress(f"fastpipe ({_TWIN_NAMES[twin]}): every workload, in a child process")
+        try:
+            results += measure_other_twin(size, relays, repeat, twin)
+        finally:
+            if progress is not None:
+                progress("")
     rss_per_relay, workers, in_use = measure_idle_rss(IDLE_RELAYS)
     elapsed = time.perf_counter() - started
     report = format_report(results, _header(size, relays, repeat))
