@@ -922,27 +922,27 @@ class PoolCore:
                     self._workers -= 1
                     return True
 
-    def worker_main(self, w: WorkerHandle) -> None:
-        job, w.job = w.job, None
+    def worker_main(self, handle: WorkerHandle) -> None:
+        job, handle.job = handle.job, None
         while True:
             if job is None:
-                if self._park(w):
+                if self._park(handle):
                     return
-                job, w.job = w.job, None
+                job, handle.job = handle.job, None
                 continue
             job.run_in_worker()
             with self._lock:
                 self._done.append(job)
                 self._done_cond.notify_all()
-                job = self._dispatch(w)
+                job = self._dispatch(handle)
                 if job is not None:
                     continue
                 self._busy -= 1
                 if self._shutting_down and not self._queue:
                     self._workers -= 1
                     return
-                w.idle = True
-                self._idle.append(w)
+                handle.idle = True
+                self._idle.append(handle)
 
     def _finished(self) -> bool:
         return self._shutting_down and self._workers == 0 and not self._queue
