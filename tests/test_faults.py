@@ -37,7 +37,16 @@ import pytest
 import fastpipe
 from fastpipe import _impl
 
-from conftest import Endpoints, Sink, Source, run_job, socket_pair, write_all
+from conftest import (
+    Endpoints,
+    Sink,
+    Source,
+    read_all,
+    recv_all,
+    run_job,
+    socket_pair,
+    write_all,
+)
 
 TIMEOUT = 60  # for result(): a hang fails the test, a slow machine does not
 
@@ -105,7 +114,7 @@ class Far:
     """A stream whose one end (``fd``, an int) goes to the relay; the test
     holds the other (a pipe end or a socket) to read, write, close or reset."""
 
-    def __init__(self, kind: str, *, relay_reads: bool) -> None:
+    def __init__(self, kind: str, *, relay_reads: bool, small: bool = False) -> None:
         self.sock: socket.socket | None = None
         self.far_fd = -1
         if kind == "pipe":
@@ -113,6 +122,9 @@ class Far:
             self.fd, self.far_fd = (r, w) if relay_reads else (w, r)
         else:
             a, b = socket_pair(kind)
+            if small:  # 16 KiB socket buffers: far less than one kernel chunk
+                a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+                b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
             self.fd = a.detach()
             self.sock = b
         self.relay_owns = False
@@ -132,6 +144,10 @@ class Far:
             chunks.append(chunk)
             n -= len(chunk)
         return b"".join(chunks)
+
+    def read_rest(self) -> bytes:
+        """Everything up to end of file."""
+        return recv_all(self.sock) if self.sock is not None else read_all(self.far_fd)
 
     def unread(self) -> int:
         """Bytes waiting in the far end (FIONREAD)."""
@@ -608,6 +624,218 @@ def test_an_eintr_storm_loses_and_repeats_nothing(
         assert src.leftover() == data[count:]
     assert during > 1
     print(f"{during} SIGALRM handler calls during the copy")
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("src_kind", "dst_kind", "zerocopy", "method"),
+    [p[1:] for p in ALL_PATHS if p[0] != "copy_file_range"],
+    ids=[p[0] for p in ALL_PATHS if p[0] != "copy_file_range"],
+)
+def test_a_signal_handler_that_raises_stops_copy_fd_cleanly(
+    endpoints: Endpoints,
+    fars: list[Far],
+    src_kind: str,
+    dst_kind: str,
+    zerocopy: bool,
+    method: str,
+) -> None:
+    """copy_fd in the main thread, parked on a stalled end, under a storm
+    whose handler raises: the exception comes out of copy_fd, every byte
+    counted as copied did arrive, and the buffer and pipe go back (checked
+    by conftest).  copy_file_range is left out: a file -> file copy never
+    parks, so the signal would land only by chance."""
+    data = os.urandom(32 * 1024 if src_kind != "file" else BIG)
+    if src_kind != "file":
+        # A source that stalls: 32 KiB (fits in every buffer), then nothing.
+        far = Far(src_kind, relay_reads=True)
+        fars.append(far)
+        far.write(data)
+        sink = endpoints.sink(dst_kind)
+        job = _impl.CopyJob(far.fd, sink.fd, zerocopy=zerocopy)
+        parked = lambda: job.bytes_copied == len(data)  # noqa: E731
+    else:
+        # A sink that stalls: nobody reads it.
+        far = Far(dst_kind, relay_reads=False)
+        fars.append(far)
+        src = endpoints.source(src_kind, data)
+        job = _impl.CopyJob(src.fd, far.fd, zerocopy=zerocopy)
+        parked = lambda: far.unread() > 0  # noqa: E731
+
+    raised = []
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        # Once only: a second Boom could land anywhere after copy_fd.
+        if not raised and parked():
+            raised.append(True)
+            raise Boom
+
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)
+    try:
+        with pytest.raises(Boom):
+            job.run()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert job.method == method
+    if src_kind != "file":
+        assert sink.received() == data
+    else:
+        # Close our end: the reader then gets everything the copy counted,
+        # and only that.
+        os.close(far.fd)
+        far.relay_owns = True
+        got = far.read_rest()
+        assert got == data[: len(got)]
+        if fastpipe.IMPLEMENTATION == "c":
+            assert len(got) == job.bytes_copied
+        else:
+            # In Python code a handler raises at any bytecode boundary, also
+            # between a syscall's return and the count's update: the twin's
+            # count may miss the last write, never exceed what was sent.
+            assert len(got) >= job.bytes_copied
+
+
+# (id, source kind, zerocopy, path) for a copy into a blocking TCP socket
+SOCKET_SINK_PATHS = [
+    ("readwrite", "pipe", False, "readwrite"),
+    ("sendfile", "file", True, "sendfile"),
+    ("splice-pipe", "pipe", True, "splice"),
+    ("splice-pooled-socket", "tcp", True, "splice"),
+]
+
+
+@pytest.mark.parametrize("api", ["copy_fd", "relay"])
+@pytest.mark.parametrize(
+    ("src_kind", "zerocopy", "method"),
+    [p[1:] for p in SOCKET_SINK_PATHS],
+    ids=[p[0] for p in SOCKET_SINK_PATHS],
+)
+def test_idle_timeout_fires_on_a_stalled_blocking_socket_sink(
+    endpoints: Endpoints,
+    fars: list[Far],
+    src_kind: str,
+    zerocopy: bool,
+    method: str,
+    api: str,
+) -> None:
+    """sendfile and splice into a blocking socket wait until the whole chunk
+    is queued, whatever non-blocking flag they get, and POLLOUT does not
+    promise room for it: with small socket buffers a stalled peer used to
+    hold the copy (and the relay) past idle_timeout for ever.  The compiled
+    core now interrupts the call at the deadline; the twin, which cannot,
+    uses read/write for a blocking socket sink under idle_timeout."""
+    data = os.urandom(BIG)
+    src = endpoints.source(src_kind, data)
+    dst = Far("tcp", relay_reads=False, small=True)
+    fars.append(dst)
+    t0 = time.monotonic()
+    if api == "copy_fd":
+        job = _impl.CopyJob(src.fd, dst.fd, zerocopy=zerocopy, idle_timeout=0.3)
+        with pytest.raises(TimeoutError):
+            job.run()
+        used, copied = job.method, job.bytes_copied
+    else:
+        relay = fastpipe.relay(src.fd, dst.fd, close=False, zerocopy=zerocopy, idle_timeout=0.3)
+        exc = relay.exception(timeout=TIMEOUT)
+        assert isinstance(exc, TimeoutError), exc
+        used, copied = relay.method, relay.bytes_copied
+    assert 0.3 <= time.monotonic() - t0 < TIMEOUT
+    expected = method if fastpipe.IMPLEMENTATION == "c" or not zerocopy else "readwrite"
+    assert used == expected
+    # Every byte counted is at the peer, in order, and no other.
+    os.close(dst.fd)
+    dst.relay_owns = True
+    got = dst.read_rest()
+    assert 0 < copied == len(got) < len(data)
+    assert got == data[: len(got)]
+
+
+# (id, stalled end, its kind, zerocopy, path)
+STALL_PATHS = [
+    ("readwrite", "src", "pipe", False, "readwrite"),
+    ("splice-pooled-socket", "src", "tcp", True, "splice"),
+    ("sendfile", "dst", "tcp", True, "sendfile"),
+]
+
+
+@pytest.mark.parametrize("api", ["copy_fd", "relay"])
+@pytest.mark.parametrize(
+    ("stalled", "kind", "zerocopy", "method"),
+    [p[1:] for p in STALL_PATHS],
+    ids=[p[0] for p in STALL_PATHS],
+)
+def test_an_eintr_storm_does_not_hold_off_idle_timeout(
+    endpoints: Endpoints,
+    fars: list[Far],
+    stalled: str,
+    kind: str,
+    zerocopy: bool,
+    method: str,
+    api: str,
+) -> None:
+    """Each EINTR restarts the wait: it must go on to the same deadline,
+    not start the idle_timeout again (which a 1 ms storm would keep off
+    for ever)."""
+    data = os.urandom(32 * 1024 if stalled == "src" else BIG)
+    if stalled == "src":
+        far = Far(kind, relay_reads=True)
+        far.write(data)
+        sink = endpoints.sink("file")
+        ends = far.fd, sink.fd
+    else:
+        far = Far(kind, relay_reads=False)
+        ends = endpoints.source("file", data).fd, far.fd
+    fars.append(far)
+    with signal_storm():
+        t0 = time.monotonic()
+        if api == "copy_fd":
+            job = _impl.CopyJob(*ends, zerocopy=zerocopy, idle_timeout=0.3)
+            with pytest.raises(TimeoutError):
+                job.run()
+            used, copied = job.method, job.bytes_copied
+        else:
+            relay = fastpipe.relay(*ends, close=False, zerocopy=zerocopy, idle_timeout=0.3)
+            assert isinstance(relay.exception(timeout=TIMEOUT), TimeoutError)
+            used, copied = relay.method, relay.bytes_copied
+        elapsed = time.monotonic() - t0
+    # The twin sends to a blocking socket under idle_timeout by read/write
+    # (see the test above).
+    twin_rw = fastpipe.IMPLEMENTATION == "py" and stalled == "dst"
+    assert used == ("readwrite" if twin_rw else method)
+    assert 0.3 <= elapsed < TIMEOUT
+    if stalled == "src":
+        assert copied == len(data)
+        assert sink.received() == data
+    else:
+        assert 0 < copied < len(data)
+
+
+@pytest.mark.parametrize("close", [True, False], ids=["close", "keep"])
+def test_a_buffered_writer_that_cannot_flush_fails_the_relay(
+    endpoints: Endpoints, close: bool
+) -> None:
+    """The flush before the first byte hits ENOSPC: that is the relay's
+    error, nothing is copied, and close=True still closes the file (whose
+    own close() flushes, fails again, and closes the fd anyway)."""
+    src = endpoints.source("pipe", os.urandom(100_000))
+    full = open("/dev/full", "wb")  # noqa: SIM115 - closed by the relay or below
+    full.write(b"pending")
+    try:
+        relay = fastpipe.relay(hand_over(src, close), full, close=close)
+        exc = relay.exception(timeout=TIMEOUT)
+        assert isinstance(exc, OSError) and exc.errno == errno.ENOSPC, exc
+        assert relay.bytes_copied == 0
+        assert full.closed is close
+        assert_closed_as_said(close, src.fd)
+    finally:
+        if not full.closed:
+            with contextlib.suppress(OSError):
+                full.close()
 
 
 # ------------------------------------------------- fds closed by someone else
