@@ -6,12 +6,15 @@ file), sendfile (file -> socket) and copy_file_range (file -> file).  Every
 case checks ``Relay.method`` (or the job's), so the parametrisation really
 covers the path it names.
 
-The faults: ENOSPC, EPIPE (a reader that closes, a reader process killed),
-ECONNRESET (a TCP peer closing with SO_LINGER (1, 0)), EINTR storms, and fds
-closed by someone else.  Each failure must be a clear ``OSError`` with its
-errno, within a timeout; the ends are closed as ``close=`` says; conftest's
-autouse fixtures check afterwards that every buffer and pipe is back in its
-pool and no fd leaked.
+The faults: ENOSPC (/dev/full, a 1 MiB tmpfs of our own), EPIPE (a reader
+that closes, a reader process killed), ECONNRESET (a TCP peer closing with
+SO_LINGER (1, 0)), EINTR storms (also with idle_timeout, and a handler that
+raises), a stalled blocking socket sink under idle_timeout, and fds closed by
+someone else.  Each case runs as copy_fd in the main thread and as relay()
+with close=True and close=False where that matters.  Each failure must be a
+clear ``OSError`` with its errno, within a timeout; the ends are closed as
+``close=`` says; conftest's autouse fixtures check afterwards that every
+buffer and pipe is back in its pool and no fd leaked.
 """
 
 from __future__ import annotations
@@ -65,10 +68,10 @@ def splice_at_once() -> Iterator[None]:
         _impl._set_splice_min_read(old)
 
 
-def wait_until(condition: object, what: str, timeout: float = 30) -> None:
+def wait_until(condition: Callable[[], object], what: str, timeout: float = 30) -> None:
     """Poll a condition that no event reports (a counter, another process)."""
     deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
+    while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.005)
 
