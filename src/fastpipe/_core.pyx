@@ -581,9 +581,15 @@ cdef inline long long _now_ms() noexcept nogil:
     return <long long>ts.tv_sec * 1000 + ts.tv_nsec // 1000000
 
 
+cdef inline long long _idle_deadline(CopyState *st) noexcept nogil:
+    # _now_ms() truncates to the millisecond, up to 1 ms behind the clock:
+    # one more keeps idle_timeout from ever firing before its time.
+    return _now_ms() + st.idle_ms + 1
+
+
 cdef inline void _progress(CopyState *st) noexcept nogil:
     if st.idle_ms >= 0:
-        st.deadline_ms = _now_ms() + st.idle_ms
+        st.deadline_ms = _idle_deadline(st)
 
 
 cdef int _wait_step(CopyState *st, int fd, short events) noexcept nogil:
@@ -1212,7 +1218,7 @@ cdef int _prepare(CopyState *st, bint in_main_thread, bint zerocopy) noexcept no
         elif st.dst_kind == KIND_CHAR:
             st.dst_wait_first = True
     if st.idle_ms >= 0:
-        st.deadline_ms = _now_ms() + st.idle_ms
+        st.deadline_ms = _idle_deadline(st)
     return 0
 
 
