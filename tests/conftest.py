@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import fastpipe
+from fastpipe import _impl
 
 KINDS = ["file", "pipe", "unix", "tcp"]
 
@@ -266,6 +267,37 @@ def endpoints(tmp_path: os.PathLike[str]) -> Iterator[Endpoints]:
 def close_quietly(fd: int) -> None:
     with contextlib.suppress(OSError):
         os.close(fd)
+
+
+def run_job(src: int, dst: int, count: int | None = None, zerocopy: bool = True) -> tuple[int, str]:
+    """copy_fd, but also returns the path that was used."""
+    job = _impl.CopyJob(src, dst, count, zerocopy=zerocopy)
+    n = job.run()
+    return n, job.method
+
+
+def write_all(fd: int, data: bytes, close: bool = False) -> None:
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view[: 1 << 20]) :]
+    finally:
+        if close:
+            os.close(fd)
+
+
+def read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def recv_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def open_fds() -> set[int]:

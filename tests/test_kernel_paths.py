@@ -21,18 +21,20 @@ import pytest
 import fastpipe
 from fastpipe import _impl
 
-from conftest import KINDS, Endpoints, close_quietly, tcp_pair
+from conftest import (
+    KINDS,
+    Endpoints,
+    close_quietly,
+    read_all,
+    recv_all,
+    run_job,
+    tcp_pair,
+    write_all,
+)
 
 
 def payload(size: int) -> bytes:
     return os.urandom(size)
-
-
-def run_job(src: int, dst: int, count: int | None = None, zerocopy: bool = True) -> tuple[int, str]:
-    """copy_fd, but also returns the path that was used."""
-    job = _impl.CopyJob(src, dst, count, zerocopy=zerocopy)
-    n = job.run()
-    return n, job.method
 
 
 @pytest.mark.parametrize("count", [0, 1, 4095, 65536, 1_000_003])
@@ -164,7 +166,7 @@ def test_a_full_destination_pipe_waits_without_spinning() -> None:
     src_r, src_w = os.pipe()
     dst_r, dst_w = os.pipe()
     os.set_blocking(dst_w, False)  # EAGAIN from the sink, the tempting case
-    feeder = threading.Thread(target=_write_all, args=(src_w, data, True), daemon=True)
+    feeder = threading.Thread(target=write_all, args=(src_w, data, True), daemon=True)
     feeder.start()
     relay = fastpipe.relay(src_r, dst_w)
     try:
@@ -177,7 +179,7 @@ def test_a_full_destination_pipe_waits_without_spinning() -> None:
         time.sleep(0.5)  # nobody reads: the relay is parked
         spent = time.process_time() - cpu0
         assert spent < 0.2, f"the relay burned {spent:.3f} s of CPU while parked"
-        got = _read_all(dst_r)
+        got = read_all(dst_r)
         assert relay.result(timeout=10) == len(data)
         assert got == data
         assert relay.method == "splice"
@@ -186,30 +188,13 @@ def test_a_full_destination_pipe_waits_without_spinning() -> None:
         os.close(dst_r)
 
 
-def _write_all(fd: int, data: bytes, close: bool = False) -> None:
-    view = memoryview(data)
-    try:
-        while view:
-            view = view[os.write(fd, view[: 1 << 20]) :]
-    finally:
-        if close:
-            os.close(fd)
-
-
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 1 << 20):
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def _socket_relay_through_pipe(size: int) -> tuple[bytes, bytes, str]:
     """TCP -> TCP through the pipe pool; returns (sent, received, method)."""
     a_out, a_in = tcp_pair()  # the relay reads a_in
     b_in, b_out = tcp_pair()  # the relay writes b_in
     data = payload(size)
     got: list[bytes] = []
-    reader = threading.Thread(target=lambda: got.append(_recv_all(b_out)), daemon=True)
+    reader = threading.Thread(target=lambda: got.append(recv_all(b_out)), daemon=True)
     reader.start()
     relay = fastpipe.relay(a_in, b_in)
     a_out.sendall(data)
@@ -218,13 +203,6 @@ def _socket_relay_through_pipe(size: int) -> tuple[bytes, bytes, str]:
     reader.join(30)
     b_out.close()
     return data, got[0], str(relay.method)
-
-
-def _recv_all(sock: socket.socket) -> bytes:
-    chunks = []
-    while chunk := sock.recv(1 << 20):
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def test_pipes_are_pooled_and_reused() -> None:
@@ -380,7 +358,7 @@ def test_a_sink_that_is_read_only_afterwards_does_not_hang(
         if src_kind == "pipe":
             r, w = os.pipe()
             os.write(w, data[:32768])
-            writer = threading.Thread(target=_write_all, args=(w, data[32768:], True))
+            writer = threading.Thread(target=write_all, args=(w, data[32768:], True))
             writer.start()
             try:
                 n, method = run_job(r, a.fileno(), zerocopy=zerocopy)
@@ -394,7 +372,7 @@ def test_a_sink_that_is_read_only_afterwards_does_not_hang(
         if zerocopy:
             assert method == ("splice" if src_kind == "pipe" else "sendfile")
         a.shutdown(socket.SHUT_WR)
-        assert _recv_all(b) == data
+        assert recv_all(b) == data
     finally:
         a.close()
         b.close()

@@ -17,6 +17,7 @@
 #include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -89,6 +90,73 @@ static inline int fp_install_wake_signal(void) {
     if (sigaction(sig, &sa, NULL) < 0)
         return -1;
     return sig;
+}
+
+/* idle_timeout over a blocking socket sink.  sendfile, and splice into a
+ * socket, ignore every per-call non-blocking flag: on a blocking socket they
+ * wait until the whole chunk is queued, however long the peer stalls.  Polling
+ * POLLOUT first does not bound that wait (POLLOUT means "a third of the buffer
+ * is free", not "room for this chunk"), so with a small send buffer or a large
+ * chunk a stalled peer held the copy past its idle_timeout for ever.  Before
+ * such a call the copy arms a one-shot CLOCK_MONOTONIC timer that sends the
+ * wake signal above to its own thread (SIGEV_THREAD_ID) at the idle deadline:
+ * the call then returns EINTR or a short count, and the loop sees the
+ * deadline.  The timer is made on first use by the thread running the copy and
+ * deleted by that thread when the copy ends.  -1 where this cannot be done
+ * (no SIGEV_THREAD_ID, timer_create refused): the copy then works as before. */
+typedef struct {
+    timer_t id;
+    int state; /* 0: not made yet, 1: made, -1: cannot be made */
+} fp_alarm;
+
+static inline int fp_alarm_arm(fp_alarm *a, int sig, long long ms) {
+#ifdef SIGEV_THREAD_ID
+    struct sigevent sev;
+    struct itimerspec its;
+    if (a->state == 0) {
+        memset(&sev, 0, sizeof(sev));
+        sev.sigev_notify = SIGEV_THREAD_ID;
+        sev.sigev_signo = sig;
+        sev._sigev_un._tid = (pid_t)syscall(SYS_gettid);
+        a->state = timer_create(CLOCK_MONOTONIC, &sev, &a->id) == 0 ? 1 : -1;
+    }
+    if (a->state != 1)
+        return -1;
+    if (ms < 1)
+        ms = 1; /* an all-zero it_value would disarm it instead */
+    memset(&its, 0, sizeof(its));
+    its.it_value.tv_sec = ms / 1000;
+    its.it_value.tv_nsec = (ms % 1000) * 1000000L;
+    return timer_settime(a->id, 0, &its, NULL);
+#else
+    (void)a;
+    (void)sig;
+    (void)ms;
+    return -1;
+#endif
+}
+
+/* Keeps errno: it runs between a syscall and the check of its errno. */
+static inline void fp_alarm_disarm(fp_alarm *a) {
+#ifdef SIGEV_THREAD_ID
+    struct itimerspec its;
+    int saved = errno;
+    if (a->state == 1) {
+        memset(&its, 0, sizeof(its));
+        timer_settime(a->id, 0, &its, NULL);
+    }
+    errno = saved;
+#else
+    (void)a;
+#endif
+}
+
+static inline void fp_alarm_free(fp_alarm *a) {
+#ifdef SIGEV_THREAD_ID
+    if (a->state == 1)
+        timer_delete(a->id);
+#endif
+    a->state = 0;
 }
 
 /* SIGPIPE.  A write to a pipe or socket whose reader is gone raises SIGPIPE

@@ -33,8 +33,8 @@ from fastpipe._syscalls cimport (
     ECANCELED, EIO, ENOSYS, EPERM, EPIPE, EXDEV, FIONREAD, FP_CANCELLABLE, F_GETFL,
     F_GETPIPE_SZ, F_SETPIPE_SZ, MSG_DONTWAIT, MSG_NOSIGNAL, O_APPEND, O_CLOEXEC, O_NONBLOCK,
     POLLIN, POLLNVAL, POLLOUT, RWF_NOWAIT, SEEK_CUR, SHUT_WR, SPLICE_F_NONBLOCK, S_ISBLK,
-    S_ISFIFO, S_ISREG, S_ISSOCK, close, copy_file_range, fcntl, fp_block_sigpipe,
-    fp_cond_init_monotonic,
+    S_ISFIFO, S_ISREG, S_ISSOCK, close, copy_file_range, fcntl, fp_alarm, fp_alarm_arm,
+    fp_alarm_disarm, fp_alarm_free, fp_block_sigpipe, fp_cond_init_monotonic,
     fp_cond_wait_until_ms, fp_discard_sigpipe, fp_install_wake_signal, fp_load_int, fp_load_ll,
     fp_sem_wait_ms, fp_set_sigmask, fp_sigpipe_blocked_in, fp_store_int, fp_store_ll, fstat,
     ioctl, lseek, msghdr, pipe2, poll, pollfd, preadv2, pthread_cond_broadcast,
@@ -486,6 +486,10 @@ cdef struct CopyState:
     long long idle_ms       # idle_timeout in ms, or -1
     long long deadline_ms   # CLOCK_MONOTONIC ms by which a byte must move
     bint idle_expired       # the ETIMEDOUT is ours, not the socket's
+    # Interrupts a sendfile or splice blocked on a blocking socket sink at
+    # the idle deadline (see _compat.h); made, used and freed by the thread
+    # running the copy.
+    fp_alarm idle_alarm
     # Worker-pool fields.  owner is the CopyJob; the pool holds one reference
     # to it from submit() until the completer takes the job back.
     PyObject *owner
@@ -579,9 +583,15 @@ cdef inline long long _now_ms() noexcept nogil:
     return <long long>ts.tv_sec * 1000 + ts.tv_nsec // 1000000
 
 
+cdef inline long long _idle_deadline(CopyState *st) noexcept nogil:
+    # _now_ms() truncates to the millisecond, up to 1 ms behind the clock:
+    # one more keeps idle_timeout from ever firing before its time.
+    return _now_ms() + st.idle_ms + 1
+
+
 cdef inline void _progress(CopyState *st) noexcept nogil:
     if st.idle_ms >= 0:
-        st.deadline_ms = _now_ms() + st.idle_ms
+        st.deadline_ms = _idle_deadline(st)
 
 
 cdef int _wait_step(CopyState *st, int fd, short events) noexcept nogil:
@@ -770,6 +780,24 @@ cdef bint _src_has_bytes(CopyState *st) noexcept nogil:
     return avail > 0
 
 
+cdef inline void _arm_idle_alarm(CopyState *st) noexcept nogil:
+    """Before a sendfile or splice into a blocking socket under idle_timeout.
+
+    Neither honours a non-blocking flag there, and POLLOUT does not promise
+    room for the whole chunk: without the alarm a stalled peer holds the call
+    (and the relay) past its deadline for ever.  The wake signal interrupts
+    the call at the deadline: EINTR, or a short count of bytes that did move.
+    """
+    if st.kdst_wait_first and _wake_signal > 0:
+        fp_alarm_arm(&st.idle_alarm, _wake_signal, st.deadline_ms - _now_ms())
+
+
+cdef inline void _disarm_idle_alarm(CopyState *st) noexcept nogil:
+    # Keeps errno: the caller reads the syscall's right after.
+    if st.kdst_wait_first:
+        fp_alarm_disarm(&st.idle_alarm)
+
+
 cdef int _kernel_step(CopyState *st) noexcept nogil:
     """Copy with copy_file_range, sendfile or splice until the end.
 
@@ -790,7 +818,9 @@ cdef int _kernel_step(CopyState *st) noexcept nogil:
                 r = _wait_step(st, st.dst, POLLOUT)
                 if r != STEP_AGAIN:
                     return r
+            _arm_idle_alarm(st)
             n = splice(st.pipe.rfd, NULL, st.dst, NULL, <size_t>st.pipe_len, SPLICE_F_NONBLOCK)
+            _disarm_idle_alarm(st)
             if n < 0:
                 err = errno
                 if err == EINTR:
@@ -828,7 +858,9 @@ cdef int _kernel_step(CopyState *st) noexcept nogil:
                 r = _wait_step(st, st.dst, POLLOUT)
                 if r != STEP_AGAIN:
                     return r
+            _arm_idle_alarm(st)
             n = sendfile(st.dst, st.src, NULL, chunk)
+            _disarm_idle_alarm(st)
         else:
             if st.ksrc_wait_first:
                 # A blocking TCP socket ignores SPLICE_F_NONBLOCK: only
@@ -854,7 +886,9 @@ cdef int _kernel_step(CopyState *st) noexcept nogil:
                     r = _wait_step(st, st.dst, POLLOUT)
                     if r != STEP_AGAIN:
                         return r
+                _arm_idle_alarm(st)
                 n = splice(st.src, NULL, st.dst, NULL, chunk, SPLICE_F_NONBLOCK)
+                _disarm_idle_alarm(st)
         if n < 0:
             err = errno
             if err == EINTR:
@@ -1186,7 +1220,7 @@ cdef int _prepare(CopyState *st, bint in_main_thread, bint zerocopy) noexcept no
         elif st.dst_kind == KIND_CHAR:
             st.dst_wait_first = True
     if st.idle_ms >= 0:
-        st.deadline_ms = _now_ms() + st.idle_ms
+        st.deadline_ms = _idle_deadline(st)
     return 0
 
 
@@ -1196,6 +1230,7 @@ cdef inline void _discard(CopyState *st) noexcept nogil:
     # some is closed, not pooled.
     _release(st)
     _release_pipe(st)
+    fp_alarm_free(&st.idle_alarm)
     st.pend_len = 0
     st.pre_len = 0
 

@@ -558,6 +558,15 @@ class CopyJob:
             return
         if dk == "file" and fcntl.fcntl(self._dst, fcntl.F_GETFL) & os.O_APPEND:
             return
+        if dk == "socket" and self._idle is not None and os.get_blocking(self._dst):
+            # sendfile, and splice into a socket, ignore every non-blocking
+            # flag: on a blocking socket they wait until the whole chunk is
+            # queued, and POLLOUT first does not promise room for it.  The
+            # compiled core interrupts them at the idle deadline with a timer
+            # signal (see _compat.h); a Python thread cannot be, so a stalled
+            # peer would hold the copy past idle_timeout for ever.  The
+            # read/write loop sends with MSG_DONTWAIT and polls instead.
+            return
         if sk == dk == "file":
             self._method = "copy_file_range"
         elif sk == "file" and dk == "socket":

@@ -75,6 +75,11 @@ cdef extern from "_compat.h" nogil:
     void fp_store_int(int *p, int v)
     int fp_load_int(const int *p)
     int fp_install_wake_signal()
+    ctypedef struct fp_alarm:
+        pass
+    int fp_alarm_arm(fp_alarm *a, int sig, long long ms)
+    void fp_alarm_disarm(fp_alarm *a)
+    void fp_alarm_free(fp_alarm *a)
     ctypedef struct sigset_t:
         pass
     void fp_block_sigpipe(sigset_t *old)
