@@ -208,7 +208,9 @@ def _check_count(count: object) -> int:
     if count < 0:
         raise ValueError(f"count must be non-negative, got {count}")
     if count > 0x7FFFFFFFFFFFFFFF:
-        raise ValueError(f"count is out of range: {count}")
+        # As the compiled core: more than any fd can deliver, the same as
+        # "to end of file", kept exact.
+        return 0x7FFFFFFFFFFFFFFF
     return count
 
 
@@ -219,6 +221,10 @@ def _check_idle_timeout(seconds: object) -> float | None:
         raise TypeError(f"idle_timeout must be a number or None, not {type(seconds).__name__}")
     if not seconds > 0:
         raise ValueError(f"idle_timeout must be greater than 0, got {seconds}")
+    if seconds > 1e9:
+        # As the compiled core: 30 years is "never".  inf or 1e300 would
+        # overflow poll()'s and the clock's arithmetic in the worker.
+        return None
     return float(seconds)
 
 
@@ -435,9 +441,36 @@ class CopyJob:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
         return self._result
 
+    def _check_same_file(self, src_st: os.stat_result, dst_st: os.stat_result) -> None:
+        """EINVAL if the copy would read what it wrote (see ``_core``).
+
+        ``cat f >> f``: the same regular file at both ends, read to end of
+        file, chases its own writes for ever; overlapping ranges read back
+        bytes already overwritten.  Counted, non-overlapping ranges are fine.
+        """
+        if not (stat.S_ISREG(src_st.st_mode) and stat.S_ISREG(dst_st.st_mode)):
+            return
+        if (src_st.st_dev, src_st.st_ino) != (dst_st.st_dev, dst_st.st_ino) or self._limit == 0:
+            return
+        if self._limit > 0:
+            so = os.lseek(self._src, 0, os.SEEK_CUR)
+            if fcntl.fcntl(self._dst, fcntl.F_GETFL) & os.O_APPEND:
+                do = dst_st.st_size  # every write lands at the end
+            else:
+                do = os.lseek(self._dst, 0, os.SEEK_CUR)
+            # A shared offset (same fd, dup'd fds) gives so == do: overlapping.
+            if so + self._limit <= do or do + self._limit <= so:
+                return
+        raise OSError(
+            errno.EINVAL, "src and dst are the same file: the copy would read what it wrote"
+        )
+
     def _copy(self) -> int:
-        src_mode = os.fstat(self._src).st_mode
-        dst_mode = os.fstat(self._dst).st_mode
+        src_st = os.fstat(self._src)
+        dst_st = os.fstat(self._dst)
+        src_mode = src_st.st_mode
+        dst_mode = dst_st.st_mode
+        self._check_same_file(src_st, dst_st)
         src_pollable = not (stat.S_ISREG(src_mode) or stat.S_ISBLK(src_mode))
         dst_pollable = not (stat.S_ISREG(dst_mode) or stat.S_ISBLK(dst_mode))
         src_wait_first = src_pollable and os.get_blocking(self._src)
