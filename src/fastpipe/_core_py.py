@@ -228,6 +228,35 @@ def _check_idle_timeout(seconds: object) -> float | None:
     return float(seconds)
 
 
+def _check_access(fd: int, wrong_mode: int) -> None:
+    """EBADF for an fd opened only the other way (or O_PATH), as read/write say.
+
+    The compiled core reads or writes first and gets EBADF at once; this
+    twin polls a blocking source first, and a pipe's write end never
+    reports POLLIN: without this check it waited for ever.
+    """
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if flags & os.O_ACCMODE == wrong_mode or flags & os.O_PATH:
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+
+def _check_not_listening(fd: int) -> None:
+    """Raise the kernel's own error for reading a listening socket.
+
+    The compiled core reads a socket first and gets ENOTCONN (EINVAL for
+    AF_UNIX) at once; this twin polls a blocking socket first, and POLLIN on
+    a listening socket means "a connection to accept": without this check it
+    waited for ever.
+    """
+    view = socket.socket(fileno=fd)
+    try:
+        if view.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            view.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK)  # raises
+            raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))
+    finally:
+        view.detach()
+
+
 def fd_ready(fd: int) -> bool:
     """True if reading ``fd`` now would not block (data, end of file or error)."""
     p = select.poll()
@@ -471,6 +500,10 @@ class CopyJob:
         src_mode = src_st.st_mode
         dst_mode = dst_st.st_mode
         self._check_same_file(src_st, dst_st)
+        _check_access(self._src, os.O_WRONLY)
+        _check_access(self._dst, os.O_RDONLY)
+        if stat.S_ISSOCK(src_mode):
+            _check_not_listening(self._src)
         src_pollable = not (stat.S_ISREG(src_mode) or stat.S_ISBLK(src_mode))
         dst_pollable = not (stat.S_ISREG(dst_mode) or stat.S_ISBLK(dst_mode))
         src_wait_first = src_pollable and os.get_blocking(self._src)
