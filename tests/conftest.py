@@ -10,7 +10,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,18 +72,40 @@ def no_pipe_left_in_use() -> Iterator[None]:
     assert fastpipe.pipe_stats()["in_use"] == 0, fastpipe.pipe_stats()
 
 
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    """A connected TCP loopback pair (client, server side)."""
+def tcp_pair(
+    *, client_rcvbuf: int | None = None, server_rcvbuf: int | None = None
+) -> tuple[socket.socket, socket.socket]:
+    """A connected TCP loopback pair (client, server side).
+
+    A receive buffer size is set before the connection is made: TCP settles
+    its window scale in the handshake, so a later SO_RCVBUF cannot shrink it.
+    """
     with socket.create_server(("127.0.0.1", 0)) as listener:
-        client = socket.create_connection(listener.getsockname())
-        server, _ = listener.accept()
+        if server_rcvbuf is not None:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, server_rcvbuf)
+        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            if client_rcvbuf is not None:
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, client_rcvbuf)
+            client.connect(listener.getsockname())
+            server, _ = listener.accept()
+        except BaseException:
+            client.close()
+            raise
     return client, server
 
 
-def socket_pair(kind: str) -> tuple[socket.socket, socket.socket]:
+def socket_pair(
+    kind: str, *, first_rcvbuf: int | None = None, second_rcvbuf: int | None = None
+) -> tuple[socket.socket, socket.socket]:
+    """A connected stream pair of ``kind`` ("unix" or "tcp"), receive buffers as asked."""
     if kind == "unix":
-        return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    return tcp_pair()
+        pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for sock, size in zip(pair, (first_rcvbuf, second_rcvbuf), strict=True):
+            if size is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+        return pair
+    return tcp_pair(client_rcvbuf=first_rcvbuf, server_rcvbuf=second_rcvbuf)
 
 
 class _OwnedFd:
@@ -139,13 +161,33 @@ class Sink(_OwnedFd):
         return self.read_back()
 
 
-def _feed_in_thread(write: Callable[[bytes], object], data: bytes, done: Callable[[], None]):
+# How a feeder writes: (piece size, pause after it) in turn; after the last
+# piece the rest goes in 64 KiB writes without pauses.
+Pieces = Sequence[tuple[int, float]]
+
+
+def _feed_in_thread(
+    write: Callable[[memoryview], object],
+    data: bytes,
+    done: Callable[[], None],
+    pieces: Pieces = (),
+) -> threading.Thread:
+    def write_all(view: memoryview) -> None:
+        while view:
+            n = write(view)
+            view = view[n:] if isinstance(n, int) else view[len(view) :]
+
     def run() -> None:
         try:
             view = memoryview(data)
+            for size, pause in pieces:
+                write_all(view[:size])
+                view = view[size:]
+                if pause:
+                    time.sleep(pause)  # a slow producer, not synchronisation
             while view:
-                n = write(view[: 1 << 16])
-                view = view[n:] if isinstance(n, int) else view[len(view[: 1 << 16]) :]
+                write_all(view[: 1 << 16])
+                view = view[1 << 16 :]
         except (BrokenPipeError, ConnectionResetError):
             pass  # the test closed its end early on purpose
         finally:
@@ -173,7 +215,20 @@ class Endpoints:
 
         self._cleanup.append(close)
 
-    def source(self, kind: str, data: bytes, *, nonblocking: bool = False) -> Source:
+    def source(
+        self,
+        kind: str,
+        data: bytes,
+        *,
+        nonblocking: bool = False,
+        pieces: Pieces = (),
+        rcvbuf: int | None = None,
+    ) -> Source:
+        """A readable fd of ``kind`` that yields ``data`` then end of file.
+
+        A pipe or socket is fed by a thread, in ``pieces`` first (see
+        ``Pieces``); ``rcvbuf`` is the receive buffer of a socket source.
+        """
         if kind == "file":
             fd_, path = tempfile.mkstemp(dir=self.tmp_path)
             with os.fdopen(fd_, "wb") as f:
@@ -182,10 +237,10 @@ class Endpoints:
         elif kind == "pipe":
             r, w = os.pipe()
             src = Source(r, data)
-            t = _feed_in_thread(lambda b: os.write(w, b), data, lambda: os.close(w))
+            t = _feed_in_thread(lambda b: os.write(w, b), data, lambda: os.close(w), pieces)
             src.feeder = t
         else:
-            a, b = socket_pair(kind)
+            a, b = socket_pair(kind, first_rcvbuf=rcvbuf)
             self._close_later(b)
             fd = a.detach()
 
@@ -194,7 +249,7 @@ class Endpoints:
                     b.shutdown(socket.SHUT_WR)
 
             src = Source(fd, data, keep=[b])
-            src.feeder = _feed_in_thread(b.send, data, done)
+            src.feeder = _feed_in_thread(b.send, data, done, pieces)
         self._owned.append(src)
         if nonblocking:
             os.set_blocking(src.fd, False)
@@ -203,7 +258,8 @@ class Endpoints:
             src.feeder.start()
         return src
 
-    def sink(self, kind: str, *, nonblocking: bool = False) -> Sink:
+    def sink(self, kind: str, *, nonblocking: bool = False, rcvbuf: int | None = None) -> Sink:
+        """A writable fd of ``kind``; ``rcvbuf`` is the reading socket's buffer."""
         if kind == "file":
             fd_, path = tempfile.mkstemp(dir=self.tmp_path)
 
@@ -219,7 +275,7 @@ class Endpoints:
                 fd, reader = w, (lambda: os.read(r, 1 << 20))
                 self._close_later(r)
             else:
-                a, b = socket_pair(kind)
+                a, b = socket_pair(kind, second_rcvbuf=rcvbuf)
                 self._close_later(b)
                 fd, reader = a.detach(), (lambda: b.recv(1 << 20))
 

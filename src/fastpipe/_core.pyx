@@ -68,6 +68,9 @@ cdef enum:
     # read returns this much: small messages are cheaper through buffers,
     # and an idle connection then never holds a pipe.
     SPLICE_MIN_READ = 64 * 1024
+    # st.err for a copy of a file onto itself that would read back its own
+    # writes: EINVAL, with a message that says why (not an errno).
+    ERR_SAME_FILE = -1
 
 cdef enum Method:
     M_READWRITE = 0
@@ -1174,6 +1177,40 @@ cdef int _choose_kernel_path(CopyState *st, bint in_main_thread) noexcept nogil:
     return 0
 
 
+cdef int _check_same_file(CopyState *st) noexcept nogil:
+    """-1 with st.err = ERR_SAME_FILE if the copy would read what it wrote.
+
+    ``cat f >> f``: with the same regular file at both ends (one fd, two
+    dup'd fds, or two opens), reading to end of file chases the writes for
+    ever (O_APPEND: the file grows until the disk is full), and overlapping
+    ranges read back bytes already overwritten.  A counted copy between
+    ranges that do not overlap is a legitimate move and goes ahead.
+    """
+    cdef stat a, b
+    cdef long so, do
+    cdef int flags
+    if fstat(st.src, &a) < 0 or fstat(st.dst, &b) < 0:
+        return 0  # the copy's own first syscall reports it
+    if not (S_ISREG(a.st_mode) and S_ISREG(b.st_mode)):
+        return 0
+    if a.st_dev != b.st_dev or a.st_ino != b.st_ino or st.limit == 0:
+        return 0
+    if st.limit > 0:
+        so = lseek(st.src, 0, SEEK_CUR)
+        flags = fcntl(st.dst, F_GETFL)
+        if flags >= 0 and flags & O_APPEND:
+            do = b.st_size  # every write lands at the end
+        else:
+            do = lseek(st.dst, 0, SEEK_CUR)
+        # Differences, not sums: limit may be up to 2**63-1.  A shared
+        # offset (same fd, dup'd fds) gives so == do: overlapping.
+        if so >= 0 and do >= 0:
+            if (so <= do and do - so >= st.limit) or (do < so and so - do >= st.limit):
+                return 0
+    st.err = ERR_SAME_FILE
+    return -1
+
+
 cdef int _prepare(CopyState *st, bint in_main_thread, bint zerocopy) noexcept nogil:
     """Look at both ends, choose the path and how to wait; -1 with st.err."""
     cdef bint src_nb = False
@@ -1181,6 +1218,8 @@ cdef int _prepare(CopyState *st, bint in_main_thread, bint zerocopy) noexcept no
     if _fd_kind(st.src, &st.src_kind, &st.err) < 0:
         return -1
     if _fd_kind(st.dst, &st.dst_kind, &st.err) < 0:
+        return -1
+    if st.src_kind == KIND_FILE and st.dst_kind == KIND_FILE and _check_same_file(st) < 0:
         return -1
     # Whether the source blocks only matters for pipes and devices (sockets
     # are read with MSG_DONTWAIT, regular files never block); the sink's only
@@ -1284,6 +1323,8 @@ cdef void _copy_in_worker(CopyState *st) noexcept nogil:
 
 
 cdef int _raise_errno(int err) except -1:
+    if err == ERR_SAME_FILE:
+        raise OSError(EINVAL, "src and dst are the same file: the copy would read what it wrote")
     # OSError(errno, msg) picks the subclass (BrokenPipeError, ...) itself.
     raise OSError(err, _os.strerror(err))
 
@@ -1306,7 +1347,8 @@ cdef long long _check_count(object count) except -2:
     if count < 0:
         raise ValueError(f"count must be non-negative, got {count}")
     if count > 0x7FFFFFFFFFFFFFFF:
-        raise ValueError(f"count is out of range: {count}")
+        # Said at once rather than wrapped into a short (or negative) copy.
+        raise ValueError(f"count is out of range (at most 2**63-1): {count}")
     return count
 
 

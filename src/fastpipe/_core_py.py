@@ -208,7 +208,8 @@ def _check_count(count: object) -> int:
     if count < 0:
         raise ValueError(f"count must be non-negative, got {count}")
     if count > 0x7FFFFFFFFFFFFFFF:
-        raise ValueError(f"count is out of range: {count}")
+        # As the compiled core, whose count is a signed 64-bit int.
+        raise ValueError(f"count is out of range (at most 2**63-1): {count}")
     return count
 
 
@@ -219,7 +220,40 @@ def _check_idle_timeout(seconds: object) -> float | None:
         raise TypeError(f"idle_timeout must be a number or None, not {type(seconds).__name__}")
     if not seconds > 0:
         raise ValueError(f"idle_timeout must be greater than 0, got {seconds}")
+    if seconds > 1e9:
+        # As the compiled core: 30 years is "never".  inf or 1e300 would
+        # overflow poll()'s and the clock's arithmetic in the worker.
+        return None
     return float(seconds)
+
+
+def _check_access(fd: int, wrong_mode: int) -> None:
+    """EBADF for an fd opened only the other way (or O_PATH), as read/write say.
+
+    The compiled core reads or writes first and gets EBADF at once; this
+    twin polls a blocking source first, and a pipe's write end never
+    reports POLLIN: without this check it waited for ever.
+    """
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if flags & os.O_ACCMODE == wrong_mode or flags & os.O_PATH:
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+
+def _check_not_listening(fd: int) -> None:
+    """Raise the kernel's own error for reading a listening socket.
+
+    The compiled core reads a socket first and gets ENOTCONN (EINVAL for
+    AF_UNIX) at once; this twin polls a blocking socket first, and POLLIN on
+    a listening socket means "a connection to accept": without this check it
+    waited for ever.
+    """
+    view = socket.socket(fileno=fd)
+    try:
+        if view.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            view.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK)  # raises
+            raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))
+    finally:
+        view.detach()
 
 
 def fd_ready(fd: int) -> bool:
@@ -441,9 +475,40 @@ class CopyJob:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
         return self._result
 
+    def _check_same_file(self, src_st: os.stat_result, dst_st: os.stat_result) -> None:
+        """EINVAL if the copy would read what it wrote (see ``_core``).
+
+        ``cat f >> f``: the same regular file at both ends, read to end of
+        file, chases its own writes for ever; overlapping ranges read back
+        bytes already overwritten.  Counted, non-overlapping ranges are fine.
+        """
+        if not (stat.S_ISREG(src_st.st_mode) and stat.S_ISREG(dst_st.st_mode)):
+            return
+        if (src_st.st_dev, src_st.st_ino) != (dst_st.st_dev, dst_st.st_ino) or self._limit == 0:
+            return
+        if self._limit > 0:
+            so = os.lseek(self._src, 0, os.SEEK_CUR)
+            if fcntl.fcntl(self._dst, fcntl.F_GETFL) & os.O_APPEND:
+                do = dst_st.st_size  # every write lands at the end
+            else:
+                do = os.lseek(self._dst, 0, os.SEEK_CUR)
+            # A shared offset (same fd, dup'd fds) gives so == do: overlapping.
+            if so + self._limit <= do or do + self._limit <= so:
+                return
+        raise OSError(
+            errno.EINVAL, "src and dst are the same file: the copy would read what it wrote"
+        )
+
     def _copy(self) -> int:
-        src_mode = os.fstat(self._src).st_mode
-        dst_mode = os.fstat(self._dst).st_mode
+        src_st = os.fstat(self._src)
+        dst_st = os.fstat(self._dst)
+        src_mode = src_st.st_mode
+        dst_mode = dst_st.st_mode
+        self._check_same_file(src_st, dst_st)
+        _check_access(self._src, os.O_WRONLY)
+        _check_access(self._dst, os.O_RDONLY)
+        if stat.S_ISSOCK(src_mode):
+            _check_not_listening(self._src)
         src_pollable = not (stat.S_ISREG(src_mode) or stat.S_ISBLK(src_mode))
         dst_pollable = not (stat.S_ISREG(dst_mode) or stat.S_ISBLK(dst_mode))
         src_wait_first = src_pollable and os.get_blocking(self._src)

@@ -145,6 +145,10 @@ class WorkerPool:
                 raise TypeError("max_workers must be an int or None")
             if max_workers <= 0:
                 raise ValueError("max_workers must be greater than 0")
+            # The core counts workers in a C int: a bigger limit (10**12
+            # meaning "no limit") raised OverflowError.  No machine runs
+            # 2**31 threads, so the clamped limit is never reached either.
+            max_workers = min(max_workers, 0x7FFFFFFF)
         self._core = _impl.PoolCore(max_workers, idle_worker_timeout)
         self._max_workers = max_workers
         self._lock = threading.Lock()

@@ -386,12 +386,16 @@ def build(
     return ProxyTask(relay, side_a, side_b, bool(close), idle_timeout, core)
 
 
-def _check_idle_timeout(seconds: object) -> float:
+def _check_idle_timeout(seconds: object) -> float | None:
     # The core's checks and messages, for a timeout the core never sees.
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
         raise TypeError(f"idle_timeout must be a number or None, not {type(seconds).__name__}")
     if not seconds > 0:
         raise ValueError(f"idle_timeout must be greater than 0, got {seconds}")
+    if seconds > 1e9:
+        # As the core: 30 years is "never".  inf or 1e300 in the watchdog's
+        # Condition.wait() raised OverflowError and killed its thread.
+        return None
     return float(seconds)
 
 

@@ -227,7 +227,7 @@ def fd_of(obj: object, name: str) -> int:
     if isinstance(obj, int):
         if obj < 0:
             raise ValueError(f"{name} must be a non-negative file descriptor, got {obj}")
-        return obj
+        return _check_fd_range(obj, name)
     if isinstance(obj, io.TextIOBase):
         raise TypeError(f"{name} is a text-mode file; open it in binary mode ('rb'/'wb')")
     fileno = getattr(obj, "fileno", None)
@@ -245,6 +245,14 @@ def fd_of(obj: object, name: str) -> int:
     if fd < 0:
         # A closed socket reports -1.
         raise ValueError(f"{name} is closed (fileno() returned {fd})")
+    return _check_fd_range(fd, name)
+
+
+def _check_fd_range(fd: int, name: str) -> int:
+    # The core says the same for relay(); proxy() calls os.fstat() on the
+    # fd before any core sees it, which raised OverflowError.
+    if fd > 0x7FFFFFFF:
+        raise ValueError(f"{name} is out of range: {fd}")
     return fd
 
 

@@ -55,6 +55,8 @@ cdef extern from "_compat.h" nogil:
     struct stat:
         mode_t st_mode
         long st_size
+        unsigned long st_dev
+        unsigned long st_ino
 
     int fstat(int fd, stat *buf)
     bint S_ISREG(mode_t m)
