@@ -35,6 +35,9 @@ extensions = [
         include_dirs=["src/fastpipe"],
         extra_compile_args=compile_args,
         extra_link_args=link_args,
+        # timer_create (the idle_timeout alarm) lives in librt before glibc
+        # 2.34; later glibcs keep an empty librt for old link lines.
+        libraries=["rt"],
     ),
 ]
 
