@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import pytest
 
@@ -298,6 +299,15 @@ def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", str(mnt)], check=True)
 
 
+def over_paths(
+    argnames: tuple[str, ...], table: list[tuple[Any, ...]], without: str | None = None
+) -> pytest.MarkDecorator:
+    """Parametrize over a table of (id, *args) rows, minus the row ``without``."""
+    rows = [row for row in table if row[0] != without]
+    args = [row[1:] for row in rows]
+    return pytest.mark.parametrize(argnames, args, ids=[row[0] for row in rows])
+
+
 # (id, source kind, zerocopy, the path that must hit ENOSPC)
 ENOSPC_PATHS = [
     ("readwrite", "file", False, "readwrite"),
@@ -308,11 +318,7 @@ ENOSPC_PATHS = [
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize(
-    ("src_kind", "zerocopy", "method"),
-    [p[1:] for p in ENOSPC_PATHS],
-    ids=[p[0] for p in ENOSPC_PATHS],
-)
+@over_paths(("src_kind", "zerocopy", "method"), ENOSPC_PATHS)
 def test_a_full_filesystem_is_enospc_on_every_path(
     tiny_tmpfs: Path,
     endpoints: Endpoints,
@@ -360,8 +366,6 @@ SINK_PATHS = [
     ("sendfile", "file", "unix", True, "sendfile"),
     ("splice-pooled-socket", "tcp", "unix", True, "splice"),
 ]
-SINK_IDS = [p[0] for p in SINK_PATHS]
-SINK_ARGS = [p[1:] for p in SINK_PATHS]
 
 # Far more than every buffer on the way (pipes, socket buffers, the pooled
 # pipe) holds, so the relay is still sending when the fault comes.
@@ -371,7 +375,7 @@ PART = 256 * 1024
 
 @pytest.mark.parametrize("who", ["reader", "other-thread"])
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize(("src_kind", "dst_kind", "zerocopy", "method"), SINK_ARGS, ids=SINK_IDS)
+@over_paths(("src_kind", "dst_kind", "zerocopy", "method"), SINK_PATHS)
 def test_a_sink_closed_mid_stream_is_epipe(
     endpoints: Endpoints,
     fars: list[Far],
@@ -425,7 +429,7 @@ def _reader_script(n: int) -> str:
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize(("src_kind", "dst_kind", "zerocopy", "method"), SINK_ARGS, ids=SINK_IDS)
+@over_paths(("src_kind", "dst_kind", "zerocopy", "method"), SINK_PATHS)
 def test_a_reader_process_killed_mid_stream_is_epipe(
     endpoints: Endpoints,
     fars: list[Far],
@@ -478,11 +482,7 @@ RESET_SINK_PATHS = [
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize(
-    ("src_kind", "zerocopy", "method"),
-    [p[1:] for p in RESET_SINK_PATHS],
-    ids=[p[0] for p in RESET_SINK_PATHS],
-)
+@over_paths(("src_kind", "zerocopy", "method"), RESET_SINK_PATHS)
 def test_a_tcp_sink_reset_mid_stream_is_connection_reset(
     endpoints: Endpoints,
     fars: list[Far],
@@ -518,11 +518,7 @@ RESET_SOURCE_PATHS = [
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize(
-    ("dst_kind", "zerocopy", "method"),
-    [p[1:] for p in RESET_SOURCE_PATHS],
-    ids=[p[0] for p in RESET_SOURCE_PATHS],
-)
+@over_paths(("dst_kind", "zerocopy", "method"), RESET_SOURCE_PATHS)
 def test_a_tcp_source_reset_mid_stream_is_connection_reset(
     endpoints: Endpoints,
     fars: list[Far],
@@ -591,11 +587,7 @@ def signal_storm() -> Iterator[list[int]]:
 
 @pytest.mark.parametrize("variant", ["whole", "count", "nonblocking"])
 @pytest.mark.parametrize("api", ["copy_fd", "relay"])
-@pytest.mark.parametrize(
-    ("src_kind", "dst_kind", "zerocopy", "method"),
-    [p[1:] for p in ALL_PATHS],
-    ids=[p[0] for p in ALL_PATHS],
-)
+@over_paths(("src_kind", "dst_kind", "zerocopy", "method"), ALL_PATHS)
 def test_an_eintr_storm_loses_and_repeats_nothing(
     endpoints: Endpoints,
     src_kind: str,
@@ -713,11 +705,7 @@ SOCKET_SINK_PATHS = [
 
 
 @pytest.mark.parametrize("api", ["copy_fd", "relay"])
-@pytest.mark.parametrize(
-    ("src_kind", "zerocopy", "method"),
-    [p[1:] for p in SOCKET_SINK_PATHS],
-    ids=[p[0] for p in SOCKET_SINK_PATHS],
-)
+@over_paths(("src_kind", "zerocopy", "method"), SOCKET_SINK_PATHS)
 def test_idle_timeout_fires_on_a_stalled_blocking_socket_sink(
     endpoints: Endpoints,
     fars: list[Far],
@@ -767,11 +755,7 @@ STALL_PATHS = [
 
 
 @pytest.mark.parametrize("api", ["copy_fd", "relay"])
-@pytest.mark.parametrize(
-    ("stalled", "kind", "zerocopy", "method"),
-    [p[1:] for p in STALL_PATHS],
-    ids=[p[0] for p in STALL_PATHS],
-)
+@over_paths(("stalled", "kind", "zerocopy", "method"), STALL_PATHS)
 def test_an_eintr_storm_does_not_hold_off_idle_timeout(
     endpoints: Endpoints,
     fars: list[Far],
@@ -853,11 +837,7 @@ WRITER_GONE_PATHS = [
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize(
-    ("src_kind", "dst_kind", "zerocopy", "method"),
-    [p[1:] for p in WRITER_GONE_PATHS],
-    ids=[p[0] for p in WRITER_GONE_PATHS],
-)
+@over_paths(("src_kind", "dst_kind", "zerocopy", "method"), WRITER_GONE_PATHS)
 def test_a_source_closed_by_another_thread_ends_the_copy_exactly(
     endpoints: Endpoints,
     fars: list[Far],

@@ -446,20 +446,29 @@ def test_scale_2000_concurrent_relays_byte_exact() -> None:
     assert r["buffers"]["in_use"] == 0 and r["pipes"]["in_use"] == 0, (r["buffers"], r["pipes"])
 
 
-def test_relay_at_the_thread_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    """When no worker thread can start (RLIMIT_NPROC, pid_max, pids.max),
-    relay() raises RuntimeError, closes its ends, and the pool goes on."""
+def at_the_thread_limit(monkeypatch: pytest.MonkeyPatch, workers_left: int = 0) -> None:
+    """From now on only ``workers_left`` more worker threads can start; the
+    next one fails as ``Thread.start`` does at RLIMIT_NPROC or pid_max."""
     real_start = threading.Thread.start
+    left = [workers_left]
 
     def start(self: threading.Thread) -> None:
         if self.name.startswith("fastpipe-worker"):
-            raise RuntimeError("can't start new thread")
+            if not left[0]:
+                raise RuntimeError("can't start new thread")
+            left[0] -= 1
         real_start(self)
 
+    monkeypatch.setattr(threading.Thread, "start", start)
+
+
+def test_relay_at_the_thread_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When no worker thread can start (RLIMIT_NPROC, pid_max, pids.max),
+    relay() raises RuntimeError, closes its ends, and the pool goes on."""
     with fastpipe.WorkerPool() as pool:
         r1, w1 = os.pipe()
         r2, w2 = os.pipe()
-        monkeypatch.setattr(threading.Thread, "start", start)
+        at_the_thread_limit(monkeypatch)
         with pytest.raises(RuntimeError, match="can't start new thread"):
             pool.relay(r1, w2)
         monkeypatch.undo()
@@ -484,20 +493,10 @@ def test_relay_at_the_thread_limit(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_proxy_at_the_thread_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     """The first direction's worker starts, the second's cannot: proxy()
     raises, the first direction stops, and both sockets are closed."""
-    real_start = threading.Thread.start
-    workers_left = [1]
-
-    def start(self: threading.Thread) -> None:
-        if self.name.startswith("fastpipe-worker"):
-            if not workers_left[0]:
-                raise RuntimeError("can't start new thread")
-            workers_left[0] -= 1
-        real_start(self)
-
     with fastpipe.WorkerPool() as pool:
         a, a_peer = socket.socketpair()
         b, b_peer = socket.socketpair()
-        monkeypatch.setattr(threading.Thread, "start", start)
+        at_the_thread_limit(monkeypatch, workers_left=1)
         with pytest.raises(RuntimeError, match="can't start new thread"):
             pool.proxy(a, b)
         monkeypatch.undo()
@@ -517,19 +516,12 @@ def test_waiting_proxy_whose_spare_worker_cannot_start(monkeypatch: pytest.Monke
     """Under max_workers a proxy that must wait for a second worker gets a
     spare idle worker at once; when that thread cannot start, proxy() raises,
     the waiting pair leaves the queue and both sockets are closed."""
-    real_start = threading.Thread.start
-
-    def start(self: threading.Thread) -> None:
-        if self.name.startswith("fastpipe-worker"):
-            raise RuntimeError("can't start new thread")
-        real_start(self)
-
     with fastpipe.WorkerPool(max_workers=2) as pool:
         r, w = os.pipe()
         blocker = pool.relay(r, os.open(os.devnull, os.O_WRONLY))
         a, a_peer = socket.socketpair()
         b, b_peer = socket.socketpair()
-        monkeypatch.setattr(threading.Thread, "start", start)
+        at_the_thread_limit(monkeypatch)
         with pytest.raises(RuntimeError, match="can't start new thread"):
             pool.proxy(a, b)
         monkeypatch.undo()
