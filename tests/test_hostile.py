@@ -215,6 +215,50 @@ def test_a_closed_file_object_is_a_value_error(pool: WorkerPool, held: Held, tmp
         pool.proxy(r, f)  # type: ignore[arg-type]
 
 
+class FailingFileno:
+    """An end whose fileno() fails with an OS error, as a
+    ``SpooledTemporaryFile`` rolling over to a full disk does."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def fileno(self) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("close", [True, False])
+@pytest.mark.parametrize("api", ["relay", "proxy"])
+def test_an_os_error_from_fileno_comes_through_the_future(
+    pool: WorkerPool, held: Held, api: str, close: bool
+) -> None:
+    """The contract: every OS error arrives through the Relay, never from relay()."""
+    _, w = held.pipe()
+    if close:
+        held.release(w)
+    end = FailingFileno()
+    if api == "relay":
+        relay = pool.relay(end, w, close=close)
+    else:
+        relay = pool.proxy(end, (w, w), close=close)
+    with pytest.raises(OSError) as info:
+        relay.result(timeout=10)
+    assert info.value.errno == errno.ENOSPC
+    # Both ends closed as close= says: the object through close(), the int fd
+    # with os.close (held checks at teardown that close=False left it open).
+    assert end.closed is close
+    if close:
+        with pytest.raises(OSError):
+            os.fstat(w)
+    # Wrong arguments still win, at once.
+    with pytest.raises(TypeError):
+        pool.relay(FailingFileno(), "not an end")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        pool.relay(FailingFileno(), 1, count=-1)
+
+
 @pytest.mark.parametrize(
     ("args", "exc"),
     [

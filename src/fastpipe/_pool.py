@@ -37,6 +37,7 @@ from fastpipe._relay import (
     closes_in_c,
     coerce,
     complete_all,
+    failed_relay,
     forget_closed,
     make_job,
     mark_completer_thread,
@@ -198,9 +199,18 @@ class WorkerPool:
                 object.
             RuntimeError: the pool has been shut down.
         """
-        src_fd, dst_fd = coerce(src, dst)
-        job = make_job(src, dst, src_fd, dst_fd, count, bool(zerocopy), idle_timeout)
+        deferred: list[OSError] = []
+        src_fd, dst_fd = coerce(src, dst, deferred)
+        # The job checks count and idle_timeout, at once, even for a relay
+        # that will not run (a stand-in fd then: it is never used).
+        job = make_job(
+            src, dst, max(src_fd, 0), max(dst_fd, 0), count, bool(zerocopy), idle_timeout
+        )
         close = bool(close)
+        if deferred:
+            if self._shutdown:
+                raise RuntimeError("cannot start a relay after shutdown")
+            return failed_relay(deferred[0], [src, dst] if close else [])
         relay = Relay()
         task = _Task(relay, (job,), [src, dst], close, self._core)
         if close:
@@ -258,7 +268,13 @@ class WorkerPool:
         if self._max_workers == 1:
             raise ValueError("a proxy needs two workers; this pool has max_workers=1")
         relay = Relay()
-        task = _proxy.build(relay, a, b, close, idle_timeout, self._core)
+        deferred: list[OSError] = []
+        task = _proxy.build(relay, a, b, close, idle_timeout, self._core, deferred)
+        if not isinstance(task, _proxy.ProxyTask):
+            if self._shutdown:
+                raise RuntimeError("cannot start a relay after shutdown")
+            # An end's fileno() failed: an OS error, delivered as any other.
+            return failed_relay(deferred[0], task)
         relay._task = task
         self._submit(task)
         self._relays.add(relay)

@@ -55,18 +55,20 @@ class _Side:
 
     __slots__ = ("reader", "writer", "read_fd", "write_fd", "write_is_socket")
 
-    def __init__(self, side: object, name: str) -> None:
+    def __init__(self, side: object, name: str, deferred: list[OSError]) -> None:
         if isinstance(side, tuple):
             if len(side) != 2:
                 raise TypeError(f"{name} must be one end or a (reader, writer) pair")
             self.reader, self.writer = side
-            self.read_fd = fd_of(self.reader, f"{name}[0]")
-            self.write_fd = fd_of(self.writer, f"{name}[1]")
+            self.read_fd = fd_of(self.reader, f"{name}[0]", deferred)
+            self.write_fd = fd_of(self.writer, f"{name}[1]", deferred)
         else:
             self.reader = self.writer = side
-            self.read_fd = self.write_fd = fd_of(side, name)
+            self.read_fd = self.write_fd = fd_of(side, name, deferred)
         if type(self.writer) is socket.socket:
             self.write_is_socket = True
+        elif self.write_fd < 0:
+            self.write_is_socket = False  # its fileno() failed: never runs
         else:
             try:
                 self.write_is_socket = stat.S_ISSOCK(os.fstat(self.write_fd).st_mode)
@@ -371,18 +373,26 @@ def build(
     close: bool,
     idle_timeout: float | None,
     core: Any,
-) -> ProxyTask:
+    deferred: list[OSError],
+) -> ProxyTask | list[object]:
     """Check a proxy's arguments in the caller's thread; return its task.
+
+    Returns:
+        The task; or, when an end's ``fileno()`` raised an OSError (put in
+        ``deferred``), the ends that ``close=`` covers, for the caller to
+        fail the relay with that error.
 
     Raises:
         TypeError, ValueError: as ``relay()`` does, for either side or for
             ``idle_timeout``.
     """
-    side_a = _Side(a, "a")
-    side_b = _Side(b, "b")
+    side_a = _Side(a, "a", deferred)
+    side_b = _Side(b, "b", deferred)
     if idle_timeout is not None:
         # The same checks, and messages, as the core's.
         idle_timeout = _check_idle_timeout(idle_timeout)
+    if deferred:
+        return [side_a.reader, side_a.writer, side_b.reader, side_b.writer] if close else []
     return ProxyTask(relay, side_a, side_b, bool(close), idle_timeout, core)
 
 

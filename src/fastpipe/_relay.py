@@ -215,8 +215,14 @@ def _complete_each(jobs: list[Any]) -> None:
                 relay.set_exception(exc)
 
 
-def fd_of(obj: object, name: str) -> int:
-    """Return the fd behind obj, raising TypeError/ValueError at once."""
+def fd_of(obj: object, name: str, deferred: list[OSError] | None = None) -> int:
+    """Return the fd behind obj, raising TypeError/ValueError at once.
+
+    An OSError from ``obj.fileno()`` (``SpooledTemporaryFile`` rolling over
+    to a full disk, say) is an OS error like any other: with ``deferred``
+    it is appended there and -1 returned, for the caller to fail the relay's
+    future with it once every other argument has been checked.
+    """
     if type(obj) is socket.socket:  # the common case, checked first
         fd = obj.fileno()
         if fd < 0:
@@ -240,6 +246,11 @@ def fd_of(obj: object, name: str) -> int:
     except io.UnsupportedOperation as exc:
         # io.BytesIO and friends have fileno() but no fd behind it.
         raise TypeError(f"{name} ({type(obj).__name__}) has no file descriptor: {exc}") from None
+    except OSError as exc:
+        if deferred is None:
+            raise
+        deferred.append(exc)
+        return -1
     if isinstance(fd, bool) or not isinstance(fd, int):
         raise TypeError(f"{name}.fileno() returned {type(fd).__name__}, not int")
     if fd < 0:
@@ -362,6 +373,17 @@ def close_ends(objs: list[object]) -> BaseException | None:
     return error
 
 
-def coerce(src: object, dst: object) -> tuple[int, int]:
-    """Check a relay's ends in the caller's thread; return their fds."""
-    return fd_of(src, "src"), fd_of(dst, "dst")
+def coerce(src: object, dst: object, deferred: list[OSError]) -> tuple[int, int]:
+    """Check a relay's ends in the caller's thread; return their fds (-1
+    for an end whose ``fileno()`` raised an OSError, put in ``deferred``)."""
+    return fd_of(src, "src", deferred), fd_of(dst, "dst", deferred)
+
+
+def failed_relay(error: OSError, ends: list[object]) -> Relay:
+    """A relay that never started because an end's ``fileno()`` failed:
+    ``ends`` (those ``close=True`` covers) are closed, and the future holds
+    the error, as for any OS error."""
+    relay = Relay()
+    close_ends(ends)
+    relay.set_exception(error)
+    return relay
