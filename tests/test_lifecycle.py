@@ -228,13 +228,18 @@ def test_cancel_from_a_done_callback_does_not_deadlock() -> None:
     second = fastpipe.relay(r2, os.open(os.devnull, os.O_WRONLY))
     answers: list[bool] = []
     first.add_done_callback(lambda _f: answers.append(second.cancel()))
-    wait_for(second.running)
-    os.close(w1)
-    assert first.result(timeout=10) == 0
-    with pytest.raises(concurrent.futures.CancelledError):
-        second.result(timeout=10)
-    assert answers == [True]
-    os.close(w2)
+    try:
+        wait_for(second.running)
+        os.close(w1)
+        assert first.result(timeout=10) == 0
+        with pytest.raises(concurrent.futures.CancelledError):
+            second.result(timeout=10)
+        # second's future can end (in this thread, which helps with
+        # completions) before cancel() has returned in the callback's thread.
+        wait_for(lambda: bool(answers))
+        assert answers == [True]
+    finally:
+        os.close(w2)
 
 
 def test_cancel_queued_proxies_behind_a_running_relay() -> None:
