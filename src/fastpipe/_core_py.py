@@ -9,6 +9,7 @@ handled by the ``os`` functions themselves (PEP 475).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -21,7 +22,7 @@ import termios
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError
 
 BUFFER_SIZE = 32768
@@ -247,11 +248,19 @@ def _check_not_listening(fd: int) -> None:
     a listening socket means "a connection to accept": without this check it
     waited for ever.
     """
-    view = socket.socket(fileno=fd)
-    try:
+    with _socket_view(fd) as view:
         if view.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             view.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK)  # raises
             raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))
+
+
+@contextlib.contextmanager
+def _socket_view(fd: int) -> Iterator[socket.socket]:
+    """A socket object over the caller's fd, detached again on the way out:
+    it never closes the fd.  OSError (ENOTSOCK) if the fd is no socket."""
+    view = socket.socket(fileno=fd)
+    try:
+        yield view
     finally:
         view.detach()
 
@@ -790,18 +799,11 @@ def copy_fd(src_fd: int, dst_fd: int, count: int | None = None, *, zerocopy: boo
 
 def _shutdown_wr(fd: int) -> None:
     # proxy(): the peer sees end of file as soon as our source does.
-    # shutdown() closes nothing, so the fd stays the caller's; the socket
-    # object is only a view, detached before it could close the fd.
-    try:
-        view = socket.socket(fileno=fd)
-    except OSError:
-        return  # not a socket (any more): nothing to half-close
-    try:
+    # shutdown() closes nothing, so the fd stays the caller's.  OSError:
+    # not a socket (nothing to half-close), or ENOTCONN (the peer is gone,
+    # which the other direction reports).
+    with contextlib.suppress(OSError), _socket_view(fd) as view:
         view.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass  # ENOTCONN: the peer is gone, which the other direction reports
-    finally:
-        view.detach()
 
 
 def _close_quietly(fd: int) -> None:
