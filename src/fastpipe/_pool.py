@@ -208,8 +208,7 @@ class WorkerPool:
         )
         close = bool(close)
         if deferred:
-            if self._shutdown:
-                raise RuntimeError("cannot start a relay after shutdown")
+            self._check_open()
             return failed_relay(deferred[0], [src, dst] if close else [])
         relay = Relay()
         task = _Task(relay, (job,), [src, dst], close, self._core)
@@ -271,8 +270,7 @@ class WorkerPool:
         deferred: list[OSError] = []
         task = _proxy.build(relay, a, b, close, idle_timeout, self._core, deferred)
         if not isinstance(task, _proxy.ProxyTask):
-            if self._shutdown:
-                raise RuntimeError("cannot start a relay after shutdown")
+            self._check_open()
             # An end's fileno() failed: an OS error, delivered as any other.
             return failed_relay(deferred[0], task)
         relay._task = task
@@ -337,11 +335,14 @@ class WorkerPool:
         thread.start()
         return thread
 
+    def _check_open(self) -> None:
+        if self._shutdown:
+            raise RuntimeError("cannot start a relay after shutdown")
+
     def _submit(self, task: _Task | _proxy.ProxyTask) -> None:
         if self._completer is None:
             with self._lock:
-                if self._shutdown:
-                    raise RuntimeError("cannot start a relay after shutdown")
+                self._check_open()
                 if self._completer is None:
                     self._completer = self._start_thread(
                         _completer_main, (self._core,), "completer"
