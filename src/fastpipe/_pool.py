@@ -41,6 +41,7 @@ from fastpipe._relay import (
     forget_closed,
     make_job,
     mark_completer_thread,
+    release_task,
 )
 
 _thread_ids = itertools.count(1)
@@ -77,6 +78,7 @@ class _Task:
         """The job was taken off the queue and will never run."""
         if cancel_future(self.relay):
             self.close_ends()
+        release_task(job, self.relay)
 
     def close_ends(self) -> BaseException | None:
         """Close every end of a relay that never reached a worker."""
@@ -89,7 +91,9 @@ class _Task:
         try:
             result = job.result()
         except BaseException as exc:  # noqa: B036 - delivered through the future
-            error = exc
+            # Its traceback is this completer's frames (and their callers'),
+            # nothing the user can use; kept, they would hold this relay.
+            error = exc.with_traceback(None)
         if self.close:
             # The worker closed what it could in C; the rest closes here,
             # before completing, so whoever waits on the result finds every
@@ -111,7 +115,7 @@ class _Task:
             relay.set_exception(error)
         else:
             relay.set_result(result)
-        del error  # break the cycle exception -> traceback -> frame
+        del error
 
 
 def _completer_main(core: Any) -> None:
@@ -215,7 +219,7 @@ class WorkerPool:
         if close:
             job.close_fds(*task.in_c)
         job.task = task
-        relay._task = task
+        relay._attach(task)
         self._submit(task)
         self._relays.add(relay)
         return relay
@@ -273,7 +277,7 @@ class WorkerPool:
             self._check_open()
             # An end's fileno() failed: an OS error, delivered as any other.
             return failed_relay(deferred[0], task)
-        relay._task = task
+        relay._attach(task)
         self._submit(task)
         self._relays.add(relay)
         if task.idle_timeout is not None:

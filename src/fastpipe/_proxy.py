@@ -188,7 +188,8 @@ class ProxyTask:
         except BaseException as exc:  # noqa: B036 - delivered through the future
             with self.lock:
                 if self.error is None:
-                    self.error = exc
+                    # Only completer frames, which would hold this proxy.
+                    self.error = exc.with_traceback(None)
             # An error in one direction stops both.
             self._stop(1 - i)
             del exc

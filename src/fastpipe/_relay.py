@@ -52,13 +52,19 @@ class Relay(Future[Any]):
 
     def __init__(self) -> None:
         super().__init__()
+        # The task while the relay is pending (for cancel() and result()'s
+        # help); its jobs for good (for the byte counts and the method).
         self._task: Any = None
+        self._jobs: tuple[Any, ...] = ()
+
+    def _attach(self, task: Any) -> None:
+        self._jobs = task.jobs
+        self._task = task
 
     @property
     def bytes_copied(self) -> int:
         """Bytes written so far; readable while the relay runs."""
-        task = self._task
-        return 0 if task is None else sum(job.bytes_copied for job in task.jobs)
+        return sum(job.bytes_copied for job in self._jobs)
 
     @property
     def bytes_each_way(self) -> tuple[int, ...]:
@@ -68,22 +74,27 @@ class Relay(Future[Any]):
         relay ended (failed, timed out, cancelled), which is what a log line
         about a proxied connection needs; exact once the relay is done.
         """
-        task = self._task
-        if task is None:
+        jobs = self._jobs
+        if not jobs:
             return (0,)
-        return tuple(job.bytes_copied for job in task.jobs)
+        return tuple(job.bytes_copied for job in jobs)
 
     @property
     def method(self) -> str | None:
         """The copy path in use, or None before the copy has started."""
-        task = self._task
-        if task is None or not task.jobs[0].started:
+        jobs = self._jobs
+        if not jobs or not jobs[0].started:
             return None
-        return str(task.jobs[0].method)
+        return str(jobs[0].method)
 
     def result(self, timeout: float | None = None) -> Any:
         remaining = self._help(timeout)
-        return super().result(remaining)
+        try:
+            return super().result(remaining)
+        finally:
+            # As Future.result(): the error raised holds this frame in its
+            # traceback, which must not hold the future that holds the error.
+            del self
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         remaining = self._help(timeout)
@@ -115,8 +126,7 @@ class Relay(Future[Any]):
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
     def running(self) -> bool:
-        task = self._task
-        return task is not None and any(job.started for job in task.jobs) and not self.done()
+        return any(job.started for job in self._jobs) and not self.done()
 
     def cancel(self) -> bool:
         """Cancel the relay, whether it is still queued or already copying.
@@ -204,15 +214,30 @@ def complete_all(jobs: list[Any]) -> None:
 
 def _complete_each(jobs: list[Any]) -> None:
     for job in jobs:
+        task = job.task
+        relay = task.relay
         try:
-            job.task.complete(job)
+            task.complete(job)
         except BaseException as exc:  # noqa: B036 - a relay must never hang
             # Only a bug gets here (closing and completing do not raise on
             # their own): fail the relay rather than lose the thread that
             # completes every other relay.
-            relay = job.task.relay
             if not relay.done():
                 relay.set_exception(exc)
+        release_task(job, relay)
+
+
+def release_task(job: Any, relay: Relay) -> None:
+    """Unlink a job that will never run again from its task.
+
+    relay -> task -> relay and job -> task -> job are reference cycles: left
+    in place, each relay's future, task, job and ends (about 19 objects)
+    waited for the cyclic garbage collector, whose passes cost the small
+    relays a quarter of their time.  A finished relay keeps its jobs only.
+    """
+    job.task = None
+    if relay.done():
+        relay._task = None
 
 
 def fd_of(obj: object, name: str, deferred: list[OSError] | None = None) -> int:
