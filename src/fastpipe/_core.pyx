@@ -39,7 +39,8 @@ from fastpipe._syscalls cimport (
     fp_sem_wait_ms, fp_set_sigmask, fp_sigpipe_blocked_in, fp_store_int, fp_store_ll, fstat,
     ioctl, lseek, msghdr, pipe2, poll, pollfd, preadv2, pthread_cond_broadcast,
     pthread_cond_init, pthread_cond_signal, pthread_cond_t, pthread_cond_wait, pthread_kill,
-    pthread_mutex_init, pthread_mutex_lock, pthread_mutex_t, pthread_mutex_unlock, pthread_self,
+    pthread_mutex_init, pthread_mutex_lock, pthread_mutex_t, pthread_mutex_trylock,
+    pthread_mutex_unlock, pthread_self,
     pthread_setname_np, pthread_t, pwritev2, readv, recvmsg, sem_destroy, sem_init, sem_post,
     sem_t, sem_wait, sendfile, sendmsg, shutdown, sigset_t, splice, stat, writev,
 )
@@ -1049,7 +1050,11 @@ cdef int _copy_step(CopyState *st) noexcept nogil:
             st.limit -= n
         st.pend_off = 0
         st.pend_len = n
-        st.poll_next = n < want_bytes and (st.src_is_socket or st.src_nowait)
+        # Not after the first read, though: a one-shot source (a reply, a
+        # file's worth of bytes and EOF) has its end of file there already,
+        # and one more read finds it without a poll.  A live connection pays
+        # one EAGAIN read, once.
+        st.poll_next = n < want_bytes and (st.src_is_socket or st.src_nowait) and st.copied > 0
         if st.splice_later and n >= _splice_min_read:
             # Bulk data: splice from here on (after these bytes are out).
             st.splice_later = False
@@ -1760,14 +1765,15 @@ cdef class PoolCore:
     cdef bint _has_room(self, int n) noexcept nogil:
         return self.max_workers < 0 or self.n_idle + self.max_workers - self.n_workers >= n
 
-    cdef object _hand(self, CopyState *st, CWorker *fresh):
-        """Under the lock: give st to an idle worker (True), else to
-        ``fresh``, a new worker made by the caller (its WorkerHandle, for
-        the caller to start a thread for)."""
+    cdef object _hand(self, CopyState *st, CWorker *fresh, CWorker **wake):
+        """Under the lock: give st to an idle worker (True; the caller posts
+        ``wake[0]`` once it has unlocked), else to ``fresh``, a new worker
+        made by the caller (its WorkerHandle, for the caller to start a
+        thread for)."""
         cdef WorkerHandle handle
         self._note_busy()
         if self.idle_head != NULL:
-            self._post_idle(st)
+            wake[0] = self._claim_idle(st)
             return True
         fresh.job = st
         handle = WorkerHandle.__new__(WorkerHandle)
@@ -1793,13 +1799,17 @@ cdef class PoolCore:
             sem_destroy(&w.wake)
             free(w)
 
-    cdef void _post_idle(self, CopyState *st) noexcept nogil:
-        # Under the lock, with an idle worker: it gets st.  The post orders
-        # the write of w.job before the worker's read.
+    cdef CWorker *_claim_idle(self, CopyState *st) noexcept nogil:
+        # Under the lock, with an idle worker: it gets st, and is no longer
+        # idle, so nothing else posts to it or lets it leave; it stays parked
+        # until its post, which may come after the unlock.
         cdef CWorker *w = self.idle_head
         self._unlink_idle(w)
         w.job = st
-        sem_post(&w.wake)
+        return w
+
+    cdef void _post_idle(self, CopyState *st) noexcept nogil:
+        sem_post(&self._claim_idle(st).wake)
 
     cdef void _enqueue(self, CopyState *st) noexcept nogil:
         st.link = NULL
@@ -1876,9 +1886,9 @@ cdef class PoolCore:
         """
         cdef object handed = False
         cdef CWorker *fresh = NULL
+        cdef CWorker *wake = NULL
         self._check_submit(job)
-        with nogil:
-            pthread_mutex_lock(&self.lock)
+        self._lock_with_gil()
         if self.shutting_down:
             pthread_mutex_unlock(&self.lock)
             raise RuntimeError("cannot start a relay after shutdown")
@@ -1889,12 +1899,24 @@ cdef class PoolCore:
                     pthread_mutex_unlock(&self.lock)
                     raise MemoryError()
             self._own(job)
-            handed = self._hand(&job.st, fresh)
+            handed = self._hand(&job.st, fresh, &wake)
         else:
             self._own(job)
             self._enqueue(&job.st)
         pthread_mutex_unlock(&self.lock)
+        if wake != NULL:
+            # After the unlock: woken under the lock, the worker would
+            # block at once on the lock it needs to take its job.
+            sem_post(&wake.wake)
         return handed
+
+    cdef void _lock_with_gil(self):
+        # Most calls find the lock free: taking it without letting the GIL
+        # go spares the caller a GIL hand-over to the completer (which then
+        # runs a whole batch of completions before the caller gets it back).
+        if pthread_mutex_trylock(&self.lock) != 0:
+            with nogil:
+                pthread_mutex_lock(&self.lock)
 
     def submit_pair(self, CopyJob a not None, CopyJob b not None):
         """Start both jobs, or queue them to start together.
@@ -1913,14 +1935,15 @@ cdef class PoolCore:
         cdef object for_b = False
         cdef CWorker *fresh_a = NULL
         cdef CWorker *fresh_b = NULL
+        cdef CWorker *wake_a = NULL
+        cdef CWorker *wake_b = NULL
         cdef CWorker *w
         cdef WorkerHandle spare = None
         self._check_submit(a)
         self._check_submit(b)
         if a is b:
             raise RuntimeError("a CopyJob runs only once")
-        with nogil:
-            pthread_mutex_lock(&self.lock)
+        self._lock_with_gil()
         if self.shutting_down:
             pthread_mutex_unlock(&self.lock)
             raise RuntimeError("cannot start a relay after shutdown")
@@ -1939,8 +1962,8 @@ cdef class PoolCore:
                     raise MemoryError()
             self._own(a)
             self._own(b)
-            for_a = self._hand(&a.st, fresh_a)
-            for_b = self._hand(&b.st, fresh_b)
+            for_a = self._hand(&a.st, fresh_a, &wake_a)
+            for_b = self._hand(&b.st, fresh_b, &wake_b)
         else:
             self._own(a)
             self._own(b)
@@ -1957,6 +1980,10 @@ cdef class PoolCore:
                     spare.w = w
                 # Without memory for it the pair waits for running workers.
         pthread_mutex_unlock(&self.lock)
+        if wake_a != NULL:
+            sem_post(&wake_a.wake)
+        if wake_b != NULL:
+            sem_post(&wake_b.wake)
         return for_a, for_b, spare
 
     def unqueue(self, CopyJob job not None):
@@ -2075,6 +2102,7 @@ cdef class PoolCore:
         Sets leave when the worker must exit (the pool is shutting down).
         """
         cdef CopyState *nxt = NULL
+        cdef bint wake_helper, wake_completer
         pthread_mutex_lock(&self.lock)
         if self.done_tail == NULL:
             self.done_head = st
@@ -2090,16 +2118,19 @@ cdef class PoolCore:
                 leave[0] = True
             else:
                 self._link_idle(w)
-        if self.helpers_waiting:
-            pthread_cond_signal(&self.helper_cond)
-        elif self.completer_waiting:
-            pthread_cond_signal(&self.done_cond)
-        if leave[0] and self.completer_waiting:
-            # The last worker leaving a pool that shuts down is what lets the
-            # completer exit; a helper in result() may have taken the job
-            # (and the wake-up) above, so wake the completer to look too.
-            pthread_cond_signal(&self.done_cond)
+        # Signalled after the unlock, so that the woken thread does not
+        # block at once on the lock still held here.  The pool outlives its
+        # workers, and a waiter re-checks under the lock before it waits.
+        wake_helper = self.helpers_waiting
+        wake_completer = self.completer_waiting and (not wake_helper or leave[0])
         pthread_mutex_unlock(&self.lock)
+        if wake_helper:
+            pthread_cond_signal(&self.helper_cond)
+        if wake_completer:
+            # With leave: the last worker leaving a pool that shuts down is
+            # what lets the completer exit; a helper in result() may take the
+            # job (and its wake-up), so the completer is woken to look too.
+            pthread_cond_signal(&self.done_cond)
         return nxt
 
     cdef CopyState *_take_job(self, CWorker *w) noexcept nogil:

@@ -352,12 +352,16 @@ class WorkerPool:
                         _completer_main, (self._core,), "completer"
                     )
         # Raises RuntimeError after shutdown, before anything is handed out.
+        handed: tuple[Any, ...]
         if isinstance(task, _proxy.ProxyTask):
             # Both directions start together or wait together: half a proxy
             # running under max_workers would deadlock a request/reply.
-            handed = list(self._core.submit_pair(*task.jobs))
+            handed = self._core.submit_pair(*task.jobs)
         else:
-            handed = [self._core.submit(task.jobs[0])]
+            one = self._core.submit(task.jobs[0])
+            if one is True or one is False:
+                return  # the common case: an idle worker took it, or queued
+            handed = (one,)
         # True: an idle worker took it; False or None: queued, or no spare.
         # The rest are new workers (their C half) whose threads start here.
         fresh = [h for h in handed if h is not True and h is not False and h is not None]
