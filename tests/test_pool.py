@@ -388,3 +388,36 @@ def test_a_finished_relay_leaves_no_reference_cycle(no_collector, kind: str) -> 
                 _failed_relay(pool)
         left = gc.collect()
         assert left == 0, sorted({type(o).__name__ for o in gc.garbage})
+
+
+def test_every_way_a_relay_ends_takes_it_off_the_pools_live_set() -> None:
+    """shutdown(cancel_relays=True) finds relays in a set that each relay
+    leaves when its future is settled: one left behind would be a leak."""
+    with WorkerPool(max_workers=2) as pool:
+        _finished_relay(pool, b"done")
+        _failed_relay(pool)
+        _finished_proxy(pool)
+        running, w_running = idle_relay(pool)
+        blocker, w_blocker = idle_relay(pool)
+        queued, w_queued = idle_relay(pool)  # behind the two running ones
+        r1, w1 = os.pipe()
+        r2, w2 = os.pipe()
+        queued_proxy = pool.proxy((r1, w2), (r2, w1))  # a pair waits whole
+        wait_for(lambda: pool.stats()["queued"] == 3)
+        assert len(pool._live) == 4
+        assert queued.cancel() and queued_proxy.cancel() and running.cancel()
+        finish([w_blocker])
+        assert blocker.result(timeout=10) == 1000
+        wait_for(lambda: not pool._live)
+        for w in (w_running, w_queued):
+            os.close(w)
+    # And shutdown's own cancel, of a running and a queued relay.
+    pool = WorkerPool(max_workers=1)
+    running, w_running = idle_relay(pool)
+    queued, w_queued = idle_relay(pool)
+    wait_for(lambda: pool.stats()["queued"] == 1)
+    pool.shutdown(cancel_relays=True)
+    assert running.cancelled() and queued.cancelled()
+    assert not pool._live
+    for w in (w_running, w_queued):
+        os.close(w)

@@ -50,12 +50,19 @@ _thread_ids = itertools.count(1)
 class _Task:
     """A relay on its way through the pool: its future, job and ends."""
 
-    __slots__ = ("relay", "jobs", "ends", "in_c", "close", "core")
+    __slots__ = ("relay", "jobs", "ends", "in_c", "close", "core", "live")
 
     def __init__(
-        self, relay: Relay, jobs: tuple[Any, ...], ends: list[object], close: bool, core: Any
+        self,
+        relay: Relay,
+        jobs: tuple[Any, ...],
+        ends: list[object],
+        close: bool,
+        core: Any,
+        live: set[Any],
     ) -> None:
         self.relay = relay
+        self.live = live  # the pool's unsettled tasks; this one leaves when settled
         self.jobs = jobs
         self.ends = ends  # what the user passed: ints and objects
         self.close = close
@@ -78,7 +85,7 @@ class _Task:
         """The job was taken off the queue and will never run."""
         if cancel_future(self.relay):
             self.close_ends()
-        release_task(job, self.relay)
+        release_task(job, self)
 
     def close_ends(self) -> BaseException | None:
         """Close every end of a relay that never reached a worker."""
@@ -158,9 +165,11 @@ class WorkerPool:
         self._max_workers = max_workers
         self._lock = threading.Lock()
         self._threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
-        # Every relay handed out and not yet collected, for
-        # shutdown(cancel_relays=True); a finished one costs nothing there.
-        self._relays: weakref.WeakSet[Relay] = weakref.WeakSet()
+        # Every relay handed out and not yet settled (its task), for
+        # shutdown(cancel_relays=True).  A plain set: a task leaves it when
+        # its future is settled (release_task, ProxyTask), which costs less
+        # than a WeakSet's weakref and callback on every relay.
+        self._live: set[_Task | _proxy.ProxyTask] = set()
         self._completer: threading.Thread | None = None
         self._shutdown = False
         # A pool dropped without shutdown() still lets its threads go.
@@ -215,13 +224,17 @@ class WorkerPool:
             self._check_open()
             return failed_relay(deferred[0], [src, dst] if close else [])
         relay = Relay()
-        task = _Task(relay, (job,), [src, dst], close, self._core)
+        task = _Task(relay, (job,), [src, dst], close, self._core, self._live)
         if close:
             job.close_fds(*task.in_c)
         job.task = task
         relay._attach(task)
-        self._submit(task)
-        self._relays.add(relay)
+        self._live.add(task)
+        try:
+            self._submit(task)
+        except BaseException:
+            self._live.discard(task)
+            raise
         return relay
 
     def proxy(
@@ -262,24 +275,28 @@ class WorkerPool:
                 text-mode file, or ``idle_timeout`` is not a number.
             ValueError: a negative fd or idle_timeout, a closed object, or a
                 pool with ``max_workers=1`` (a proxy needs two workers).
+            RuntimeError: the pool has been shut down.
 
         Both directions start together, or wait in the queue together for
         two free workers: one direction running without the other would
         forward a request whose reply has no worker.
-            RuntimeError: the pool has been shut down.
         """
         if self._max_workers == 1:
             raise ValueError("a proxy needs two workers; this pool has max_workers=1")
         relay = Relay()
         deferred: list[OSError] = []
-        task = _proxy.build(relay, a, b, close, idle_timeout, self._core, deferred)
+        task = _proxy.build(relay, a, b, close, idle_timeout, self._core, self._live, deferred)
         if not isinstance(task, _proxy.ProxyTask):
             self._check_open()
             # An end's fileno() failed: an OS error, delivered as any other.
             return failed_relay(deferred[0], task)
         relay._attach(task)
-        self._submit(task)
-        self._relays.add(relay)
+        self._live.add(task)
+        try:
+            self._submit(task)
+        except BaseException:
+            self._live.discard(task)
+            raise
         if task.idle_timeout is not None:
             _proxy.watchdog.watch(task)
         return relay
@@ -313,8 +330,8 @@ class WorkerPool:
             assert isinstance(task, (_Task, _proxy.ProxyTask))
             task.drop(job)
         if cancel_relays:
-            for relay in list(self._relays):
-                relay.cancel()
+            for task in list(self._live):
+                task.relay.cancel()
         if wait:
             me = threading.current_thread()
             with self._lock:
@@ -395,7 +412,7 @@ class WorkerPool:
         self._core.reset_after_fork()
         self._lock = threading.Lock()
         self._threads = weakref.WeakSet()
-        self._relays = weakref.WeakSet()
+        self._live = set()
         self._completer = None
 
 

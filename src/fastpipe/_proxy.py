@@ -95,9 +95,11 @@ class ProxyTask:
         close: bool,
         idle_timeout: float | None,
         core: Any,
+        live: set[Any],
     ) -> None:
         self.relay = relay
         self.core = core
+        self.live = live  # the pool's unsettled tasks; this one leaves when settled
         self.close = close
         self.idle_timeout = idle_timeout
         self.lock = threading.Lock()
@@ -295,6 +297,7 @@ class ProxyTask:
             )
         else:
             relay.set_result((self.jobs[0].result(), self.jobs[1].result()))
+        self.live.discard(self)
         del error
 
 
@@ -374,6 +377,7 @@ def build(
     close: bool,
     idle_timeout: float | None,
     core: Any,
+    live: set[Any],
     deferred: list[OSError],
 ) -> ProxyTask | list[object]:
     """Check a proxy's arguments in the caller's thread; return its task.
@@ -394,7 +398,7 @@ def build(
         idle_timeout = _check_idle_timeout(idle_timeout)
     if deferred:
         return [side_a.reader, side_a.writer, side_b.reader, side_b.writer] if close else []
-    return ProxyTask(relay, side_a, side_b, bool(close), idle_timeout, core)
+    return ProxyTask(relay, side_a, side_b, bool(close), idle_timeout, core, live)
 
 
 def _check_idle_timeout(seconds: object) -> float | None:

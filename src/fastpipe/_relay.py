@@ -8,6 +8,7 @@ completing the future).
 
 from __future__ import annotations
 
+import _socket
 import io
 import os
 import socket
@@ -224,11 +225,12 @@ def _complete_each(jobs: list[Any]) -> None:
             # completes every other relay.
             if not relay.done():
                 relay.set_exception(exc)
-        release_task(job, relay)
+        release_task(job, task)
 
 
-def release_task(job: Any, relay: Relay) -> None:
-    """Unlink a job that will never run again from its task.
+def release_task(job: Any, task: Any) -> None:
+    """Unlink a job that will never run again from its task; once the
+    relay is settled, unlink the task from it and from the pool.
 
     relay -> task -> relay and job -> task -> job are reference cycles: left
     in place, each relay's future, task, job and ends (about 19 objects)
@@ -236,8 +238,10 @@ def release_task(job: Any, relay: Relay) -> None:
     relays a quarter of their time.  A finished relay keeps its jobs only.
     """
     job.task = None
+    relay = task.relay
     if relay.done():
         relay._task = None
+        task.live.discard(task)
 
 
 def fd_of(obj: object, name: str, deferred: list[OSError] | None = None) -> int:
@@ -372,9 +376,18 @@ def closes_in_c(end: object) -> bool:
     return isinstance(end, int)
 
 
+_detach_fd = _socket.socket.detach
+
+
 def forget_closed(end: object) -> None:
-    """Mark a plain socket closed whose fd a worker has already closed in C."""
-    end.detach()  # type: ignore[attr-defined]
+    """Mark a plain socket closed whose fd a worker has already closed in C.
+
+    What ``socket.socket.detach()`` does, without its Python frame and
+    ``super()`` call: the completer does this twice per relay, with the GIL.
+    ``closes_in_c`` lets only a plain ``socket.socket`` get here.
+    """
+    _detach_fd(end)  # type: ignore[arg-type]
+    end._closed = True  # type: ignore[attr-defined]
 
 
 def close_ends(objs: list[object]) -> BaseException | None:
