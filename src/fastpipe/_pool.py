@@ -228,13 +228,7 @@ class WorkerPool:
         if close:
             job.close_fds(*task.in_c)
         job.task = task
-        relay._attach(task)
-        self._live.add(task)
-        try:
-            self._submit(task)
-        except BaseException:
-            self._live.discard(task)
-            raise
+        self._submit(task)
         return relay
 
     def proxy(
@@ -290,13 +284,7 @@ class WorkerPool:
             self._check_open()
             # An end's fileno() failed: an OS error, delivered as any other.
             return failed_relay(deferred[0], task)
-        relay._attach(task)
-        self._live.add(task)
-        try:
-            self._submit(task)
-        except BaseException:
-            self._live.discard(task)
-            raise
+        self._submit(task)
         if task.idle_timeout is not None:
             _proxy.watchdog.watch(task)
         return relay
@@ -361,6 +349,15 @@ class WorkerPool:
             raise RuntimeError("cannot start a relay after shutdown")
 
     def _submit(self, task: _Task | _proxy.ProxyTask) -> None:
+        task.relay._attach(task)
+        self._live.add(task)
+        try:
+            self._hand_out(task)
+        except BaseException:
+            self._live.discard(task)
+            raise
+
+    def _hand_out(self, task: _Task | _proxy.ProxyTask) -> None:
         if self._completer is None:
             with self._lock:
                 self._check_open()
