@@ -421,3 +421,48 @@ def test_every_way_a_relay_ends_takes_it_off_the_pools_live_set() -> None:
     assert not pool._live
     for w in (w_running, w_queued):
         os.close(w)
+
+
+@pytest.mark.parametrize("plain", [True, False])
+def test_relay_set_result_wakes_every_kind_of_waiter(monkeypatch, plain: bool) -> None:
+    """Relay.set_result skips the Condition's steps only when nobody waits:
+    a thread in result(), wait(), as_completed() and a callback all see it,
+    and a second settle raises as Future's does (both paths)."""
+    from concurrent.futures import FIRST_COMPLETED, InvalidStateError, as_completed
+    from concurrent.futures import wait as futures_wait
+
+    from fastpipe import _relay
+
+    monkeypatch.setattr(_relay, "_PLAIN_CONDITION", plain)
+    relay = fastpipe.Relay()
+    seen: dict[str, object] = {}
+    started = threading.Barrier(4)
+
+    def in_result() -> None:
+        started.wait()
+        seen["result"] = relay.result(timeout=10)
+
+    def in_wait() -> None:
+        started.wait()
+        done, _ = futures_wait([relay], timeout=10, return_when=FIRST_COMPLETED)
+        seen["wait"] = relay in done
+
+    def in_as_completed() -> None:
+        started.wait()
+        seen["as_completed"] = [f.result() for f in as_completed([relay], timeout=10)]
+
+    relay.add_done_callback(lambda f: seen.setdefault("callback", f.result()))
+    threads = [threading.Thread(target=t) for t in (in_result, in_wait, in_as_completed)]
+    for t in threads:
+        t.start()
+    started.wait()
+    wait_for(lambda: len(relay._condition._waiters) >= 1)  # someone really waits
+    relay.set_result(42)
+    for t in threads:
+        t.join(10)
+        assert not t.is_alive()
+    assert seen == {"result": 42, "wait": True, "as_completed": [42], "callback": 42}
+    assert relay.done() and relay.result() == 42
+    with pytest.raises(InvalidStateError):
+        relay.set_result(43)
+    assert relay.result() == 42

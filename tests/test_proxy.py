@@ -238,6 +238,64 @@ def test_error_in_one_direction_stops_the_idle_other() -> None:
         os.close(fd)
 
 
+class _DeafJob:
+    """A job whose first cancel() signals are lost, as when a worker's
+    wake-up lands just before it enters a syscall."""
+
+    def __init__(self, deaf_for: int) -> None:
+        self.deaf_for = deaf_for
+        self.asked = 0
+        self.finished = False
+
+    def cancel(self) -> bool:
+        self.asked += 1
+        if self.asked > self.deaf_for:
+            self.finished = True
+        return not self.finished
+
+
+def test_the_repoker_asks_until_a_job_has_stopped_then_its_thread_exits() -> None:
+    from fastpipe._relay import _Repoker
+
+    repoker = _Repoker()
+    jobs = [_DeafJob(3), _DeafJob(0)]
+    repoker.watch(jobs)
+    thread = repoker._thread
+    assert thread is not None and thread.name == "fastpipe-repoke"
+    thread.join(10)
+    assert not thread.is_alive(), "the re-poker's thread never ended"
+    assert repoker._thread is None
+    assert all(job.finished for job in jobs)
+    assert jobs[0].asked == 4 and jobs[1].asked == 1  # no ask after the end
+
+
+def test_a_proxy_stopping_its_other_direction_has_it_asked_again(monkeypatch) -> None:
+    """The stop after an error goes to the re-poker: nobody else would ask
+    again if the worker slept through the first signal."""
+    from fastpipe import _proxy
+
+    watched: list[object] = []
+    real_watch = _proxy.repoker.watch
+
+    def watch(jobs):
+        watched.extend(jobs)
+        real_watch(jobs)
+
+    monkeypatch.setattr(_proxy.repoker, "watch", watch)
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    r3, w3 = os.pipe()
+    r4, w4 = os.pipe()
+    os.close(r2)
+    relay = fastpipe.proxy((r1, w4), (r3, w2))
+    os.write(w1, b"data that cannot be delivered")
+    with pytest.raises(BrokenPipeError):
+        relay.result(timeout=10)
+    assert relay._jobs[1] in watched  # b->a, idle on r3, was stopped and watched
+    for fd in (w1, w3, r4):
+        os.close(fd)
+
+
 # -- pipes, objects and sharing ------------------------------------------------
 
 

@@ -618,6 +618,13 @@ cdef int _wait_step(CopyState *st, int fd, short events) noexcept nogil:
                 return STEP_ERROR
             if timeout < 0 or left < timeout:
                 timeout = <int>left if left < 0x7FFFFFFF else 0x7FFFFFFF
+        # A cancel whose signal landed since the loop's last look (during a
+        # read that found nothing, say) would otherwise be slept through:
+        # look once more, right before the one wait that can last for ever.
+        # What is left of the window is closed by cancel()'s callers asking
+        # again (Relay.cancel, and the re-poker for the pool's own stops).
+        if FP_CANCELLABLE and fp_load_int(&st.cancel_req):
+            return STEP_CANCELLED
         r = _wait(st, fd, events, timeout)
         if r > 0:
             return STEP_AGAIN

@@ -91,6 +91,11 @@ class _Task:
         """Close every end of a relay that never reached a worker."""
         return close_ends(self.ends) if self.close else None
 
+    def settled(self) -> bool:
+        """Whether the future is settled, asked once the one job is done
+        (completed or dropped): it always is then."""
+        return True
+
     def complete(self, job: Any) -> None:
         """Called by the completer, with the GIL, once the job has finished."""
         error: BaseException | None = None

@@ -43,6 +43,7 @@ from fastpipe._relay import (
     fd_of,
     forget_closed,
     make_job,
+    repoker,
 )
 
 
@@ -180,6 +181,11 @@ class ProxyTask:
         self._done(i)
         self._stop(1 - i)
 
+    def settled(self) -> bool:
+        """Whether the future is settled (not merely both jobs done: the
+        other job's thread may be about to settle it)."""
+        return self.relay.done()
+
     def complete(self, job: Any) -> None:
         """Called once per finished job, with the GIL."""
         i = self.jobs.index(job)
@@ -224,7 +230,13 @@ class ProxyTask:
             self.dropped[i] = True
             self._done(i)
             return True
-        return bool(job.cancel())
+        if not job.cancel():
+            return False
+        # Nobody may be waiting to ask again (an error or an idle timeout
+        # stopped this direction): a lost wake-up signal must not leave it
+        # blocked on an idle fd for ever.
+        repoker.watch((job,))
+        return True
 
     def bytes_moved(self) -> int:
         return sum(job.bytes_copied for job in self.jobs)
