@@ -242,9 +242,10 @@ class _DeafJob:
     """A job whose first cancel() signals are lost, as when a worker's
     wake-up lands just before it enters a syscall."""
 
-    def __init__(self, deaf_for: int) -> None:
+    def __init__(self, deaf_for: int, started: bool = True) -> None:
         self.deaf_for = deaf_for
         self.asked = 0
+        self.started = started
         self.finished = False
 
     def cancel(self) -> bool:
@@ -258,8 +259,11 @@ def test_the_repoker_asks_until_a_job_has_stopped_then_its_thread_exits() -> Non
     from fastpipe._relay import _Repoker
 
     repoker = _Repoker()
+    # A job taken off the queue never starts nor ends: it is not watched,
+    # or the thread would ask it for ever.
+    never_ran = _DeafJob(10**9, started=False)
     jobs = [_DeafJob(3), _DeafJob(0)]
-    repoker.watch(jobs)
+    repoker.watch([*jobs, never_ran])
     thread = repoker._thread
     assert thread is not None and thread.name == "fastpipe-repoke"
     thread.join(10)
@@ -267,6 +271,7 @@ def test_the_repoker_asks_until_a_job_has_stopped_then_its_thread_exits() -> Non
     assert repoker._thread is None
     assert all(job.finished for job in jobs)
     assert jobs[0].asked == 4 and jobs[1].asked == 1  # no ask after the end
+    assert never_ran.asked == 0
 
 
 def test_a_proxy_stopping_its_other_direction_has_it_asked_again(monkeypatch) -> None:

@@ -244,8 +244,14 @@ class _Repoker:
         self._thread: threading.Thread | None = None
 
     def watch(self, jobs: tuple[Any, ...] | list[Any]) -> None:
+        """Ask these jobs again until they have ended.
+
+        Only a started job can sleep through its signal; one that has not
+        started sees the cancel flag first thing, and one taken off the
+        queue never starts (nor ends: it must not be watched for ever).
+        """
         with self._lock:
-            self._jobs.extend(job for job in jobs if not job.finished)
+            self._jobs.extend(job for job in jobs if job.started and not job.finished)
             if self._thread is None and self._jobs:
                 thread = threading.Thread(target=self._main, name="fastpipe-repoke", daemon=True)
                 try:
