@@ -41,7 +41,7 @@ from fastpipe._relay import (
     forget_closed,
     make_job,
     mark_completer_thread,
-    release_task,
+    retire,
 )
 
 _thread_ids = itertools.count(1)
@@ -83,18 +83,14 @@ class _Task:
 
     def drop(self, job: Any) -> None:
         """The job was taken off the queue and will never run."""
+        job.task = None
         if cancel_future(self.relay):
             self.close_ends()
-        release_task(job, self)
+        retire(self)
 
     def close_ends(self) -> BaseException | None:
         """Close every end of a relay that never reached a worker."""
         return close_ends(self.ends) if self.close else None
-
-    def settled(self) -> bool:
-        """Whether the future is settled, asked once the one job is done
-        (completed or dropped): it always is then."""
-        return True
 
     def complete(self, job: Any) -> None:
         """Called by the completer, with the GIL, once the job has finished."""
@@ -127,6 +123,8 @@ class _Task:
             relay.set_exception(error)
         else:
             relay.set_result(result)
+        retire(self)
+        # A close error's traceback holds this frame, which holds the error.
         del error
 
 
@@ -172,7 +170,7 @@ class WorkerPool:
         self._threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
         # Every relay handed out and not yet settled (its task), for
         # shutdown(cancel_relays=True).  A plain set: a task leaves it when
-        # its future is settled (release_task, ProxyTask), which costs less
+        # its future is settled (retire()), which costs less
         # than a WeakSet's weakref and callback on every relay.
         self._live: set[_Task | _proxy.ProxyTask] = set()
         self._completer: threading.Thread | None = None

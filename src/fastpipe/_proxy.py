@@ -44,6 +44,7 @@ from fastpipe._relay import (
     forget_closed,
     make_job,
     repoker,
+    retire,
 )
 
 
@@ -181,11 +182,6 @@ class ProxyTask:
         self._done(i)
         self._stop(1 - i)
 
-    def settled(self) -> bool:
-        """Whether the future is settled (not merely both jobs done: the
-        other job's thread may be about to settle it)."""
-        return self.relay.done()
-
     def complete(self, job: Any) -> None:
         """Called once per finished job, with the GIL."""
         i = self.jobs.index(job)
@@ -309,7 +305,7 @@ class ProxyTask:
             )
         else:
             relay.set_result((self.jobs[0].result(), self.jobs[1].result()))
-        self.live.discard(self)
+        retire(self)
         del error
 
 

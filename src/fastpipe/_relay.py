@@ -29,7 +29,7 @@ class HasFileno(Protocol):
 
 FdLike = int | HasFileno
 
-# How often Relay.cancel() asks a copy that has not stopped yet again.
+# How often the re-poker asks a copy that has not stopped yet again.
 _CANCEL_REPOKE = 0.005
 
 # How long a main thread waiting in result() waits between signal checks.
@@ -180,18 +180,14 @@ class Relay(Future[Any]):
             return cancel_future(self)
         if not task.cancel():
             return False  # it ended by itself; its completion is on the way
+        # The core's wake-up signal can land just before its worker enters
+        # a syscall: the re-poker asks again until the copy has ended.
+        repoker.watch(task.jobs)
         if getattr(_completing, "active", False):
             # This thread may hold the very job in its batch: waiting for
-            # it here would wait for ourselves.  The re-poker asks again.
-            repoker.watch(task.jobs)
+            # it here would wait for ourselves.
             return True
-        while not self.done():
-            self._help(_CANCEL_REPOKE)
-            # The core's wake-up signal can land just before its worker
-            # enters a syscall; asking again is cheap and closes that gap.
-            for job in task.jobs:
-                if not job.finished:
-                    job.cancel()
+        self._help(None)
         wait((self,))
         return self.cancelled()
 
@@ -229,10 +225,10 @@ class _Repoker:
     ``CopyJob.cancel()`` knocks a worker out of a blocking syscall with a
     signal, which can land just before the worker enters the syscall and is
     then lost (OpenJDK re-signals a thread blocked in I/O the same way).
-    ``Relay.cancel()`` asks again itself while it waits; the stops nobody
-    waits for go here: a proxy stopping its other direction after an error
-    or an idle timeout, and a cancel() from a done-callback.  One daemon
-    thread, started on demand, exits once every job it watches has ended.
+    Every stop comes here: ``Relay.cancel()``, a proxy stopping its other
+    direction after an error or an idle timeout, and a cancel() from a
+    done-callback, which nobody waits for.  One daemon thread, started on
+    demand, exits once every job it watches has ended.
     """
 
     def __init__(self) -> None:
@@ -328,33 +324,31 @@ def complete_all(jobs: list[Any]) -> None:
 def _complete_each(jobs: list[Any]) -> None:
     for job in jobs:
         task = job.task
-        relay = task.relay
+        # job -> task -> jobs -> job is a cycle; the job is done with it.
+        job.task = None
         try:
             task.complete(job)
         except BaseException as exc:  # noqa: B036 - a relay must never hang
             # Only a bug gets here (closing and completing do not raise on
             # their own): fail the relay rather than lose the thread that
             # completes every other relay.
+            relay = task.relay
             if not relay.done():
                 relay.set_exception(exc)
-        release_task(job, task)
+            retire(task)
 
 
-def release_task(job: Any, task: Any) -> None:
-    """Unlink a job that will never run again from its task; once the
-    relay is settled, unlink the task from it and from the pool.
+def retire(task: Any) -> None:
+    """The task's future is settled: unlink the task from it and from the
+    pool's live set (each task calls this where it settles its future).
 
     relay -> task -> relay and job -> task -> job are reference cycles: left
     in place, each relay's future, task, job and ends (about 19 objects)
     waited for the cyclic garbage collector, whose passes cost the small
     relays a quarter of their time.  A finished relay keeps its jobs only.
     """
-    job.task = None
-    relay = task.relay
-    # settled() spares a relay's one job the future's lock (done()).
-    if task.settled():
-        relay._task = None
-        task.live.discard(task)
+    task.relay._task = None
+    task.live.discard(task)
 
 
 def fd_of(obj: object, name: str, deferred: list[OSError] | None = None) -> int:
