@@ -1678,6 +1678,11 @@ cdef struct CWorker:
     CopyState *job          # set by whoever posts wake; read by the worker
     bint idle
     bint exit_flag
+    # A spare from submit_pair(), idle before its thread runs.  It takes a
+    # job only after the post that comes with it, like any parked worker:
+    # posts come after the unlock, and the poster must find the worker
+    # still there (not run, relinked or freed on a job it took unposted).
+    bint born_idle
 
 
 cdef class WorkerHandle:
@@ -1773,14 +1778,14 @@ cdef class PoolCore:
         return self.max_workers < 0 or self.n_idle + self.max_workers - self.n_workers >= n
 
     cdef object _hand(self, CopyState *st, CWorker *fresh, CWorker **wake):
-        """Under the lock: give st to an idle worker (True; the caller posts
-        ``wake[0]`` once it has unlocked), else to ``fresh``, a new worker
-        made by the caller (its WorkerHandle, for the caller to start a
-        thread for)."""
+        """Under the lock: give st to an idle worker (True; it joins the
+        ``wake`` chain, for the caller to post once it has unlocked), else
+        to ``fresh``, a new worker made by the caller (its WorkerHandle, for
+        the caller to start a thread for)."""
         cdef WorkerHandle handle
         self._note_busy()
         if self.idle_head != NULL:
-            wake[0] = self._claim_idle(st)
+            self._claim_idle(st, wake)
             return True
         fresh.job = st
         handle = WorkerHandle.__new__(WorkerHandle)
@@ -1806,17 +1811,26 @@ cdef class PoolCore:
             sem_destroy(&w.wake)
             free(w)
 
-    cdef CWorker *_claim_idle(self, CopyState *st) noexcept nogil:
+    cdef void _claim_idle(self, CopyState *st, CWorker **wake) noexcept nogil:
         # Under the lock, with an idle worker: it gets st, and is no longer
         # idle, so nothing else posts to it or lets it leave; it stays parked
-        # until its post, which may come after the unlock.
+        # until _post_all() posts it, after the unlock.  Off the idle list,
+        # its `next` link chains the workers to post.
         cdef CWorker *w = self.idle_head
         self._unlink_idle(w)
         w.job = st
-        return w
+        w.next = wake[0]
+        wake[0] = w
 
-    cdef void _post_idle(self, CopyState *st) noexcept nogil:
-        sem_post(&self._claim_idle(st).wake)
+    cdef void _post_all(self, CWorker *w) noexcept nogil:
+        # After the unlock: a worker posted under the lock would block at
+        # once on the lock it needs to take its job.  `next` is read before
+        # the post: once posted, the worker may run, go idle and relink.
+        cdef CWorker *nxt
+        while w != NULL:
+            nxt = w.next
+            sem_post(&w.wake)
+            w = nxt
 
     cdef void _enqueue(self, CopyState *st) noexcept nogil:
         st.link = NULL
@@ -1837,10 +1851,11 @@ cdef class PoolCore:
         self.n_queued -= 1
         return st
 
-    cdef CopyState *_dispatch(self, bint spare) noexcept nogil:
+    cdef CopyState *_dispatch(self, bint spare, CWorker **wake) noexcept nogil:
         """Under the lock: hand out queued entries while the head can start
-        whole.  With ``spare`` (a worker that just finished a job and is
-        still counted busy), the first job handed out is returned for it."""
+        whole, to idle workers put on the ``wake`` chain.  With ``spare`` (a
+        worker that just finished a job and is still counted busy), the
+        first job handed out is returned for it."""
         cdef CopyState *mine = NULL
         cdef int need
         while self.queue_head != NULL:
@@ -1853,7 +1868,7 @@ cdef class PoolCore:
                     mine = self._pop_queue()
                 else:
                     self._note_busy()
-                    self._post_idle(self._pop_queue())
+                    self._claim_idle(self._pop_queue(), wake)
         if self.shutting_down and self.queue_head == NULL:
             self._release_idle()
         return mine
@@ -1911,10 +1926,7 @@ cdef class PoolCore:
             self._own(job)
             self._enqueue(&job.st)
         pthread_mutex_unlock(&self.lock)
-        if wake != NULL:
-            # After the unlock: woken under the lock, the worker would
-            # block at once on the lock it needs to take its job.
-            sem_post(&wake.wake)
+        self._post_all(wake)
         return handed
 
     cdef void _lock_with_gil(self):
@@ -1942,8 +1954,7 @@ cdef class PoolCore:
         cdef object for_b = False
         cdef CWorker *fresh_a = NULL
         cdef CWorker *fresh_b = NULL
-        cdef CWorker *wake_a = NULL
-        cdef CWorker *wake_b = NULL
+        cdef CWorker *wake = NULL
         cdef CWorker *w
         cdef WorkerHandle spare = None
         self._check_submit(a)
@@ -1969,8 +1980,8 @@ cdef class PoolCore:
                     raise MemoryError()
             self._own(a)
             self._own(b)
-            for_a = self._hand(&a.st, fresh_a, &wake_a)
-            for_b = self._hand(&b.st, fresh_b, &wake_b)
+            for_a = self._hand(&a.st, fresh_a, &wake)
+            for_b = self._hand(&b.st, fresh_b, &wake)
         else:
             self._own(a)
             self._own(b)
@@ -1982,15 +1993,13 @@ cdef class PoolCore:
                 if w != NULL:
                     # Idle from birth: a finishing worker may hand it the
                     # pair's other job before its thread is even running.
+                    w.born_idle = True
                     self._link_idle(w)
                     spare = WorkerHandle.__new__(WorkerHandle)
                     spare.w = w
                 # Without memory for it the pair waits for running workers.
         pthread_mutex_unlock(&self.lock)
-        if wake_a != NULL:
-            sem_post(&wake_a.wake)
-        if wake_b != NULL:
-            sem_post(&wake_b.wake)
+        self._post_all(wake)
         return for_a, for_b, spare
 
     def unqueue(self, CopyJob job not None):
@@ -2002,6 +2011,7 @@ cdef class PoolCore:
         cdef CopyState *prev = NULL
         cdef CopyState *cur
         cdef bint found = False
+        cdef CWorker *wake = NULL
         with nogil:
             pthread_mutex_lock(&self.lock)
             cur = self.queue_head
@@ -2021,8 +2031,9 @@ cdef class PoolCore:
                 prev = cur
                 cur = cur.link
             if found:
-                self._dispatch(False)
+                self._dispatch(False, &wake)
             pthread_mutex_unlock(&self.lock)
+            self._post_all(wake)
         if found:
             st.link = NULL
             self._disown(job)  # the pool's reference
@@ -2049,6 +2060,11 @@ cdef class PoolCore:
             if st != NULL:
                 self.n_busy -= 1
             pthread_mutex_unlock(&self.lock)
+            if st != NULL and w.born_idle:
+                # A spare handed a job: its post comes after the hand-out's
+                # unlock, maybe not yet.  Take it before freeing the worker.
+                while sem_wait(&w.wake) < 0 and errno == EINTR:
+                    pass
         sem_destroy(&w.wake)
         free(w)
         if st != NULL:
@@ -2109,6 +2125,7 @@ cdef class PoolCore:
         Sets leave when the worker must exit (the pool is shutting down).
         """
         cdef CopyState *nxt = NULL
+        cdef CWorker *wake = NULL
         cdef bint wake_helper, wake_completer
         pthread_mutex_lock(&self.lock)
         if self.done_tail == NULL:
@@ -2117,7 +2134,7 @@ cdef class PoolCore:
             self.done_tail.link = st
         self.done_tail = st
         st.link = NULL
-        nxt = self._dispatch(True)
+        nxt = self._dispatch(True, &wake)
         if nxt == NULL:
             self.n_busy -= 1
             if self.shutting_down and self.queue_head == NULL:
@@ -2125,12 +2142,13 @@ cdef class PoolCore:
                 leave[0] = True
             else:
                 self._link_idle(w)
-        # Signalled after the unlock, so that the woken thread does not
-        # block at once on the lock still held here.  The pool outlives its
-        # workers, and a waiter re-checks under the lock before it waits.
+        # Posted and signalled after the unlock, so that the woken threads
+        # do not block at once on the lock still held here.  The pool
+        # outlives its workers, and a waiter re-checks under the lock.
         wake_helper = self.helpers_waiting
         wake_completer = self.completer_waiting and (not wake_helper or leave[0])
         pthread_mutex_unlock(&self.lock)
+        self._post_all(wake)
         if wake_helper:
             pthread_cond_signal(&self.helper_cond)
         if wake_completer:
@@ -2160,10 +2178,9 @@ cdef class PoolCore:
         with nogil:
             fp_block_sigpipe(&oldmask)  # for the thread's life (see _compat.h)
             # The first job was stored before this thread started, unless it
-            # is a spare from submit_pair(), idle from birth: a job may be
-            # handed to it at any time, so w.job is read under the lock.  A
-            # post whose job was already taken here just comes back empty.
-            st = self._take_job(w)
+            # is a spare from submit_pair(), idle from birth, which parks
+            # first: a job is handed to it with a post, as to any idle worker.
+            st = NULL if w.born_idle else self._take_job(w)
             while True:
                 if st == NULL:
                     if self._park(w):
