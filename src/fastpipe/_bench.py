@@ -728,6 +728,57 @@ def _new_file(path: str) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
 
 
+#: Whether the rounds that fill a new file first let every CPU free pages
+#: itself (``warm_page_lists``).  Always on in ``fastpipe bench``; clear it
+#: to see what the rounds cost without it.
+WARM_PAGES = True
+
+
+def warm_page_lists(directory: str, nbytes: int) -> None:
+    """Let each CPU this process may use allocate and free ``nbytes`` of pages itself.
+
+    Why: where the kernel keeps large per-CPU lists of free pages and
+    reports free pages to a hypervisor (free page reporting, as on this
+    project's Firecracker machines), a page freed on one CPU stays in that
+    CPU's list, still backed by the host, while a page taken from the shared
+    free lists was handed back to the host and costs a host fault when it is
+    first touched.  A copy into a new file then runs 2-3x slower on a CPU
+    other than the one that freed the last round's file, so the method whose
+    thread happens to land there loses for reasons that have nothing to do
+    with it.  Freeing a file's worth of pages on every CPU before each round
+    gives every method, on every CPU, the same pages.  It is untimed, and it
+    does nothing on one CPU or where ``fallocate`` fails (a full tmpfs, or a
+    file system without it).
+    """
+    if not WARM_PAGES or nbytes == 0 or not hasattr(os, "sched_setaffinity"):
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return
+    size = nbytes + nbytes // 4  # a margin for what else allocates meanwhile
+
+    def free_on(cpu: int, path: str) -> None:
+        os.sched_setaffinity(0, {cpu})  # this thread only: pid 0 is the calling thread
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, size)  # on tmpfs: zeroed pages from this CPU
+        except OSError:
+            pass  # best effort: the round is still correct, only unwarmed
+        finally:
+            os.close(fd)
+            os.unlink(path)  # the pages go to this CPU's free list
+
+    for cpu in cpus:
+        path = os.path.join(directory, f"warm-pages-{os.getpid()}-{cpu}")
+        thread = threading.Thread(target=free_on, args=(cpu, path), name="fastpipe-bench-warm")
+        thread.start()
+        thread.join()
+
+
+#: How many prepared ``FileToFile`` cases read each shared source file.
+_source_users: dict[str, int] = {}
+
+
 class FileToFile(Case):
     """A file on tmpfs relayed into a new file next to it.
 
@@ -744,12 +795,18 @@ class FileToFile(Case):
 
     def __init__(self, method: str, nbytes: int, directory: str) -> None:
         super().__init__(method, nbytes)
-        base = os.path.join(directory, f"{self.workload}-{method}-{id(self):x}")
-        self.src_path = base + ".src"
-        self.dst_path = base + ".dst"
+        # Every method reads the same source, written once: the same pages
+        # for all, and one file's worth of tmpfs instead of one per method.
+        self.src_path = os.path.join(directory, f"{self.workload}-{os.getpid()}-{nbytes}.src")
+        self.dst_path = os.path.join(directory, f"{self.workload}-{method}-{id(self):x}.dst")
+        self._holds_source = False
 
     def _prepare(self) -> None:
-        write_pattern_file(self.src_path, self.nbytes)
+        users = _source_users.get(self.src_path, 0)
+        if users == 0:
+            write_pattern_file(self.src_path, self.nbytes)
+        _source_users[self.src_path] = users + 1
+        self._holds_source = True
 
     def _setup_round(self) -> None:
         self._src = os.open(self.src_path, os.O_RDONLY | os.O_CLOEXEC)
@@ -757,6 +814,7 @@ class FileToFile(Case):
         # A new file each round: freeing the last round's pages is not timed.
         self._dst = _new_file(self.dst_path)
         self._held.ends.append(self._dst)
+        warm_page_lists(os.path.dirname(self.dst_path), self.nbytes)
 
     def _round(self) -> None:
         if self.method == COPYFILE:
@@ -771,9 +829,15 @@ class FileToFile(Case):
         check_file(self.dst_path, self.nbytes, f"{self.workload}/{self.method}")
 
     def _close(self) -> None:
-        for path in (self.src_path, self.dst_path):
-            if os.path.exists(path):
-                os.unlink(path)
+        if os.path.exists(self.dst_path):
+            os.unlink(self.dst_path)
+        if self._holds_source:
+            self._holds_source = False
+            users = _source_users.pop(self.src_path) - 1
+            if users:
+                _source_users[self.src_path] = users
+            elif os.path.exists(self.src_path):
+                os.unlink(self.src_path)
 
 
 class PipeToFile(Case):
@@ -804,6 +868,7 @@ class PipeToFile(Case):
         self._held.endpoints.append(self._producer)
         self._dst = _new_file(self.dst_path)
         self._held.ends.append(self._dst)
+        warm_page_lists(os.path.dirname(self.dst_path), self.nbytes)
         self._producer.ready()
 
     def _round(self) -> None:
@@ -1543,6 +1608,7 @@ def _header(size: int, relays: int, repeat: int) -> str:
         f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs\n"
         f"bulk: {_fmt_size(size)} per copy; small: {relays} relays x {SMALL_PAYLOAD // 1024} "
         f"KiB, {SMALL_IN_FLIGHT} in flight; {repeat} runs each, every byte verified"
+        + ("; every CPU frees a file's worth of pages before a file round" if WARM_PAGES else "")
     )
 
 
@@ -1789,6 +1855,7 @@ def _write_json(
         "small_in_flight": SMALL_IN_FLIGHT,
         "spin_baseline_divisor": SPIN_BASELINE_DIVISOR,
         "repeat": repeat,
+        "warm_page_lists": WARM_PAGES,
         "results": [
             asdict(r)
             | {

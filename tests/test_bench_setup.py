@@ -1,0 +1,81 @@
+"""The benchmark's own setup: what every method shares must be the same for all."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from fastpipe import _bench
+
+SIZE = 3 * _bench.MiB // 2
+
+
+def test_file_cases_share_one_source_until_the_last_closes(tmp_path) -> None:
+    first = _bench.FileToFile(_bench.FASTPIPE, SIZE, str(tmp_path))
+    second = _bench.FileToFile(_bench.COPYFILEOBJ, SIZE, str(tmp_path))
+    assert first.src_path == second.src_path
+    try:
+        for case in (first, second):
+            _bench.run_round(case)  # verifies every byte of the destination
+            assert len(case.samples) == 1
+        first.close()
+        assert os.path.exists(second.src_path), "closed while another case reads it"
+        _bench.run_round(second)
+        assert len(second.samples) == 2
+    finally:
+        first.close()
+        second.close()
+    assert os.listdir(tmp_path) == []
+
+
+def test_closing_an_unprepared_case_leaves_the_shared_source(tmp_path) -> None:
+    used = _bench.FileToFile(_bench.FASTPIPE, SIZE, str(tmp_path))
+    unused = _bench.FileToFile(_bench.COPYFILEOBJ, SIZE, str(tmp_path))
+    try:
+        used.prepare()
+        unused.close()
+        _bench.run_round(used)
+    finally:
+        used.close()
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs two CPUs to pin to",
+)
+def test_warming_frees_pages_on_every_cpu_and_leaves_nothing(tmp_path, monkeypatch) -> None:
+    seen: list[tuple[set[int], int, bool]] = []
+    real = os.posix_fallocate
+
+    def spy(fd: int, offset: int, length: int) -> None:
+        # Where the pages are allocated is the point: on the one CPU the thread is pinned to.
+        seen.append((os.sched_getaffinity(0), length, os.fstat(fd).st_nlink == 1))
+        real(fd, offset, length)
+
+    monkeypatch.setattr(os, "posix_fallocate", spy)
+    mine = os.sched_getaffinity(0)
+    _bench.warm_page_lists(str(tmp_path), SIZE)
+    assert [cpus for cpus, _, _ in seen] == [{cpu} for cpu in sorted(mine)]
+    assert all(length >= SIZE and linked for _, length, linked in seen)
+    assert os.sched_getaffinity(0) == mine, "the caller's own affinity changed"
+    assert os.listdir(tmp_path) == []
+
+
+def test_warming_that_cannot_allocate_leaves_nothing(tmp_path, monkeypatch) -> None:
+    calls = []
+
+    def full(fd: int, offset: int, length: int) -> None:
+        calls.append(length)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    _bench.warm_page_lists(str(tmp_path), SIZE)
+    if len(os.sched_getaffinity(0)) > 1:
+        assert calls, "it did not try"
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(_bench, "WARM_PAGES", False)
+    calls.clear()
+    _bench.warm_page_lists(str(tmp_path), SIZE)
+    assert calls == []
