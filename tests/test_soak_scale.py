@@ -39,6 +39,7 @@ close their ends and leave the pool working: simulated in-process by a
 from __future__ import annotations
 
 import gc
+import concurrent.futures
 import json
 import os
 import resource
@@ -533,6 +534,47 @@ def test_waiting_proxy_whose_spare_worker_cannot_start(monkeypatch: pytest.Monke
         assert a.fileno() == -1 and b.fileno() == -1, (a, b)
         os.close(w)
         assert blocker.result(timeout=60) == 0
+
+
+def test_spare_released_by_shutdown_before_its_thread_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """shutdown() lets idle workers go, a spare whose thread has not started
+    among them; when that thread then fails to start, the spare must not be
+    counted out twice, or the pool's count of workers never reaches zero
+    and the completer never learns that the last worker left."""
+    pool = fastpipe.WorkerPool(max_workers=2)
+    r, w = os.pipe()
+    blocker = pool.relay(r, os.open(os.devnull, os.O_WRONLY))
+    a, a_peer = socket.socketpair()
+    b, b_peer = socket.socketpair()
+    real_start = threading.Thread.start
+
+    def start(self: threading.Thread) -> None:
+        if self.name.startswith("fastpipe-worker"):
+            # The spare is parked on the idle list: this releases it.
+            pool.shutdown(wait=False, cancel_relays=True)
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        pool.proxy(a, b)
+    monkeypatch.undo()
+    assert pool.stats()["workers"] in (0, 1), pool.stats()  # the blocker's, if not yet out
+    with pytest.raises(concurrent.futures.CancelledError):
+        blocker.result(timeout=60)
+    done = threading.Event()
+    waiter = threading.Thread(target=lambda: (pool.shutdown(wait=True), done.set()))
+    waiter.start()
+    assert done.wait(60), f"shutdown(wait=True) hangs: {pool.stats()}"
+    waiter.join()
+    assert pool.stats()["workers"] == 0, pool.stats()
+    for peer in (a_peer, b_peer):
+        peer.settimeout(60)
+        assert peer.recv(10) == b""
+        peer.close()
+    os.close(w)
 
 
 if __name__ == "__main__":

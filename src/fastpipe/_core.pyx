@@ -2049,6 +2049,7 @@ cdef class PoolCore:
         cdef CWorker *w = handle.w
         cdef CopyState *st
         cdef object job = None
+        cdef bint wake_completer
         handle.w = NULL
         with nogil:
             pthread_mutex_lock(&self.lock)
@@ -2056,10 +2057,18 @@ cdef class PoolCore:
                 self._unlink_idle(w)
             st = w.job
             w.job = NULL
-            self.n_workers -= 1
+            if not w.exit_flag:
+                # Else shutdown's _release_idle let this spare go, and
+                # counted it out, before its thread failed to start.
+                self.n_workers -= 1
             if st != NULL:
                 self.n_busy -= 1
+            # The completer of a pool that shuts down waits for the last
+            # worker to leave; this may have been it.
+            wake_completer = self.n_workers == 0 and self.completer_waiting
             pthread_mutex_unlock(&self.lock)
+            if wake_completer:
+                pthread_cond_signal(&self.done_cond)
             if st != NULL and w.born_idle:
                 # A spare handed a job: its post comes after the hand-out's
                 # unlock, maybe not yet.  Take it before freeing the worker.

@@ -977,13 +977,20 @@ class PoolCore:
             from ``submit_pair``), for the caller to fail; or None.
         """
         with self._lock:
-            self._workers -= 1
+            if not handle.exit:
+                # Else shutdown's _release_idle let this spare go, and
+                # counted it out, before its thread failed to start.
+                self._workers -= 1
             if handle.idle:
                 self._idle.remove(handle)
                 handle.idle = False
             job, handle.job = handle.job, None
             if job is not None:
                 self._busy -= 1
+            # The completer of a pool that shuts down waits for the last
+            # worker to leave; this may have been it.
+            if self._workers == 0:
+                self._done_cond.notify_all()
         return job
 
     def _park(self, w: WorkerHandle) -> bool:
