@@ -97,8 +97,11 @@ def bench_relays(bench_config: BenchConfig) -> int:
 
 @pytest.fixture(scope="session")
 def scratch_dir() -> Iterator[str]:
-    """A directory on tmpfs (``/dev/shm``) when there is one, removed at the end."""
-    path = tempfile.mkdtemp(prefix="fastpipe-bench-", dir=_bench.scratch_root())
+    """A directory on tmpfs (``/dev/shm``) when it has room, removed at the end."""
+    # The largest size any benchmark of the session may ask for.
+    size = max(SMOKE_MB, _env_int("FASTPIPE_BENCH_MB", _bench.DEFAULT_SIZE_MIB)) * _bench.MiB
+    root = _bench.scratch_root(_bench.scratch_room(size))
+    path = tempfile.mkdtemp(prefix="fastpipe-bench-", dir=root)
     yield path
     shutil.rmtree(path, ignore_errors=True)
 

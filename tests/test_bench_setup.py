@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
@@ -79,3 +80,27 @@ def test_warming_that_cannot_allocate_leaves_nothing(tmp_path, monkeypatch) -> N
     calls.clear()
     _bench.warm_page_lists(str(tmp_path), SIZE)
     assert calls == []
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm")
+def test_scratch_space_falls_back_when_tmpfs_is_too_small() -> None:
+    """A container's 64 MiB /dev/shm must not stop the default run with ENOSPC."""
+    st = os.statvfs("/dev/shm")
+    free = st.f_bavail * st.f_frsize
+    assert _bench.scratch_root(free + 1) == tempfile.gettempdir()
+    if os.access("/dev/shm", os.W_OK | os.X_OK):
+        assert _bench.scratch_root(0) == "/dev/shm"
+
+
+def test_a_file_round_leaves_one_destination_at_a_time(tmp_path) -> None:
+    cases = [_bench.FileToFile(m, SIZE, str(tmp_path)) for m in _bench.FileToFile.methods]
+    cases += [_bench.PipeToFile(m, SIZE, str(tmp_path)) for m in _bench.PipeToFile.methods[:2]]
+    try:
+        for case in cases:
+            _bench.run_round(case)
+            # Verified, then removed: only the shared source stays between rounds.
+            assert os.listdir(tmp_path) == [os.path.basename(cases[0].src_path)]
+    finally:
+        for case in cases:
+            case.close()
+    assert os.listdir(tmp_path) == []

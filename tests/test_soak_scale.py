@@ -38,8 +38,8 @@ close their ends and leave the pool working: simulated in-process by a
 
 from __future__ import annotations
 
-import gc
 import concurrent.futures
+import gc
 import json
 import os
 import resource

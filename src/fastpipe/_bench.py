@@ -827,6 +827,7 @@ class FileToFile(Case):
 
     def _verify_round(self) -> None:
         check_file(self.dst_path, self.nbytes, f"{self.workload}/{self.method}")
+        os.unlink(self.dst_path)  # one destination at a time on tmpfs, not one per method
 
     def _close(self) -> None:
         if os.path.exists(self.dst_path):
@@ -879,6 +880,7 @@ class PipeToFile(Case):
         (_, cpu) = self._producer.finish()
         self._endpoint_cpu = float(cpu)
         check_file(self.dst_path, self.nbytes, f"{self.workload}/{self.method}")
+        os.unlink(self.dst_path)  # one destination at a time on tmpfs, not one per method
 
     def _close(self) -> None:
         if os.path.exists(self.dst_path):
@@ -1192,12 +1194,26 @@ class SmallRelays(Case):
 # ---------------------------------------------------------------------------
 
 
-@functools.cache
-def scratch_root() -> str:
-    """A tmpfs directory (``/dev/shm``) when there is one, else the temp dir."""
+def scratch_room(size: int) -> int:
+    """Bytes of scratch space the bulk workloads need at once for ``size``-byte copies.
+
+    The shared source, one destination (each is removed once verified) and
+    ``warm_page_lists``'s file with its margin.
+    """
+    return 2 * size + size + size // 4
+
+
+def scratch_root(need: int = 0) -> str:
+    """A tmpfs directory (``/dev/shm``) with room for ``need`` bytes, else the temp dir.
+
+    A container's ``/dev/shm`` is often 64 MiB: too small for the default
+    run, which would then stop half-way with ENOSPC.
+    """
     shm = "/dev/shm"
     if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK):
-        return shm
+        st = os.statvfs(shm)
+        if st.f_bavail * st.f_frsize >= need:
+            return shm
     return tempfile.gettempdir()
 
 
@@ -1599,7 +1615,7 @@ def format_report(results: Sequence[Result], header: str) -> str:
     return "\n".join(lines)
 
 
-def _header(size: int, relays: int, repeat: int) -> str:
+def _header(size: int, relays: int, repeat: int, directory: str) -> str:
     import fastpipe
 
     return (
@@ -1608,6 +1624,7 @@ def _header(size: int, relays: int, repeat: int) -> str:
         f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs\n"
         f"bulk: {_fmt_size(size)} per copy; small: {relays} relays x {SMALL_PAYLOAD // 1024} "
         f"KiB, {SMALL_IN_FLIGHT} in flight; {repeat} runs each, every byte verified"
+        + f"\nfiles in {os.path.dirname(directory)}"
         + ("; every CPU frees a file's worth of pages before a file round" if WARM_PAGES else "")
     )
 
@@ -1748,7 +1765,7 @@ def _twin_child(argv: list[str]) -> int:
     if fastpipe.IMPLEMENTATION != implementation:
         sys.stderr.write(f"expected the {implementation!r} core, got {fastpipe.IMPLEMENTATION!r}\n")
         return 1
-    directory = tempfile.mkdtemp(prefix="fastpipe-bench-", dir=scratch_root())
+    directory = tempfile.mkdtemp(prefix="fastpipe-bench-", dir=scratch_root(scratch_room(size)))
     results: list[Result] = []
     try:
         for cases in build_cases(size, relays, directory, only=(FASTPIPE,)):
@@ -1795,7 +1812,7 @@ def run_bench(
     size = size_mib * MiB
     progress = _progress_line(err) if err.isatty() else None
     started = time.perf_counter()
-    directory = tempfile.mkdtemp(prefix="fastpipe-bench-", dir=scratch_root())
+    directory = tempfile.mkdtemp(prefix="fastpipe-bench-", dir=scratch_root(scratch_room(size)))
     results: list[Result] = []
     try:
         for cases in build_cases(size, relays, directory):
@@ -1815,7 +1832,7 @@ def run_bench(
                 progress("")
     rss_per_relay, workers, in_use = measure_idle_rss(IDLE_RELAYS)
     elapsed = time.perf_counter() - started
-    report = format_report(results, _header(size, relays, repeat))
+    report = format_report(results, _header(size, relays, repeat, directory))
     memory = (
         f"memory: {IDLE_RELAYS} relays parked on idle pipes cost {rss_per_relay:.1f} KiB of RSS"
         f" each ({workers} workers, {in_use} buffers held), measured in a fresh process"
