@@ -56,6 +56,7 @@ def test_warming_frees_pages_on_every_cpu_and_leaves_nothing(tmp_path, monkeypat
         real(fd, offset, length)
 
     monkeypatch.setattr(os, "posix_fallocate", spy)
+    monkeypatch.setattr(_bench, "free_page_reporting", lambda: True)
     mine = os.sched_getaffinity(0)
     _bench.warm_page_lists(str(tmp_path), SIZE)
     assert [cpus for cpus, _, _ in seen] == [{cpu} for cpu in sorted(mine)]
@@ -72,14 +73,43 @@ def test_warming_that_cannot_allocate_leaves_nothing(tmp_path, monkeypatch) -> N
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "posix_fallocate", full)
+    monkeypatch.setattr(_bench, "free_page_reporting", lambda: True)
     _bench.warm_page_lists(str(tmp_path), SIZE)
     if len(os.sched_getaffinity(0)) > 1:
         assert calls, "it did not try"
     assert os.listdir(tmp_path) == []
-    monkeypatch.setattr(_bench, "WARM_PAGES", False)
-    calls.clear()
+
+
+@pytest.mark.parametrize("why", ["turned off", "no free page reporting", "too many CPUs"])
+def test_warming_does_nothing_where_it_is_not_wanted(tmp_path, monkeypatch, why) -> None:
+    calls = []
+    monkeypatch.setattr(os, "posix_fallocate", lambda *args: calls.append(args))
+    monkeypatch.setattr(_bench, "free_page_reporting", lambda: why != "no free page reporting")
+    monkeypatch.setattr(_bench, "WARM_PAGES", why != "turned off")
+    if why == "too many CPUs":
+        monkeypatch.setattr(_bench, "WARM_MAX_CPUS", 1)
     _bench.warm_page_lists(str(tmp_path), SIZE)
     assert calls == []
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("devices", "expected"),
+    [
+        ({"virtio0": ("0x0005", "0110010100" + "0" * 54)}, True),  # this project's machines
+        ({"virtio0": ("0x0005", "0110000100" + "0" * 54)}, False),  # a balloon, no reporting
+        ({"virtio0": ("0x0001", "1100011010" + "0" * 54)}, False),  # a NIC with bit 5 set
+        ({"virtio0": ("0x0002", "0"), "virtio1": ("0x0005", "0000010")}, True),
+        ({}, False),
+    ],
+)
+def test_free_page_reporting_is_read_from_the_balloon_features(tmp_path, devices, expected) -> None:
+    for name, (device, features) in devices.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "device").write_text(device + "\n")
+        (tmp_path / name / "features").write_text(features + "\n")
+    assert _bench.free_page_reporting(str(tmp_path)) is expected
+    assert _bench.free_page_reporting(str(tmp_path / "missing")) is False
 
 
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm")

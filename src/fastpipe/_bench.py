@@ -728,10 +728,46 @@ def _new_file(path: str) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
 
 
-#: Whether the rounds that fill a new file first let every CPU free pages
-#: itself (``warm_page_lists``).  Always on in ``fastpipe bench``; clear it
-#: to see what the rounds cost without it.
+#: Whether the rounds that fill a new file may first let every CPU free
+#: pages itself (``warm_page_lists``), where that is needed.  Clear it to
+#: see what the rounds cost without it.
 WARM_PAGES = True
+
+#: More CPUs than this and warming each one costs more than it evens out.
+WARM_MAX_CPUS = 16
+
+#: ``VIRTIO_BALLOON_F_REPORTING``: the balloon reports free pages to the host.
+_BALLOON_DEVICE_ID = 5
+_BALLOON_F_REPORTING = 5
+
+
+@functools.cache
+def free_page_reporting(root: str = "/sys/bus/virtio/devices") -> bool:
+    """Whether a virtio balloon here hands free pages back to the host."""
+    try:
+        devices = os.listdir(root)
+    except OSError:
+        return False
+    for name in devices:
+        try:
+            with open(os.path.join(root, name, "device"), encoding="ascii") as f:
+                if int(f.read(), 16) != _BALLOON_DEVICE_ID:
+                    continue
+            with open(os.path.join(root, name, "features"), encoding="ascii") as f:
+                bits = f.read().strip()  # one character per feature bit, bit 0 first
+        except (OSError, ValueError):
+            continue
+        if bits[_BALLOON_F_REPORTING : _BALLOON_F_REPORTING + 1] == "1":
+            return True
+    return False
+
+
+def _cpus_to_warm() -> list[int]:
+    """The CPUs ``warm_page_lists`` frees pages on; empty where it does nothing."""
+    if not WARM_PAGES or not hasattr(os, "sched_getaffinity") or not free_page_reporting():
+        return []
+    cpus = sorted(os.sched_getaffinity(0))
+    return cpus if 2 <= len(cpus) <= WARM_MAX_CPUS else []
 
 
 def warm_page_lists(directory: str, nbytes: int) -> None:
@@ -746,14 +782,13 @@ def warm_page_lists(directory: str, nbytes: int) -> None:
     other than the one that freed the last round's file, so the method whose
     thread happens to land there loses for reasons that have nothing to do
     with it.  Freeing a file's worth of pages on every CPU before each round
-    gives every method, on every CPU, the same pages.  It is untimed, and it
-    does nothing on one CPU or where ``fallocate`` fails (a full tmpfs, or a
-    file system without it).
+    gives every method, on every CPU, the same pages.  It is untimed.  It
+    does nothing without free page reporting (the host takes nothing back),
+    on one CPU, on more than ``WARM_MAX_CPUS``, and where ``fallocate``
+    fails (a full tmpfs, or a file system without it).
     """
-    if not WARM_PAGES or nbytes == 0 or not hasattr(os, "sched_setaffinity"):
-        return
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
+    cpus = _cpus_to_warm()
+    if nbytes == 0 or not cpus:
         return
     size = nbytes + nbytes // 4  # a margin for what else allocates meanwhile
 
@@ -1625,7 +1660,12 @@ def _header(size: int, relays: int, repeat: int, directory: str) -> str:
         f"bulk: {_fmt_size(size)} per copy; small: {relays} relays x {SMALL_PAYLOAD // 1024} "
         f"KiB, {SMALL_IN_FLIGHT} in flight; {repeat} runs each, every byte verified"
         + f"\nfiles in {os.path.dirname(directory)}"
-        + ("; every CPU frees a file's worth of pages before a file round" if WARM_PAGES else "")
+        + (
+            "; the host takes free pages back: every CPU frees a file's worth of pages"
+            " before a file round"
+            if _cpus_to_warm()
+            else ""
+        )
     )
 
 
@@ -1872,7 +1912,7 @@ def _write_json(
         "small_in_flight": SMALL_IN_FLIGHT,
         "spin_baseline_divisor": SPIN_BASELINE_DIVISOR,
         "repeat": repeat,
-        "warm_page_lists": WARM_PAGES,
+        "warm_page_lists": bool(_cpus_to_warm()),
         "results": [
             asdict(r)
             | {
