@@ -518,6 +518,7 @@ cdef struct CopyState:
     long long limit         # bytes left to read, or -1 for "to end of file"
     long long copied        # bytes written to dst; read live by other threads
     int want                # buffers per read
+    int want_max            # at most this many (0: not sized for the sink yet)
     int nbufs               # buffers held
     char *bufs[MAX_IOV]
     # Bytes read but not yet written: pend_len bytes in bufs, or, for a
@@ -1007,6 +1008,8 @@ cdef int _copy_step(CopyState *st) noexcept nogil:
             r = _wait_step(st, st.src, POLLIN)
             if r != STEP_AGAIN:
                 return r
+        if st.want_max == 0:
+            _size_reads_for_sink(st)
         if st.nbufs < st.want:
             got = _buffers_take(&st.bufs[st.nbufs], st.want - st.nbufs)
             st.nbufs += got
@@ -1014,6 +1017,8 @@ cdef int _copy_step(CopyState *st) noexcept nogil:
                 st.err = ENOMEM
                 return STEP_ERROR
         want_bytes = <Py_ssize_t>st.nbufs * BUF_SIZE
+        if want_bytes > <Py_ssize_t>st.want_max * BUF_SIZE:
+            want_bytes = <Py_ssize_t>st.want_max * BUF_SIZE
         if st.limit >= 0 and st.limit < want_bytes:
             want_bytes = <Py_ssize_t>st.limit
         cnt = 0
@@ -1075,10 +1080,37 @@ cdef int _copy_step(CopyState *st) noexcept nogil:
             continue
         # A full read means the source had more: read more per syscall next
         # time.  A short one means we are ahead of it: stay where we are.
-        if n == want_bytes and st.want < MAX_IOV and want_bytes == <Py_ssize_t>st.nbufs * BUF_SIZE:
+        if (
+            n == want_bytes
+            and st.want < st.want_max
+            and want_bytes == <Py_ssize_t>st.nbufs * BUF_SIZE
+        ):
             st.want *= 2
-            if st.want > MAX_IOV:
-                st.want = MAX_IOV
+            if st.want > st.want_max:
+                st.want = st.want_max
+
+
+cdef void _size_reads_for_sink(CopyState *st) noexcept nogil:
+    """Read no more per syscall than a pipe sink holds.
+
+    A 512 KiB write into a 64 KiB pipe sleeps in the kernel each time the
+    pipe fills, until the reader drains it: a wake-up per pipe-full.  Reading
+    a pipe-full at a time, the loop reads the source while the reader drains,
+    and its next write mostly finds room (file -> pipe: 0.73x copyfileobj's
+    speed before, with 512 KiB writes).  Asked once, on the first read.
+    """
+    cdef int size
+    st.want_max = MAX_IOV
+    if st.dst_kind == KIND_PIPE:
+        size = fcntl(st.dst, F_GETPIPE_SZ)
+        if size > 0:
+            st.want_max = size // BUF_SIZE
+            if st.want_max < 1:
+                st.want_max = 1
+            elif st.want_max > MAX_IOV:
+                st.want_max = MAX_IOV
+    if st.want > st.want_max:
+        st.want = st.want_max
 
 
 cdef bint _emptied_full_pipe(CopyState *st, ssize_t n) noexcept nogil:
