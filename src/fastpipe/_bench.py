@@ -948,6 +948,7 @@ class TcpToTcp(Case):
         READWRITE_LOOP,
     )
     how: ClassVar[dict[str, str]] = {**Case.how, **BASELINE_HOW}
+    warmup_rounds = 1  # as FileToFile's: the first method took the slow first copy
 
     def __init__(self, method: str, nbytes: int) -> None:
         super().__init__(method, nbytes)
