@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +21,32 @@ from conftest import compiled_only
 CHUNKS = 256  # pipe-fulls of 64 KiB: 16 MiB
 
 needs_strace = pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+
+
+def relay_under_strace(tmp_path: Path, trace: str, script: str) -> list[str]:
+    """Run ``script SRC DST`` (a relay of CHUNKS pipe-fulls) under strace.
+
+    Returns:
+        strace's lines for the ``trace`` syscalls, after checking that every
+        byte arrived.
+    """
+    data = os.urandom(1 << 20) * (CHUNKS // 16)
+    src = tmp_path / "src"
+    dst = tmp_path / "dst"
+    src.write_bytes(data)
+    log = tmp_path / "strace.log"
+    proc = subprocess.run(
+        ["strace", "-f", "--seccomp-bpf", "-s", "0", "-e", f"trace={trace}", "-o", str(log),
+         sys.executable, "-c", script, str(src), str(dst)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    if proc.returncode != 0 and "ptrace" in proc.stderr:
+        pytest.skip(f"strace cannot trace here: {proc.stderr.strip()[:200]}")
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout) == len(data)
+    assert dst.read_bytes() == data
+    return log.read_text().splitlines()
+
 
 _RELAY_FROM_CAT = textwrap.dedent(
     """
@@ -42,22 +69,7 @@ def test_a_pipe_kept_full_is_read_again_without_a_poll(tmp_path) -> None:
     """A blocking pipe whose producer is ahead: a read that empties the full
     pipe is followed by the next read, not by a poll (before: one poll per
     pipe-full, 8,192 extra syscalls per 512 MiB)."""
-    data = os.urandom(1 << 20) * (CHUNKS // 16)
-    src = tmp_path / "src"
-    dst = tmp_path / "dst"
-    src.write_bytes(data)
-    log = tmp_path / "strace.log"
-    proc = subprocess.run(
-        ["strace", "-f", "--seccomp-bpf", "-e", "trace=poll,ppoll,preadv2", "-o", str(log),
-         sys.executable, "-c", _RELAY_FROM_CAT, str(src), str(dst)],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    if proc.returncode != 0 and "ptrace" in proc.stderr:
-        pytest.skip(f"strace cannot trace here: {proc.stderr.strip()[:200]}")
-    assert proc.returncode == 0, proc.stderr
-    assert int(proc.stdout) == len(data)
-    assert dst.read_bytes() == data
-    calls = log.read_text().splitlines()
+    calls = relay_under_strace(tmp_path, "poll,ppoll,preadv2", _RELAY_FROM_CAT)
     reads = sum("preadv2(" in line for line in calls)
     polls = sum("poll(" in line for line in calls)
     assert reads >= CHUNKS // 2, f"{reads} preadv2 calls: not the path under test"
@@ -87,24 +99,10 @@ def test_writes_into_a_pipe_are_a_pipe_full_at_most(tmp_path) -> None:
     pipe sleeps in the kernel at every pipe-full, so reads are sized to the
     sink's capacity (before: 128 writes of 512 KiB for 64 MiB, 0.73x
     copyfileobj's speed)."""
-    data = os.urandom(1 << 20) * (CHUNKS // 16)
-    src = tmp_path / "src"
-    dst = tmp_path / "dst"
-    src.write_bytes(data)
-    log = tmp_path / "strace.log"
-    proc = subprocess.run(
-        ["strace", "-f", "--seccomp-bpf", "-s", "0", "-e", "trace=writev", "-o", str(log),
-         sys.executable, "-c", _RELAY_INTO_CAT, str(src), str(dst)],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    if proc.returncode != 0 and "ptrace" in proc.stderr:
-        pytest.skip(f"strace cannot trace here: {proc.stderr.strip()[:200]}")
-    assert proc.returncode == 0, proc.stderr
-    assert int(proc.stdout) == len(data)
-    assert dst.read_bytes() == data
+    calls = relay_under_strace(tmp_path, "writev", _RELAY_INTO_CAT)
     # "writev(...) = N", or "<... writev resumed>...) = N" after another
     # thread's line split the call in two.
-    results = (re.search(r"\) += (\d+)$", line) for line in log.read_text().splitlines())
+    results = (re.search(r"\) += (\d+)$", line) for line in calls)
     written = [int(m.group(1)) for m in results if m]
-    assert sum(written) == len(data), "not every write was seen: not the path under test"
+    assert sum(written) == CHUNKS << 16, "not every write was seen: not the path under test"
     assert max(written) <= 64 * 1024, f"a write of {max(written)} bytes into a 64 KiB pipe"
