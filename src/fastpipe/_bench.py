@@ -819,7 +819,38 @@ def warm_page_lists(directory: str, nbytes: int) -> None:
 _source_users: dict[str, int] = {}
 
 
-class FileToFile(Case):
+class _IntoNewFile(Case):
+    """A workload whose copy fills a new file each round.
+
+    The destination's life is kept in one place, so that every such
+    workload gives its methods the same memory (``warm_page_lists``) and
+    keeps one destination on tmpfs at a time.
+    """
+
+    # The first copies of a run were up to 3x slower for every method, and
+    # the first method (fastpipe) took them every time: one round each first.
+    warmup_rounds = 1
+
+    def __init__(self, method: str, nbytes: int, directory: str) -> None:
+        super().__init__(method, nbytes)
+        self.dst_path = os.path.join(directory, f"{self.workload}-{method}-{id(self):x}.dst")
+
+    def _new_destination(self) -> None:
+        # A new file each round: freeing the last round's pages is not timed.
+        self._dst = _new_file(self.dst_path)
+        self._held.ends.append(self._dst)
+        warm_page_lists(os.path.dirname(self.dst_path), self.nbytes)
+
+    def _check_destination(self) -> None:
+        check_file(self.dst_path, self.nbytes, f"{self.workload}/{self.method}")
+        os.unlink(self.dst_path)  # one destination at a time on tmpfs, not one per method
+
+    def _close(self) -> None:
+        if os.path.exists(self.dst_path):
+            os.unlink(self.dst_path)
+
+
+class FileToFile(_IntoNewFile):
     """A file on tmpfs relayed into a new file next to it.
 
     Args:
@@ -832,16 +863,12 @@ class FileToFile(Case):
     title = "file -> file"
     methods = (FASTPIPE, COPYFILEOBJ, FASTPIPE_RW, COPYFILE, READWRITE_LOOP)
     how: ClassVar[dict[str, str]] = {**Case.how, **BASELINE_HOW}
-    # The first copies of a run were up to 3x slower for every method, and
-    # the first method (fastpipe) took them every time: one round each first.
-    warmup_rounds = 1
 
     def __init__(self, method: str, nbytes: int, directory: str) -> None:
-        super().__init__(method, nbytes)
+        super().__init__(method, nbytes, directory)
         # Every method reads the same source, written once: the same pages
         # for all, and one file's worth of tmpfs instead of one per method.
         self.src_path = os.path.join(directory, f"{self.workload}-{os.getpid()}-{nbytes}.src")
-        self.dst_path = os.path.join(directory, f"{self.workload}-{method}-{id(self):x}.dst")
         self._holds_source = False
 
     def _prepare(self) -> None:
@@ -854,10 +881,7 @@ class FileToFile(Case):
     def _setup_round(self) -> None:
         self._src = os.open(self.src_path, os.O_RDONLY | os.O_CLOEXEC)
         self._held.ends.append(self._src)
-        # A new file each round: freeing the last round's pages is not timed.
-        self._dst = _new_file(self.dst_path)
-        self._held.ends.append(self._dst)
-        warm_page_lists(os.path.dirname(self.dst_path), self.nbytes)
+        self._new_destination()
 
     def _round(self) -> None:
         if self.method == COPYFILE:
@@ -869,12 +893,10 @@ class FileToFile(Case):
         self._copy(self._src, self._dst)
 
     def _verify_round(self) -> None:
-        check_file(self.dst_path, self.nbytes, f"{self.workload}/{self.method}")
-        os.unlink(self.dst_path)  # one destination at a time on tmpfs, not one per method
+        self._check_destination()
 
     def _close(self) -> None:
-        if os.path.exists(self.dst_path):
-            os.unlink(self.dst_path)
+        super()._close()
         if self._holds_source:
             self._holds_source = False
             users = _source_users.pop(self.src_path) - 1
@@ -884,7 +906,7 @@ class FileToFile(Case):
                 os.unlink(self.src_path)
 
 
-class PipeToFile(Case):
+class PipeToFile(_IntoNewFile):
     """A producer process writes into an ``os.pipe``; the pipe is relayed to a file.
 
     Args:
@@ -897,11 +919,6 @@ class PipeToFile(Case):
     title = "pipe -> file"
     methods = (FASTPIPE, COPYFILEOBJ, FASTPIPE_RW, SPLICE_LOOP, READWRITE_LOOP)
     how: ClassVar[dict[str, str]] = {**Case.how, **BASELINE_HOW}
-    warmup_rounds = 1  # as FileToFile's
-
-    def __init__(self, method: str, nbytes: int, directory: str) -> None:
-        super().__init__(method, nbytes)
-        self.dst_path = os.path.join(directory, f"{self.workload}-{method}-{id(self):x}.dst")
 
     def _setup_round(self) -> None:
         self._src, w = os.pipe()
@@ -911,9 +928,7 @@ class PipeToFile(Case):
         finally:
             os.close(w)  # the producer holds the only write end: EOF when it is done
         self._held.endpoints.append(self._producer)
-        self._dst = _new_file(self.dst_path)
-        self._held.ends.append(self._dst)
-        warm_page_lists(os.path.dirname(self.dst_path), self.nbytes)
+        self._new_destination()
         self._producer.ready()
 
     def _round(self) -> None:
@@ -923,12 +938,7 @@ class PipeToFile(Case):
     def _verify_round(self) -> None:
         (_, cpu) = self._producer.finish()
         self._endpoint_cpu = float(cpu)
-        check_file(self.dst_path, self.nbytes, f"{self.workload}/{self.method}")
-        os.unlink(self.dst_path)  # one destination at a time on tmpfs, not one per method
-
-    def _close(self) -> None:
-        if os.path.exists(self.dst_path):
-            os.unlink(self.dst_path)
+        self._check_destination()
 
 
 class TcpToTcp(Case):
@@ -953,7 +963,7 @@ class TcpToTcp(Case):
         READWRITE_LOOP,
     )
     how: ClassVar[dict[str, str]] = {**Case.how, **BASELINE_HOW}
-    warmup_rounds = 1  # as FileToFile's: the first method took the slow first copy
+    warmup_rounds = 1  # as _IntoNewFile's: the first method took the slow first copy
 
     def __init__(self, method: str, nbytes: int) -> None:
         super().__init__(method, nbytes)
