@@ -775,6 +775,12 @@ def _cpus_to_warm() -> list[int]:
     return cpus if 2 <= len(cpus) <= WARM_MAX_CPUS else []
 
 
+def _warm_size(nbytes: int) -> int:
+    """The bytes ``warm_page_lists`` frees on each CPU for ``nbytes``-byte
+    copies: a margin for what else allocates meanwhile."""
+    return nbytes + nbytes // 4
+
+
 def warm_page_lists(directory: str, nbytes: int) -> None:
     """Let each CPU this process may use allocate and free ``nbytes`` of pages itself.
 
@@ -795,7 +801,7 @@ def warm_page_lists(directory: str, nbytes: int) -> None:
     cpus = _cpus_to_warm()
     if nbytes == 0 or not cpus:
         return
-    size = nbytes + nbytes // 4  # a margin for what else allocates meanwhile
+    size = _warm_size(nbytes)
 
     def free_on(cpu: int, path: str) -> None:
         os.sched_setaffinity(0, {cpu})  # this thread only: pid 0 is the calling thread
@@ -1253,9 +1259,9 @@ def scratch_room(size: int) -> int:
     """Bytes of scratch space the bulk workloads need at once for ``size``-byte copies.
 
     The shared source, one destination (each is removed once verified) and
-    ``warm_page_lists``'s file with its margin.
+    ``warm_page_lists``'s file.
     """
-    return 2 * size + size + size // 4
+    return 2 * size + _warm_size(size)
 
 
 def scratch_root(need: int = 0) -> str:
