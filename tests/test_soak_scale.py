@@ -463,6 +463,15 @@ def at_the_thread_limit(monkeypatch: pytest.MonkeyPatch, workers_left: int = 0) 
     monkeypatch.setattr(threading.Thread, "start", start)
 
 
+def see_end_and_close(*peers: socket.socket) -> None:
+    """Each peer of a proxy's sockets sees end of file (the proxy closed its
+    side), then is closed."""
+    for peer in peers:
+        peer.settimeout(60)
+        assert peer.recv(10) == b""
+        peer.close()
+
+
 def test_relay_at_the_thread_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     """When no worker thread can start (RLIMIT_NPROC, pid_max, pids.max),
     relay() raises RuntimeError, closes its ends, and the pool goes on."""
@@ -502,10 +511,7 @@ def test_proxy_at_the_thread_limit(monkeypatch: pytest.MonkeyPatch) -> None:
             pool.proxy(a, b)
         monkeypatch.undo()
         # Both of the proxy's sockets end up closed: their peers see end of file.
-        for peer in (a_peer, b_peer):
-            peer.settimeout(60)
-            assert peer.recv(10) == b""
-            peer.close()
+        see_end_and_close(a_peer, b_peer)
         deadline = time.monotonic() + 60
         while (a.fileno() != -1 or b.fileno() != -1) and time.monotonic() < deadline:
             time.sleep(0.01)  # closed by the completer, through close()
@@ -527,10 +533,7 @@ def test_waiting_proxy_whose_spare_worker_cannot_start(monkeypatch: pytest.Monke
             pool.proxy(a, b)
         monkeypatch.undo()
         assert pool.stats()["queued"] == 0, pool.stats()
-        for peer in (a_peer, b_peer):
-            peer.settimeout(60)
-            assert peer.recv(10) == b""
-            peer.close()
+        see_end_and_close(a_peer, b_peer)
         assert a.fileno() == -1 and b.fileno() == -1, (a, b)
         os.close(w)
         assert blocker.result(timeout=60) == 0
@@ -570,10 +573,7 @@ def test_spare_released_by_shutdown_before_its_thread_fails(
     assert done.wait(60), f"shutdown(wait=True) hangs: {pool.stats()}"
     waiter.join()
     assert pool.stats()["workers"] == 0, pool.stats()
-    for peer in (a_peer, b_peer):
-        peer.settimeout(60)
-        assert peer.recv(10) == b""
-        peer.close()
+    see_end_and_close(a_peer, b_peer)
     os.close(w)
 
 
