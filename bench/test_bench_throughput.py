@@ -1,13 +1,16 @@
 """Bulk copies: fastpipe.relay next to its baselines, one group per workload.
 
-file -> file on tmpfs, pipe -> file with the producer in another process, and
-TCP -> TCP over loopback with the sender and the sink in other processes
-(this process accepts from the sender and connects to the sink).  fastpipe
-waits on ``relay(...).result()``, which picks a kernel path
-(copy_file_range, splice, sendfile); every baseline runs in the calling
-thread: shutil.copyfileobj, fastpipe with ``zerocopy=False`` (its read/write
-path), a Python ``os.splice`` loop through a 1 MiB pipe, a Python read/write
-loop with a 256 KiB buffer, and ``shutil.copyfile`` for file -> file.
+One workload per kernel path fastpipe picks: file -> file on tmpfs
+(copy_file_range), pipe -> file with the producer in another process (splice
+through a pooled pipe), TCP -> TCP over loopback with the sender and the sink
+in other processes (splice through a pooled pipe; this process accepts from
+the sender and connects to the sink), file -> TCP (sendfile) and pipe -> TCP
+(splice straight from the producer's pipe).  fastpipe waits on
+``relay(...).result()``; every baseline runs in the calling thread:
+shutil.copyfileobj, fastpipe with ``zerocopy=False`` (its read/write path), a
+Python ``os.splice`` loop through a 1 MiB pipe, a Python read/write loop with
+a 256 KiB buffer, ``shutil.copyfile`` for file -> file and ``socket.sendfile``
+for file -> TCP.
 ``extra_info`` has the relay's CPU s/GiB and, where the endpoints are other
 processes, their CPU too (``total_cpu_s``).  Sizes: FASTPIPE_BENCH_MB (see
 conftest.py).
@@ -40,3 +43,15 @@ def test_pipe_to_file(run_case: RunCase, bench_size: int, scratch_dir: str, meth
 @pytest.mark.parametrize("method", _bench.TcpToTcp.methods)
 def test_tcp_to_tcp(run_case: RunCase, bench_size: int, method: str) -> None:
     run_case(_bench.TcpToTcp(method, bench_size))
+
+
+@pytest.mark.benchmark(group="file-to-tcp")
+@pytest.mark.parametrize("method", _bench.FileToTcp.methods)
+def test_file_to_tcp(run_case: RunCase, bench_size: int, scratch_dir: str, method: str) -> None:
+    run_case(_bench.FileToTcp(method, bench_size, scratch_dir))
+
+
+@pytest.mark.benchmark(group="pipe-to-tcp")
+@pytest.mark.parametrize("method", _bench.PipeToTcp.methods)
+def test_pipe_to_tcp(run_case: RunCase, bench_size: int, method: str) -> None:
+    run_case(_bench.PipeToTcp(method, bench_size))

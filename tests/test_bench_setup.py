@@ -135,3 +135,73 @@ def test_a_file_round_leaves_one_destination_at_a_time(tmp_path) -> None:
         for case in cases:
             case.close()
     assert os.listdir(tmp_path) == []
+
+
+def test_file_workloads_share_one_source_across_workloads(tmp_path) -> None:
+    to_file = _bench.FileToFile(_bench.FASTPIPE, SIZE, str(tmp_path))
+    to_tcp = _bench.FileToTcp(_bench.FASTPIPE, SIZE, str(tmp_path))
+    assert to_file.src_path == to_tcp._source.path
+    try:
+        to_file.prepare()
+        to_tcp.prepare()
+        to_file.close()
+        assert os.path.exists(to_tcp._source.path), "removed while file -> TCP reads it"
+        _bench.run_round(to_tcp)
+    finally:
+        to_file.close()
+        to_tcp.close()
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("workload", "method"),
+    [(_bench.FileToTcp, m) for m in _bench.FileToTcp.methods]
+    + [(_bench.PipeToTcp, m) for m in _bench.PipeToTcp.methods],
+)
+def test_every_method_of_the_tcp_sink_workloads_passes_its_check(
+    tmp_path, workload: type[_bench.Case], method: str
+) -> None:
+    if workload is _bench.FileToTcp:
+        case: _bench.Case = _bench.FileToTcp(method, SIZE, str(tmp_path))
+    else:
+        case = _bench.PipeToTcp(method, SIZE)
+    case.warmup_rounds = 0
+    try:
+        _bench.run_round(case)  # the sink compares every byte with the pattern
+        assert len(case.samples) == 1
+        assert case.samples[0].endpoint_cpu > 0
+    finally:
+        case.close()
+    assert os.listdir(tmp_path) == []
+
+
+class _OneByteShort(_bench.FileToTcp):
+    def _round(self) -> None:
+        self._held.hand_over()
+        try:
+            os.sendfile(self._dst.fileno(), self._src, 0, self.nbytes - 1)
+        finally:
+            os.close(self._src)
+            self._dst.close()
+
+
+def test_the_tcp_sink_catches_a_short_copy(tmp_path) -> None:
+    case = _OneByteShort(_bench.COPYFILEOBJ, SIZE, str(tmp_path))
+    case.warmup_rounds = 0
+    try:
+        with pytest.raises(_bench.BenchError, match="the sink says"):
+            _bench.run_round(case)
+        assert case.samples == []
+    finally:
+        case.close()
+
+
+def test_socket_sendfile_baseline_needs_a_socket_and_closes_both_ends(tmp_path) -> None:
+    src = os.open(tmp_path / "src", os.O_RDWR | os.O_CREAT)
+    r, w = os.pipe()
+    with pytest.raises(_bench.BenchError, match="socket object"):
+        _bench.socket_sendfile_and_close(src, w)
+    for fd in (src, w):
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    os.close(r)

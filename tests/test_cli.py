@@ -49,6 +49,8 @@ def test_a_short_bench_prints_the_table_and_writes_json(tmp_path) -> None:
         "file-to-file",
         "pipe-to-file",
         "tcp-to-tcp",
+        "file-to-tcp",
+        "pipe-to-tcp",
         "small-relays",
         "tcp-main-spins",
     }

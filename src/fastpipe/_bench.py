@@ -92,6 +92,7 @@ FASTPIPE_RW = "fastpipe-readwrite"
 SPLICE_LOOP = "splice-loop"
 READWRITE_LOOP = "readwrite-256k"
 COPYFILE = "shutil-copyfile"
+SOCKET_SENDFILE = "socket-sendfile"
 #: fastpipe.relay on the other implementation (issue 6: "``fastpipe bench``
 #: shows both" twins), measured in a child process: see ``measure_other_twin``.
 FASTPIPE_TWIN = "fastpipe-twin"
@@ -104,6 +105,7 @@ METHOD_TITLES = {
     SPLICE_LOOP: "os.splice loop",
     READWRITE_LOOP: "read/write 256 KiB",
     COPYFILE: "shutil.copyfile",
+    SOCKET_SENDFILE: "socket.sendfile",
     FASTPIPE_TWIN: "fastpipe (other twin)",
 }
 
@@ -116,6 +118,7 @@ BASELINE_HOW = {
     ),
     READWRITE_LOOP: "a Python loop of os.readv into one 256 KiB bytearray and os.write",
     COPYFILE: "shutil.copyfile(src_path, dst_path) (os.sendfile on Linux)",
+    SOCKET_SENDFILE: "socket.sendfile(open(src_fd, 'rb')) in the calling thread (os.sendfile)",
 }
 
 #: One end of a copy: an fd, or a socket (relay() closes either kind).
@@ -458,6 +461,22 @@ def copyfileobj_and_close(src: End, dst: End) -> None:
         close_end(dst)
 
 
+def socket_sendfile_and_close(src: End, dst: End) -> None:
+    """The standard library's kernel path for file -> socket, then close both ends.
+
+    Raises:
+        BenchError: ``dst`` is not a socket object.
+    """
+    try:
+        if not isinstance(dst, socket.socket):
+            raise BenchError("socket.sendfile needs a socket object as the destination")
+        with open(_fd_of(src), "rb", buffering=0, closefd=False) as f:
+            dst.sendfile(f)
+    finally:
+        close_end(src)
+        close_end(dst)
+
+
 def copyfileobj_in_thread(
     src: End, dst: End, start: threading.Event
 ) -> tuple[Future[None], threading.Thread]:
@@ -691,6 +710,9 @@ class Case:
         if self.method in (SPLICE_LOOP, READWRITE_LOOP):
             baseline_and_close(self.method, src, dst)
             return
+        if self.method == SOCKET_SENDFILE:
+            socket_sendfile_and_close(src, dst)
+            return
         copied = self._fastpipe_relay(src, dst).result(timeout=TIMEOUT)
         if copied != self.nbytes:
             raise BenchError(f"{self.workload}: relay() returned {copied}, not {self.nbytes}")
@@ -821,8 +843,44 @@ def warm_page_lists(directory: str, nbytes: int) -> None:
         thread.join()
 
 
-#: How many prepared ``FileToFile`` cases read each shared source file.
+#: How many prepared cases read each shared source file.
 _source_users: dict[str, int] = {}
+
+
+class _SharedSource:
+    """The pattern file that the cases of one size read, written once.
+
+    Every method reads the same pages, and a run keeps one file's worth of
+    tmpfs for them instead of one per method.  Cases ``hold`` it in their
+    ``_prepare`` and ``release`` it in their ``_close``; the last release
+    removes it.
+    """
+
+    def __init__(self, directory: str, nbytes: int) -> None:
+        self.path = os.path.join(directory, f"source-{os.getpid()}-{nbytes}.src")
+        self.nbytes = nbytes
+        self._holding = False
+
+    def hold(self) -> None:
+        users = _source_users.get(self.path, 0)
+        if users == 0:
+            write_pattern_file(self.path, self.nbytes)
+        _source_users[self.path] = users + 1
+        self._holding = True
+
+    def open(self) -> int:
+        return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def release(self) -> None:
+        """Idempotent; a case that never held the file leaves it alone."""
+        if not self._holding:
+            return
+        self._holding = False
+        users = _source_users.pop(self.path) - 1
+        if users:
+            _source_users[self.path] = users
+        elif os.path.exists(self.path):
+            os.unlink(self.path)
 
 
 class _IntoNewFile(Case):
@@ -872,20 +930,14 @@ class FileToFile(_IntoNewFile):
 
     def __init__(self, method: str, nbytes: int, directory: str) -> None:
         super().__init__(method, nbytes, directory)
-        # Every method reads the same source, written once: the same pages
-        # for all, and one file's worth of tmpfs instead of one per method.
-        self.src_path = os.path.join(directory, f"{self.workload}-{os.getpid()}-{nbytes}.src")
-        self._holds_source = False
+        self._source = _SharedSource(directory, nbytes)
+        self.src_path = self._source.path
 
     def _prepare(self) -> None:
-        users = _source_users.get(self.src_path, 0)
-        if users == 0:
-            write_pattern_file(self.src_path, self.nbytes)
-        _source_users[self.src_path] = users + 1
-        self._holds_source = True
+        self._source.hold()
 
     def _setup_round(self) -> None:
-        self._src = os.open(self.src_path, os.O_RDONLY | os.O_CLOEXEC)
+        self._src = self._source.open()
         self._held.ends.append(self._src)
         self._new_destination()
 
@@ -903,13 +955,23 @@ class FileToFile(_IntoNewFile):
 
     def _close(self) -> None:
         super()._close()
-        if self._holds_source:
-            self._holds_source = False
-            users = _source_users.pop(self.src_path) - 1
-            if users:
-                _source_users[self.src_path] = users
-            elif os.path.exists(self.src_path):
-                os.unlink(self.src_path)
+        self._source.release()
+
+
+def _pipe_producer(held: _Held, nbytes: int) -> tuple[int, Endpoint]:
+    """A producer process that will write ``nbytes`` of the pattern into a new pipe.
+
+    Returns:
+        The pipe's read end and the producer, both in ``held``.
+    """
+    r, w = os.pipe()
+    held.ends.append(r)
+    try:
+        producer = Endpoint("pipe-send", w, nbytes, pass_fds=(w,))
+    finally:
+        os.close(w)  # the producer holds the only write end: EOF when it is done
+    held.endpoints.append(producer)
+    return r, producer
 
 
 class PipeToFile(_IntoNewFile):
@@ -927,13 +989,7 @@ class PipeToFile(_IntoNewFile):
     how: ClassVar[dict[str, str]] = {**Case.how, **BASELINE_HOW}
 
     def _setup_round(self) -> None:
-        self._src, w = os.pipe()
-        self._held.ends.append(self._src)
-        try:
-            self._producer = Endpoint("pipe-send", w, self.nbytes, pass_fds=(w,))
-        finally:
-            os.close(w)  # the producer holds the only write end: EOF when it is done
-        self._held.endpoints.append(self._producer)
+        self._src, self._producer = _pipe_producer(self._held, self.nbytes)
         self._new_destination()
         self._producer.ready()
 
@@ -947,7 +1003,42 @@ class PipeToFile(_IntoNewFile):
         self._check_destination()
 
 
-class TcpToTcp(Case):
+class _IntoTcpSink(Case):
+    """A workload whose copy goes into a TCP connection to a sink process.
+
+    The sink compares every byte with the pattern and reports the length;
+    its CPU time counts as the round's endpoint CPU.
+    """
+
+    # The first copy of a run was the slowest for every method (as with
+    # _IntoNewFile), and the first method took it: one round each first.
+    warmup_rounds = 1
+
+    def _start_sink(self) -> None:
+        self._sink = Endpoint("tcp-sink")
+        self._held.endpoints.append(self._sink)
+
+    def _connect_sink(self) -> None:
+        (port,) = self._sink.ready()
+        self._dst = socket.create_connection(("127.0.0.1", int(port)))
+        self._held.ends.append(self._dst)
+        # Blocking, as copyfileobj needs (FileIO.write returns None on EAGAIN).
+        self._dst.setblocking(True)
+
+    def _sink_verdict(self) -> float:
+        """Wait for the sink; return its CPU seconds.
+
+        Raises:
+            BenchError: a byte or the length differs.
+        """
+        total_word, first_bad_word, sink_cpu = self._sink.finish()
+        problem = describe_mismatch(int(total_word), int(first_bad_word), self.nbytes)
+        if problem:
+            raise BenchError(f"{self.workload}/{self.method}: the sink says {problem}")
+        return float(sink_cpu)
+
+
+class TcpToTcp(_IntoTcpSink):
     """A sender process -> this process -> a sink process, over TCP loopback.
 
     This process accepts the sender's connection and connects to the sink,
@@ -969,7 +1060,6 @@ class TcpToTcp(Case):
         READWRITE_LOOP,
     )
     how: ClassVar[dict[str, str]] = {**Case.how, **BASELINE_HOW}
-    warmup_rounds = 1  # as _IntoNewFile's: the first method took the slow first copy
 
     def __init__(self, method: str, nbytes: int) -> None:
         super().__init__(method, nbytes)
@@ -981,19 +1071,14 @@ class TcpToTcp(Case):
 
     def _setup_round(self) -> None:
         assert self._listener is not None
-        self._sink = Endpoint("tcp-sink")
-        self._held.endpoints.append(self._sink)
+        self._start_sink()
         self._sender = Endpoint("tcp-send", self._listener.getsockname()[1], self.nbytes)
         self._held.endpoints.append(self._sender)
-        (sink_port,) = self._sink.ready()
+        self._connect_sink()
         self._sender.ready()
         self._src, _ = self._listener.accept()
         self._held.ends.append(self._src)
-        self._dst = socket.create_connection(("127.0.0.1", int(sink_port)))
-        self._held.ends.append(self._dst)
-        # Both blocking, as copyfileobj needs (FileIO.read returns None on EAGAIN).
-        self._src.setblocking(True)
-        self._dst.setblocking(True)
+        self._src.setblocking(True)  # accept() gave it the listener's timeout
 
     def _round(self) -> None:
         self._sender.go()
@@ -1001,17 +1086,83 @@ class TcpToTcp(Case):
 
     def _verify_round(self) -> None:
         (_, send_cpu) = self._sender.finish()
-        total_word, first_bad_word, sink_cpu = self._sink.finish()
-        self._endpoint_cpu = float(send_cpu) + float(sink_cpu)
-        total, first_bad = int(total_word), int(first_bad_word)
-        problem = describe_mismatch(total, first_bad, self.nbytes)
-        if problem:
-            raise BenchError(f"{self.workload}/{self.method}: the sink says {problem}")
+        self._endpoint_cpu = float(send_cpu) + self._sink_verdict()
 
     def _close(self) -> None:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
+
+
+class FileToTcp(_IntoTcpSink):
+    """A file on tmpfs sent to a sink process over TCP loopback: a file server.
+
+    fastpipe's path here is ``sendfile``; ``socket.sendfile`` is the
+    standard library's own.
+
+    Args:
+        method: one of ``methods``.
+        nbytes: the file size.
+        directory: where to put the file (tmpfs if possible).
+    """
+
+    workload = "file-to-tcp"
+    title = "file -> TCP"
+    methods = (FASTPIPE, COPYFILEOBJ, FASTPIPE_RW, SOCKET_SENDFILE, READWRITE_LOOP)
+    how: ClassVar[dict[str, str]] = {**Case.how, **BASELINE_HOW}
+
+    def __init__(self, method: str, nbytes: int, directory: str) -> None:
+        super().__init__(method, nbytes)
+        self._source = _SharedSource(directory, nbytes)
+
+    def _prepare(self) -> None:
+        self._source.hold()
+
+    def _setup_round(self) -> None:
+        self._start_sink()
+        self._src = self._source.open()
+        self._held.ends.append(self._src)
+        self._connect_sink()
+
+    def _round(self) -> None:
+        self._copy(self._src, self._dst)
+
+    def _verify_round(self) -> None:
+        self._endpoint_cpu = self._sink_verdict()
+
+    def _close(self) -> None:
+        self._source.release()
+
+
+class PipeToTcp(_IntoTcpSink):
+    """A producer process's pipe relayed to a sink process over TCP loopback.
+
+    A command's output streamed to the network: fastpipe splices straight
+    from the producer's pipe into the socket.
+
+    Args:
+        method: one of ``methods``.
+        nbytes: bytes the producer writes.
+    """
+
+    workload = "pipe-to-tcp"
+    title = "pipe -> TCP"
+    methods = (FASTPIPE, COPYFILEOBJ, FASTPIPE_RW, SPLICE_LOOP, READWRITE_LOOP)
+    how: ClassVar[dict[str, str]] = {**Case.how, **BASELINE_HOW}
+
+    def _setup_round(self) -> None:
+        self._start_sink()
+        self._src, self._producer = _pipe_producer(self._held, self.nbytes)
+        self._connect_sink()
+        self._producer.ready()
+
+    def _round(self) -> None:
+        self._producer.go()
+        self._copy(self._src, self._dst)
+
+    def _verify_round(self) -> None:
+        (_, cpu) = self._producer.finish()
+        self._endpoint_cpu = float(cpu) + self._sink_verdict()
 
 
 class TcpMainSpins(TcpToTcp):
@@ -1327,6 +1478,8 @@ def build_cases(
         [FileToFile(m, size, directory) for m in methods(FileToFile)],
         [PipeToFile(m, size, directory) for m in methods(PipeToFile)],
         [TcpToTcp(m, size) for m in methods(TcpToTcp)],
+        [FileToTcp(m, size, directory) for m in methods(FileToTcp)],
+        [PipeToTcp(m, size) for m in methods(PipeToTcp)],
         [SmallRelays(m, relays) for m in methods(SmallRelays)],
         [TcpMainSpins(m, size) for m in methods(TcpMainSpins)],
     ]
@@ -1499,7 +1652,7 @@ def _cpu_table(rows: list[_Row]) -> list[str]:
     return lines
 
 
-_EXTRA_METHODS = (FASTPIPE_RW, SPLICE_LOOP, READWRITE_LOOP, COPYFILE)
+_EXTRA_METHODS = (FASTPIPE_RW, SPLICE_LOOP, READWRITE_LOOP, COPYFILE, SOCKET_SENDFILE)
 
 
 def _baselines_table(grouped: dict[str, dict[str, Result]]) -> list[str]:
@@ -1508,7 +1661,7 @@ def _baselines_table(grouped: dict[str, dict[str, Result]]) -> list[str]:
     Total CPU adds the endpoint processes' CPU to the relay's: a kernel path
     can move work onto them (splice leaves the copying to the receiver).
     """
-    widths = (26, 24, 16, 8, 10, 10, 0)
+    widths = (26, 28, 16, 8, 10, 10, 0)  # 28: "fastpipe (copy_file_range)"
     lines = [
         "".join(
             c.ljust(w)
@@ -1546,7 +1699,7 @@ def _baselines_table(grouped: dict[str, dict[str, Result]]) -> list[str]:
                     vs += f" (total {_ratio(total, fp.extra['total_cpu_s'])})"
             name = METHOD_TITLES[method]
             if method == FASTPIPE and fp.extra.get("method_used"):
-                name += f" ({fp.extra['method_used']})"
+                name = f"fastpipe ({fp.extra['method_used']})"
             cells = (
                 label if i == 0 else "",
                 name,
