@@ -5,11 +5,12 @@ It draws the document that ``fastpipe bench --json`` writes (see
 JSON says cannot drift apart, and a saved JSON file can be drawn again with
 ``plot_file()``.
 
-One column of panels per workload, one bar per method, in two rows:
-throughput (MiB/s, higher is better) and the relay's CPU seconds per GiB
-(lower is better).  Each baseline's bar is labelled with how fastpipe
-compares to it, in the direction where above 1 favours fastpipe in both rows,
-as in the text tables.
+One row of panels per workload, one horizontal bar per method: throughput
+(MiB/s, higher is better) on the left and the relay's CPU seconds per GiB
+(lower is better) on the right.  Each baseline's bar is labelled with how
+fastpipe compares to it, in the direction where above 1 favours fastpipe in
+both panels, as in the text tables.  Horizontal bars keep every method's
+name and label readable however many baselines a workload has.
 
 matplotlib is an optional extra (``pip install '.[plot]'`` from a checkout).
 It is imported only here, and the figure is drawn on an Agg canvas without
@@ -25,15 +26,25 @@ from typing import Any
 #: The method that the others are compared with.
 FASTPIPE = "fastpipe"
 
-#: Short labels for the x axis; a method not listed shows under its own name.
+#: Labels for the methods' axis; a method not listed shows under its own name.
 #: In the small-relays workload "copyfileobj" is a thread per relay.
 _LABELS = {
     "fastpipe": "fastpipe.relay",
     "copyfileobj": "copyfileobj",
-    "copyfileobj-pool": "copyfileobj\nthread pool",
-    "fastpipe-idle-main": "fastpipe.relay\n(main idle)",
+    "copyfileobj-pool": "copyfileobj, thread pool",
+    "fastpipe-idle-main": "fastpipe.relay, main idle",
+    "fastpipe-readwrite": "fastpipe zerocopy=False",
+    "splice-loop": "os.splice loop",
+    "readwrite-256k": "read/write 256 KiB",
+    "shutil-copyfile": "shutil.copyfile",
+    "socket-sendfile": "socket.sendfile",
+    "fastpipe-twin": "fastpipe, other twin",
 }
-_SMALL_LABELS = {"copyfileobj": "copyfileobj\nthread/relay"}
+_SMALL_LABELS = {"copyfileobj": "copyfileobj, thread/relay"}
+
+#: Inches per bar, and per panel for its title and axis.
+_BAR_HEIGHT = 0.3
+_PANEL_EXTRA = 0.85
 
 _FASTPIPE_COLOR = "#1f6fb4"
 _REFERENCE_COLOR = "#9cc3e6"  # fastpipe in another setting: a reference, not a rival
@@ -76,70 +87,74 @@ def plot(doc: Mapping[str, Any], png_path: str) -> None:
     from matplotlib.figure import Figure
 
     workloads = _by_workload(doc["results"])
-    columns = len(workloads)
-    fig = Figure(figsize=(2.9 * columns + 0.8, 7.6), dpi=110, layout="constrained")
+    sizes = [len(rows) for rows in workloads.values()]
+    height = sum(_BAR_HEIGHT * n + _PANEL_EXTRA for n in sizes) + 0.9
+    fig = Figure(figsize=(12.5, height), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(2, columns, squeeze=False)
+    axes = fig.subplots(len(workloads), 2, squeeze=False, gridspec_kw={"height_ratios": sizes})
     colors = _colors([r["method"] for rows in workloads.values() for r in rows])
-    for column, (workload, rows) in enumerate(workloads.items()):
-        top, bottom = axes[0][column], axes[1][column]
+    for row, (workload, rows) in enumerate(workloads.items()):
+        left, right = axes[row]
         labels = [_label(workload, r["method"]) for r in rows]
         bar_colors = [colors[r["method"]] for r in rows]
         fast = next((r for r in rows if r["method"] == FASTPIPE), None)
+        places = list(range(len(rows)))
 
         speeds = [r["MiB_per_s"] for r in rows]
         low, high = zip(*(_speed_range(r) for r in rows), strict=True)
-        bars = top.bar(
-            labels,
+        left.barh(
+            places,
             speeds,
             color=bar_colors,
-            yerr=[
+            xerr=[
                 [s - lo for s, lo in zip(speeds, low, strict=True)],
                 [hi - s for s, hi in zip(speeds, high, strict=True)],
             ],
-            error_kw={"elinewidth": 0.8, "capsize": 3, "ecolor": "#444444"},
+            error_kw={"elinewidth": 0.8, "capsize": 2.5, "ecolor": "#444444"},
         )
-        # Labels above the whisker, not the bar, so that the two never cross.
-        for bar, hi, r in zip(bars, high, rows, strict=True):
-            top.annotate(
+        # Labels right of the whisker, not the bar, so that the two never cross.
+        for place, hi, r in zip(places, high, rows, strict=True):
+            left.annotate(
                 _value_and_ratio(r, fast, "MiB_per_s", fastpipe_over_baseline=True),
-                (bar.get_x() + bar.get_width() / 2, hi),
-                xytext=(0, 3),
+                (hi, place),
+                xytext=(4, 0),
                 textcoords="offset points",
-                ha="center",
-                va="bottom",
+                va="center",
                 fontsize=8,
             )
-        top.set_ylim(0, max(high) * 1.25)
+        left.set_xlim(0, max(high) * 1.45)
         title = rows[0]["title"].replace("->", "\N{RIGHTWARDS ARROW}")
-        top.set_title(title + _size_note(rows), fontsize=10, fontweight="bold")
+        left.set_title(title + _size_note(rows), fontsize=10, fontweight="bold", loc="left")
 
         cpus = [r["cpu_s_per_GiB"] for r in rows]
-        bars = bottom.bar(labels, cpus, color=bar_colors)
-        bottom.bar_label(
+        bars = right.barh(places, cpus, color=bar_colors)
+        right.bar_label(
             bars,
             [
                 _value_and_ratio(r, fast, "cpu_s_per_GiB", fastpipe_over_baseline=False)
                 for r in rows
             ],
-            padding=2,
+            padding=4,
             fontsize=8,
         )
-        for ax in (top, bottom):
-            ax.tick_params(axis="x", labelsize=7.5, length=0)
-            ax.tick_params(axis="y", labelsize=8)
+        right.set_xlim(0, max(cpus) * 1.45 or 1)
+        for ax in (left, right):
+            ax.set_yticks(places, labels if ax is left else [""] * len(rows))
+            ax.invert_yaxis()  # fastpipe on top
+            ax.tick_params(axis="y", labelsize=8.5, length=0)
+            ax.tick_params(axis="x", labelsize=8)
             ax.spines[["top", "right"]].set_visible(False)
-            ax.grid(axis="y", color="#dddddd", linewidth=0.6)
+            ax.grid(axis="x", color="#dddddd", linewidth=0.6)
             ax.set_axisbelow(True)
-        # Room above the tallest bar for its two-line label.
-        bottom.set_ylim(0, max(cpus) * 1.22 or 1)
-    axes[0][0].set_ylabel("MiB/s, median (higher is better)", fontsize=9)
-    axes[1][0].set_ylabel("relay CPU s per GiB (lower is better)", fontsize=9)
+    axes[0][0].set_xlabel("MiB/s, median (longer is better)", fontsize=9)
+    axes[0][0].xaxis.set_label_position("top")
+    axes[0][1].set_xlabel("relay CPU s per GiB, median (shorter is better)", fontsize=9)
+    axes[0][1].xaxis.set_label_position("top")
     fig.suptitle(_title(doc), fontsize=11)
     fig.supxlabel(
-        "Whiskers: best and worst run.  On a baseline's bar: fastpipe's throughput as a "
-        "multiple of the baseline's (top), the baseline's CPU as a multiple of fastpipe's "
-        "(bottom); above 1 favours fastpipe.",
+        "Whiskers: best and worst run.  Next to a baseline's bar: fastpipe's throughput as a "
+        "multiple of the baseline's (left), the baseline's CPU as a multiple of fastpipe's "
+        "(right); above 1 favours fastpipe.",
         fontsize=8,
         color="#444444",
     )
@@ -196,8 +211,8 @@ def _value_and_ratio(
     if fast is None or r["method"].startswith(FASTPIPE) or not r[key] or not fast[key]:
         return value
     if fastpipe_over_baseline:
-        return f"{value}\nfastpipe {fast[key] / r[key]:.2f}x"
-    return f"{value}\n{r[key] / fast[key]:.2f}x fastpipe's"
+        return f"{value}  (fastpipe {fast[key] / r[key]:.2f}x)"
+    return f"{value}  ({r[key] / fast[key]:.2f}x fastpipe's)"
 
 
 def _number(x: float) -> str:
@@ -212,8 +227,8 @@ def _size_note(rows: Sequence[Mapping[str, Any]]) -> str:
     first = rows[0]
     extra = first.get("extra", {})
     if "relays" in extra:
-        return f"\n{extra['relays']:,} x {extra['payload'] // 1024} KiB"
-    return f"\n{first['nbytes'] / (1 << 20):g} MiB per copy"
+        return f", {extra['relays']:,} x {extra['payload'] // 1024} KiB"
+    return f", {first['nbytes'] / (1 << 20):g} MiB per copy"
 
 
 def _title(doc: Mapping[str, Any]) -> str:
