@@ -35,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="compare fastpipe.relay with shutil.copyfileobj",
         description=(
-            "Compare fastpipe.relay with shutil.copyfileobj on file->file, pipe->file and "
-            "TCP->TCP copies (endpoints in other processes), many small relays "
+            "Compare fastpipe.relay with shutil.copyfileobj on file->file, pipe->file, "
+            "TCP->TCP, file->TCP and pipe->TCP copies (endpoints in other processes; one "
+            "per kernel path), many small relays "
             f"({_bench.SMALL_PAYLOAD // 1024} KiB each, {_bench.SMALL_IN_FLIGHT} in flight), "
             "and a TCP relay while the main thread spins in Python. Every byte is verified; "
             "the tables show the median and best wall time, MiB/s and the relay's CPU time."
