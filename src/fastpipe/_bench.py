@@ -843,10 +843,6 @@ def warm_page_lists(directory: str, nbytes: int) -> None:
         thread.join()
 
 
-#: How many prepared cases read each shared source file.
-_source_users: dict[str, int] = {}
-
-
 class _SharedSource:
     """The pattern file that the cases of one size read, written once.
 
@@ -856,16 +852,19 @@ class _SharedSource:
     removes it.
     """
 
+    #: How many prepared cases read each source file, by path.
+    _users: ClassVar[dict[str, int]] = {}
+
     def __init__(self, directory: str, nbytes: int) -> None:
         self.path = os.path.join(directory, f"source-{os.getpid()}-{nbytes}.src")
         self.nbytes = nbytes
         self._holding = False
 
     def hold(self) -> None:
-        users = _source_users.get(self.path, 0)
+        users = self._users.get(self.path, 0)
         if users == 0:
             write_pattern_file(self.path, self.nbytes)
-        _source_users[self.path] = users + 1
+        self._users[self.path] = users + 1
         self._holding = True
 
     def open(self) -> int:
@@ -876,9 +875,9 @@ class _SharedSource:
         if not self._holding:
             return
         self._holding = False
-        users = _source_users.pop(self.path) - 1
+        users = self._users.pop(self.path) - 1
         if users:
-            _source_users[self.path] = users
+            self._users[self.path] = users
         elif os.path.exists(self.path):
             os.unlink(self.path)
 
