@@ -23,24 +23,17 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-#: The method that the others are compared with.
-FASTPIPE = "fastpipe"
+from ._bench import COPYFILEOBJ, COPYFILEOBJ_POOL, FASTPIPE, FASTPIPE_IDLE, METHOD_TITLES
 
-#: Labels for the methods' axis; a method not listed shows under its own name.
-#: In the small-relays workload "copyfileobj" is a thread per relay.
+#: Labels for the methods' axis: the text tables' titles, spelt out where a
+#: table's column header says the rest.  A method not listed shows under its
+#: own name.  In the small-relays workload "copyfileobj" is a thread per relay.
 _LABELS = {
-    "fastpipe": "fastpipe.relay",
-    "copyfileobj": "copyfileobj",
-    "copyfileobj-pool": "copyfileobj, thread pool",
-    "fastpipe-idle-main": "fastpipe.relay, main idle",
-    "fastpipe-readwrite": "fastpipe zerocopy=False",
-    "splice-loop": "os.splice loop",
-    "readwrite-256k": "read/write 256 KiB",
-    "shutil-copyfile": "shutil.copyfile",
-    "socket-sendfile": "socket.sendfile",
-    "fastpipe-twin": "fastpipe, other twin",
+    **METHOD_TITLES,
+    COPYFILEOBJ_POOL: "copyfileobj, thread pool",
+    FASTPIPE_IDLE: "fastpipe.relay, main idle",
 }
-_SMALL_LABELS = {"copyfileobj": "copyfileobj, thread/relay"}
+_SMALL_LABELS = {COPYFILEOBJ: "copyfileobj, thread/relay"}
 
 #: Inches per bar, and per panel for its title and axis.
 _BAR_HEIGHT = 0.3
