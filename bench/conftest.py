@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -100,8 +99,7 @@ def scratch_dir() -> Iterator[str]:
     """A directory on tmpfs (``/dev/shm``) when it has room, removed at the end."""
     # The largest size any benchmark of the session may ask for.
     size = max(SMOKE_MB, _env_int("FASTPIPE_BENCH_MB", _bench.DEFAULT_SIZE_MIB)) * _bench.MiB
-    root = _bench.scratch_root(_bench.scratch_room(size))
-    path = tempfile.mkdtemp(prefix="fastpipe-bench-", dir=root)
+    path = _bench.new_scratch_dir(size)
     yield path
     shutil.rmtree(path, ignore_errors=True)
 

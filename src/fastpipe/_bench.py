@@ -1428,6 +1428,14 @@ def scratch_root(need: int = 0) -> str:
     return tempfile.gettempdir()
 
 
+def new_scratch_dir(size: int) -> str:
+    """A new directory for ``size``-byte bulk copies, where ``scratch_root`` finds room.
+
+    The caller removes it (``shutil.rmtree``).
+    """
+    return tempfile.mkdtemp(prefix="fastpipe-bench-", dir=scratch_root(scratch_room(size)))
+
+
 @dataclass
 class Result:
     """The verified rounds of one case, as printed and written to JSON."""
@@ -1993,7 +2001,7 @@ def _twin_child(argv: list[str]) -> int:
     if fastpipe.IMPLEMENTATION != implementation:
         sys.stderr.write(f"expected the {implementation!r} core, got {fastpipe.IMPLEMENTATION!r}\n")
         return 1
-    directory = tempfile.mkdtemp(prefix="fastpipe-bench-", dir=scratch_root(scratch_room(size)))
+    directory = new_scratch_dir(size)
     results: list[Result] = []
     try:
         for cases in build_cases(size, relays, directory, only=(FASTPIPE,)):
@@ -2040,7 +2048,7 @@ def run_bench(
     size = size_mib * MiB
     progress = _progress_line(err) if err.isatty() else None
     started = time.perf_counter()
-    directory = tempfile.mkdtemp(prefix="fastpipe-bench-", dir=scratch_root(scratch_room(size)))
+    directory = new_scratch_dir(size)
     results: list[Result] = []
     try:
         for cases in build_cases(size, relays, directory):
