@@ -595,6 +595,9 @@ class Case:
     main_spins: ClassVar[bool] = False
     #: Verified but unrecorded rounds first; an instance may change it.
     warmup_rounds = 0
+    #: The round's two ends, opened by ``_setup_round`` (bulk workloads).
+    _src: End
+    _dst: End
 
     def __init__(self, method: str, nbytes: int) -> None:
         if method not in self.methods:
@@ -957,23 +960,33 @@ class FileToFile(_IntoNewFile):
         self._source.release()
 
 
-def _pipe_producer(held: _Held, nbytes: int) -> tuple[int, Endpoint]:
-    """A producer process that will write ``nbytes`` of the pattern into a new pipe.
+class _FromPipeProducer(Case):
+    """A workload whose source is an ordinary pipe that a producer process fills.
 
-    Returns:
-        The pipe's read end and the producer, both in ``held``.
+    Mixed in before the base that owns the destination (``self._dst``).
     """
-    r, w = os.pipe()
-    held.ends.append(r)
-    try:
-        producer = Endpoint("pipe-send", w, nbytes, pass_fds=(w,))
-    finally:
-        os.close(w)  # the producer holds the only write end: EOF when it is done
-    held.endpoints.append(producer)
-    return r, producer
+
+    def _start_producer(self) -> None:
+        """The pipe (``self._src``) and its producer, both held by the round."""
+        self._src, w = os.pipe()
+        self._held.ends.append(self._src)
+        try:
+            self._producer = Endpoint("pipe-send", w, self.nbytes, pass_fds=(w,))
+        finally:
+            os.close(w)  # the producer holds the only write end: EOF when it is done
+        self._held.endpoints.append(self._producer)
+
+    def _round(self) -> None:
+        self._producer.go()
+        self._copy(self._src, self._dst)
+
+    def _producer_cpu(self) -> float:
+        """Wait for the producer; return its CPU seconds."""
+        (_, cpu) = self._producer.finish()
+        return float(cpu)
 
 
-class PipeToFile(_IntoNewFile):
+class PipeToFile(_FromPipeProducer, _IntoNewFile):
     """A producer process writes into an ``os.pipe``; the pipe is relayed to a file.
 
     Args:
@@ -988,17 +1001,12 @@ class PipeToFile(_IntoNewFile):
     how: ClassVar[dict[str, str]] = {**Case.how, **BASELINE_HOW}
 
     def _setup_round(self) -> None:
-        self._src, self._producer = _pipe_producer(self._held, self.nbytes)
+        self._start_producer()
         self._new_destination()
         self._producer.ready()
 
-    def _round(self) -> None:
-        self._producer.go()
-        self._copy(self._src, self._dst)
-
     def _verify_round(self) -> None:
-        (_, cpu) = self._producer.finish()
-        self._endpoint_cpu = float(cpu)
+        self._endpoint_cpu = self._producer_cpu()
         self._check_destination()
 
 
@@ -1133,7 +1141,7 @@ class FileToTcp(_IntoTcpSink):
         self._source.release()
 
 
-class PipeToTcp(_IntoTcpSink):
+class PipeToTcp(_FromPipeProducer, _IntoTcpSink):
     """A producer process's pipe relayed to a sink process over TCP loopback.
 
     A command's output streamed to the network: fastpipe splices straight
@@ -1151,17 +1159,12 @@ class PipeToTcp(_IntoTcpSink):
 
     def _setup_round(self) -> None:
         self._start_sink()
-        self._src, self._producer = _pipe_producer(self._held, self.nbytes)
+        self._start_producer()
         self._connect_sink()
         self._producer.ready()
 
-    def _round(self) -> None:
-        self._producer.go()
-        self._copy(self._src, self._dst)
-
     def _verify_round(self) -> None:
-        (_, cpu) = self._producer.finish()
-        self._endpoint_cpu = float(cpu) + self._sink_verdict()
+        self._endpoint_cpu = self._producer_cpu() + self._sink_verdict()
 
 
 class TcpMainSpins(TcpToTcp):
