@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from fastpipe import _bench
 
@@ -205,3 +208,46 @@ def test_socket_sendfile_baseline_needs_a_socket_and_closes_both_ends(tmp_path) 
         with pytest.raises(OSError):
             os.fstat(fd)
     os.close(r)
+
+
+def _stream(nbytes: int) -> bytes:
+    return b"".join(bytes(piece) for piece in _bench.iter_pattern(nbytes))
+
+
+LONGEST = 2 * _bench.MiB + 20_000  # a read may hold two periods' wraps
+
+
+@given(
+    nbytes=st.integers(min_value=1, max_value=LONGEST),
+    cuts=st.lists(st.integers(min_value=0, max_value=LONGEST), max_size=8),
+    bad=st.one_of(st.none(), st.integers(min_value=0)),
+)
+@example(nbytes=LONGEST, cuts=[], bad=_bench.MiB + 10_000)  # one read, past the first wrap
+@settings(max_examples=60, deadline=None)
+def test_the_sinks_check_finds_the_first_wrong_byte(
+    nbytes: int, cuts: list[int], bad: int | None
+) -> None:
+    """PatternCheck, fed the stream in reads of any size through one buffer
+    whose tail holds an earlier read's bytes, finds the first wrong byte or
+    none.  A period is 1 MiB + 4093 bytes, so reads cross its wraps."""
+    data = bytearray(_stream(nbytes))
+    if bad is not None:
+        bad %= nbytes
+        data[bad] ^= 0x5A
+    buf = bytearray(os.urandom(nbytes))  # stale bytes past every read
+    check = _bench.PatternCheck()
+    edges = sorted({0, nbytes, *(c for c in cuts if c < nbytes)})
+    for start, end in itertools.pairwise(edges):
+        buf[: end - start] = data[start:end]
+        check.update(buf, end - start)
+    assert check.total == nbytes
+    assert check.first_bad == (-1 if bad is None else bad)
+    assert (check.problem(nbytes) is None) == (bad is None)
+
+
+def test_the_sinks_check_reports_a_short_or_long_stream() -> None:
+    check = _bench.PatternCheck()
+    check.update(bytearray(_stream(1000)))
+    assert check.problem(1000) is None
+    assert check.problem(1001) == "1000 bytes arrived, 1001 were sent"
+    assert check.problem(999) == "1000 bytes arrived, 999 were sent"
