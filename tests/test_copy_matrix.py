@@ -123,21 +123,30 @@ def fd_state(fd: int) -> tuple[int, int, int | None]:
     return fcntl.fcntl(fd, fcntl.F_GETFL), fcntl.fcntl(fd, fcntl.F_GETFD), pipe_size
 
 
+@pytest.mark.parametrize("idle_timeout", [None, 60.0], ids=["no-timeout", "idle-timeout"])
 @pytest.mark.parametrize("zerocopy", [True, False], ids=["zerocopy", "readwrite"])
 @pytest.mark.parametrize("nonblocking", [False, True], ids=["blocking", "nonblocking"])
 @pytest.mark.parametrize("dst_kind", KINDS)
 @pytest.mark.parametrize("src_kind", KINDS)
 def test_a_relay_leaves_the_callers_fds_as_they_were(
-    endpoints: Endpoints, src_kind: str, dst_kind: str, nonblocking: bool, zerocopy: bool
+    endpoints: Endpoints,
+    src_kind: str,
+    dst_kind: str,
+    nonblocking: bool,
+    zerocopy: bool,
+    idle_timeout: float | None,
 ) -> None:
     """Issue 3's pipe -> file target says it outright (no resizing of the
-    caller's pipe, no flag left changed); it holds for every pair.  1 MiB
-    plus a bit, so that pipes fill and splice has to wait."""
+    caller's pipe, no flag left changed); it holds for every pair, and with
+    an idle_timeout, whose writes never block.  1 MiB plus a bit, so that
+    pipes fill and splice has to wait."""
     data = payload((1 << 20) + 4093)
     src = endpoints.source(src_kind, data, nonblocking=nonblocking)
     dst = endpoints.sink(dst_kind, nonblocking=nonblocking)
     before = fd_state(src.fd), fd_state(dst.fd)
-    relay = fastpipe.relay(src.fd, dst.fd, close=False, zerocopy=zerocopy)
+    relay = fastpipe.relay(
+        src.fd, dst.fd, close=False, zerocopy=zerocopy, idle_timeout=idle_timeout
+    )
     assert relay.result(timeout=30) == len(data)
     assert (fd_state(src.fd), fd_state(dst.fd)) == before
     assert dst.received() == data
