@@ -28,6 +28,7 @@ from conftest import (
     read_all,
     recv_all,
     run_job,
+    socket_pair,
     tcp_pair,
     write_all,
 )
@@ -203,6 +204,42 @@ def _socket_relay_through_pipe(size: int) -> tuple[bytes, bytes, str]:
     reader.join(30)
     b_out.close()
     return data, got[0], str(relay.method)
+
+
+@pytest.mark.parametrize("nonblocking", [False, True], ids=["blocking", "nonblocking"])
+@pytest.mark.parametrize("kind", ["tcp", "unix"])
+def test_a_relay_on_an_idle_connection_holds_no_pipe(kind: str, nonblocking: bool) -> None:
+    """Between bursts a socket relay parks without its pooled pipe (README:
+    "An idle connection therefore holds no pipe"), or a proxy's thousand idle
+    connections would hold a thousand 1 MiB pipes against the per-user quota.
+    A blocking source socket matters most: accept() returns one, and a
+    blocking socket ignores SPLICE_F_NONBLOCK."""
+    src_out, src_in = socket_pair(kind)  # the relay reads src_in
+    dst_in, dst_out = socket_pair(kind)  # the relay writes dst_in
+    src_in.setblocking(not nonblocking)
+    relay = fastpipe.relay(src_in, dst_in)
+    sent = bytearray()
+    got = bytearray()
+    try:
+        for burst in range(3):
+            data = payload(2 << 20)  # well past the 64 KiB switch to splice
+            sent += data
+            threading.Thread(target=src_out.sendall, args=(data,), daemon=True).start()
+            while len(got) < len(sent):
+                got += dst_out.recv(1 << 20)
+            assert relay.method == "splice"
+            deadline = time.monotonic() + 2
+            while fastpipe.pipe_stats()["in_use"] and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert fastpipe.pipe_stats()["in_use"] == 0, f"burst {burst}: parked with a pipe"
+        src_out.shutdown(socket.SHUT_WR)
+        assert relay.result(timeout=10) == len(sent)
+        got += recv_all(dst_out)
+        assert got == sent
+    finally:
+        relay.cancel()
+        src_out.close()
+        dst_out.close()
 
 
 def test_pipes_are_pooled_and_reused() -> None:

@@ -1225,13 +1225,17 @@ cdef int _choose_kernel_path(CopyState *st, bint in_main_thread) noexcept nogil:
             st.splice_later = True
     # SPLICE_F_NONBLOCK covers only the pipe side and sendfile has no such
     # flag, so a blocking socket end can hold the syscall as long as its peer
-    # is idle.  A blocking source socket is polled first where a tick or
-    # idle_timeout must interrupt that wait (POLLIN is exact: data or end of
-    # file).  A sink is polled first only for idle_timeout, and only with
-    # bytes to send: its POLLOUT is a threshold, not "room for one byte".
-    # In the main thread a signal interrupts a blocked splice or sendfile
-    # anyway (Python's handlers are installed without SA_RESTART).
-    if in_main_thread or st.idle_ms >= 0:
+    # is idle (TCP's splice_read ignores the flag; AF_UNIX's honours it).  A
+    # blocking source socket is polled first where a tick or idle_timeout
+    # must interrupt that wait, and wherever the splice goes through a pooled
+    # pipe, which a relay parked inside splice would keep: an idle
+    # connection must hold none.  POLLIN is exact (data or end of file), and
+    # one poll per pipe-full costs nothing next to the bytes.  A sink is
+    # polled first only for idle_timeout, and only with bytes to send: its
+    # POLLOUT is a threshold, not "room for one byte".  In the main thread a
+    # signal interrupts a blocked splice or sendfile anyway (Python's
+    # handlers are installed without SA_RESTART).
+    if in_main_thread or st.idle_ms >= 0 or st.via_pipe:
         if sk == KIND_SOCKET:
             if _is_nonblocking(st.src, &nb, &st.err) < 0:
                 return -1
