@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import fcntl
 import os
+import select
+import socket
+import threading
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -74,6 +77,66 @@ def test_relay_matrix(
     else:
         assert relay.method == "readwrite"
     assert dst.received() == data
+
+
+@pytest.mark.parametrize("zerocopy", [True, False], ids=["zerocopy", "readwrite"])
+@pytest.mark.parametrize("nonblocking", [False, True], ids=["blocking", "nonblocking"])
+@pytest.mark.parametrize(
+    ("src_kind", "dst_kind"), [("unix", "tcp"), ("tcp", "unix"), ("pipe", "tcp")]
+)
+def test_a_default_socket_timeout_changes_nothing(
+    endpoints: Endpoints, src_kind: str, dst_kind: str, nonblocking: bool, zerocopy: bool
+) -> None:
+    """socket.setdefaulttimeout() makes every new socket object set O_NONBLOCK
+    on its fd and wait with a timeout in its calls, even one made over an
+    existing fd: a relay must neither leave that flag on the caller's fds
+    nor behave differently."""
+    data = payload((1 << 20) + 4093)
+    src = endpoints.source(src_kind, data, nonblocking=nonblocking)
+    dst = endpoints.sink(dst_kind, nonblocking=nonblocking)
+    before = fd_state(src.fd), fd_state(dst.fd)
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(0.5)
+    try:
+        relay = fastpipe.relay(src.fd, dst.fd, close=False, zerocopy=zerocopy)
+        assert relay.result(timeout=30) == len(data)
+    finally:
+        socket.setdefaulttimeout(old)
+    assert (fd_state(src.fd), fd_state(dst.fd)) == before
+    assert dst.received() == data
+
+
+@pytest.mark.parametrize("nonblocking", [False, True], ids=["blocking", "nonblocking"])
+def test_a_proxy_under_a_default_socket_timeout_changes_no_flag(nonblocking: bool) -> None:
+    """The same for proxy(), whose two workers use the same two fds at once
+    and whose half-close goes through a socket object."""
+    a, a_peer = socket.socketpair()
+    b, b_peer = socket.socketpair()
+    for sock in (a, b):
+        sock.setblocking(not nonblocking)
+    before = fd_state(a.fileno()), fd_state(b.fileno())
+    up, down = payload(300_000), payload(200_000)
+    got_up, got_down = bytearray(), bytearray()
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(0.5)
+    try:
+        relay = fastpipe.proxy(a.fileno(), b.fileno(), close=False)
+        for peer, data in ((a_peer, up), (b_peer, down)):
+            threading.Thread(target=peer.sendall, args=(data,), daemon=True).start()
+        while len(got_up) < len(up) or len(got_down) < len(down):
+            ready, _, _ = select.select([a_peer, b_peer], [], [], 10)
+            assert ready, "nothing arrived for 10 s"
+            for peer in ready:
+                (got_down if peer is a_peer else got_up).extend(peer.recv(1 << 20))
+        a_peer.shutdown(socket.SHUT_WR)
+        b_peer.shutdown(socket.SHUT_WR)
+        assert relay.result(timeout=30) == (len(up), len(down))
+        assert (fd_state(a.fileno()), fd_state(b.fileno())) == before
+        assert (got_up, got_down) == (up, down)
+    finally:
+        socket.setdefaulttimeout(old)
+        for sock in (a, b, a_peer, b_peer):
+            sock.close()
 
 
 @pytest.mark.parametrize("zerocopy", [True, False], ids=["zerocopy", "readwrite"])

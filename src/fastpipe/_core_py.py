@@ -76,8 +76,9 @@ def trim_buffers() -> int:
 
 
 def _after_fork_in_child() -> None:
-    global _lock, _in_use, _peak
+    global _lock, _in_use, _peak, _view_lock
     _lock = threading.Lock()
+    _view_lock = threading.Lock()
     _in_use = 0
     _peak = 0
 
@@ -254,11 +255,37 @@ def _check_not_listening(fd: int) -> None:
             raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))
 
 
+_view_lock = threading.Lock()
+
+
+def _socket_over(fd: int) -> socket.socket:
+    """A socket object over the caller's fd, which leaves its flags as they were.
+
+    Under ``socket.setdefaulttimeout()`` a new socket object sets O_NONBLOCK
+    on its fd, even an existing one, and its calls then wait up to that
+    timeout (and raise TimeoutError).  So the object gets timeout 0 (calls
+    that would block raise BlockingIOError, which every caller here handles,
+    and no flag changes), and a blocking fd gets its mode back.  Under one
+    lock: two workers of a proxy make objects over the same fds, and one
+    must not read the flag while the other has it changed.  The caller
+    detaches the object; closing it would close the caller's fd.
+    """
+    if socket.getdefaulttimeout() is None:
+        return socket.socket(fileno=fd)
+    with _view_lock:
+        blocking = os.get_blocking(fd)
+        view = socket.socket(fileno=fd)
+        view.settimeout(0.0)
+        if blocking:
+            os.set_blocking(fd, True)
+    return view
+
+
 @contextlib.contextmanager
 def _socket_view(fd: int) -> Iterator[socket.socket]:
     """A socket object over the caller's fd, detached again on the way out:
     it never closes the fd.  OSError (ENOTSOCK) if the fd is no socket."""
-    view = socket.socket(fileno=fd)
+    view = _socket_over(fd)
     try:
         yield view
     finally:
@@ -533,7 +560,7 @@ class CopyJob:
         if stat.S_ISSOCK(dst_mode):
             # A detached view of the caller's socket, to send with
             # MSG_NOSIGNAL; it is detached again, never closed.
-            dst_sock = socket.socket(fileno=self._dst)
+            dst_sock = _socket_over(self._dst)
         self._start_clock()
         if self._zerocopy:
             self._choose_kernel_path(src_mode, dst_mode)
