@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import socket
@@ -117,22 +118,40 @@ def test_max_workers_queues_in_order() -> None:
         assert pool.stats()["peak"] == 1
 
 
-def test_queued_relay_can_be_cancelled_and_its_ends_are_closed() -> None:
-    with WorkerPool(max_workers=1) as pool:
-        first, w1 = idle_relay(pool)
-        r, w = os.pipe()
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        queued = pool.relay(r, devnull)
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("how", ["cancel", "shutdown"])
+def test_queued_relay_can_be_cancelled_and_its_ends_are_closed(how: str) -> None:
+    """Closed before the future completes (README, close=True), as for a
+    relay that ran: a done-callback already finds both ends closed."""
+    pool = WorkerPool(max_workers=1)
+    _, w1 = idle_relay(pool)
+    r, w = os.pipe()
+    a, b = socket.socketpair()
+    try:
+        queued = pool.relay(r, a)
+        seen: list[tuple[bool, int]] = []
+        queued.add_done_callback(lambda _f: seen.append((_is_open(r), a.fileno())))
         wait_for(lambda: pool.stats()["queued"] == 1)
-        assert queued.cancel()
-        finish([w1])
-        first.result(timeout=10)
-        wait_for(lambda: pool.stats()["queued"] == 0 and pool.stats()["busy"] == 0)
-        with pytest.raises(OSError):
-            os.fstat(r)
-        with pytest.raises(OSError):
-            os.fstat(devnull)
-        os.close(w)
+        if how == "cancel":
+            assert queued.cancel()
+        else:
+            pool.shutdown(wait=True, cancel_relays=True)
+        assert queued.cancelled()
+        wait_for(lambda: bool(seen))
+        assert seen == [(False, -1)], "a done-callback saw an end still open"
+    finally:
+        pool.shutdown(cancel_relays=True)  # the queued relay closes r and a
+        for fd in (w1, w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        b.close()
 
 
 def test_idle_worker_timeout_lets_workers_exit() -> None:

@@ -84,8 +84,11 @@ class _Task:
     def drop(self, job: Any) -> None:
         """The job was taken off the queue and will never run."""
         job.task = None
-        if cancel_future(self.relay):
-            self.close_ends()
+        # Its ends close before the future completes, as a finished relay's
+        # do: a done-callback or a waiter finds them closed.  Never having
+        # reached a worker, they are ours to close.
+        self.close_ends()
+        cancel_future(self.relay)
         retire(self)
 
     def close_ends(self) -> BaseException | None:
