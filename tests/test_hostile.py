@@ -246,6 +246,10 @@ def test_an_os_error_from_fileno_comes_through_the_future(
     with pytest.raises(OSError) as info:
         relay.result(timeout=10)
     assert info.value.errno == errno.ENOSPC
+    # Nothing moved, counted per direction as for any relay or proxy.
+    assert relay.bytes_each_way == ((0,) if api == "relay" else (0, 0))
+    assert relay.bytes_copied == 0
+    assert relay.method is None
     # Both ends closed as close= says: the object through close(), the int fd
     # with os.close (held checks at teardown that close=False left it open).
     assert end.closed is close

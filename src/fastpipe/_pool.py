@@ -283,13 +283,13 @@ class WorkerPool:
         """
         if self._max_workers == 1:
             raise ValueError("a proxy needs two workers; this pool has max_workers=1")
-        relay = Relay()
+        relay = Relay(directions=2)
         deferred: list[OSError] = []
         task = _proxy.build(relay, a, b, close, idle_timeout, self._core, self._live, deferred)
         if not isinstance(task, _proxy.ProxyTask):
             self._check_open()
             # An end's fileno() failed: an OS error, delivered as any other.
-            return failed_relay(deferred[0], task)
+            return failed_relay(deferred[0], task, directions=2)
         self._submit(task)
         if task.idle_timeout is not None:
             _proxy.watchdog.watch(task)

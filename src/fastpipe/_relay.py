@@ -52,12 +52,14 @@ class Relay(Future[Any]):
     (which can stop a running copy) moves it to CANCELLED itself.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, directions: int = 1) -> None:
         super().__init__()
         # The task while the relay is pending (for cancel() and result()'s
         # help); its jobs for good (for the byte counts and the method).
         self._task: Any = None
         self._jobs: tuple[Any, ...] = ()
+        # bytes_each_way's zeros for a relay that never got a job.
+        self._no_bytes = (0,) * directions
 
     def _attach(self, task: Any) -> None:
         self._jobs = task.jobs
@@ -78,7 +80,7 @@ class Relay(Future[Any]):
         """
         jobs = self._jobs
         if not jobs:
-            return (0,)
+            return self._no_bytes
         return tuple(job.bytes_copied for job in jobs)
 
     @property
@@ -524,11 +526,11 @@ def coerce(src: object, dst: object, deferred: list[OSError]) -> tuple[int, int]
     return fd_of(src, "src", deferred), fd_of(dst, "dst", deferred)
 
 
-def failed_relay(error: OSError, ends: list[object]) -> Relay:
+def failed_relay(error: OSError, ends: list[object], directions: int = 1) -> Relay:
     """A relay that never started because an end's ``fileno()`` failed:
     ``ends`` (those ``close=True`` covers) are closed, and the future holds
     the error, as for any OS error."""
-    relay = Relay()
+    relay = Relay(directions)
     close_ends(ends)
     relay.set_exception(error)
     return relay
