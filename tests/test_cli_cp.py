@@ -363,6 +363,40 @@ def test_sigint_without_a_terminal_exits_130_and_removes_the_partial_file(
     assert not dst.exists()
 
 
+@pytest.mark.parametrize("keep", [False, True], ids=["removed", "keep-partial"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_or_sighup_interrupts_like_ctrl_c(
+    tmp_path: Path, signum: signal.Signals, keep: bool
+) -> None:
+    """What `timeout`, `kill` or a closed terminal send: the same clean-up as
+    Ctrl-C (the partial file removed unless --keep-partial), and 128 + N."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    dst = tmp_path / "copy.bin"
+    data = os.urandom(1 << 20)
+    feeder = feed_fifo(fifo, data, chunk=1 << 14, delay=0.05)
+    extra = ["--keep-partial"] if keep else []
+    with subprocess.Popen(
+        [*cp_command(), *extra, str(fifo), str(dst)],
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    ) as proc:
+        wait_for(lambda: dst.exists() and dst.stat().st_size > 0)
+        proc.send_signal(signum)
+        assert proc.stderr is not None
+        err = proc.stderr.read()
+        status = proc.wait(20)
+    feeder.join(10)
+    assert status == 128 + signum
+    assert err == f"fastpipe: stopped by {signum.name}\n".encode()
+    if keep:
+        kept = dst.read_bytes()
+        assert 0 < len(kept) < len(data)
+        assert kept == data[: len(kept)]
+    else:
+        assert not dst.exists()
+
+
 def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():

@@ -163,9 +163,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit status: 0 on success, 1 when a copy or a benchmark failed,
         2 for a usage error (argparse exits with 2 itself, ``bench --plot``
-        without matplotlib), 130 on Ctrl-C, 141 when ``cp``'s standard output
-        was closed by its reader.  ``forward`` handles SIGINT and SIGTERM
-        itself and exits with 0 after them.
+        without matplotlib), 130 on Ctrl-C, 143 and 129 when SIGTERM or
+        SIGHUP stopped ``cp``, 141 when ``cp``'s standard output was closed by
+        its reader.  ``forward`` handles SIGINT and SIGTERM itself and exits
+        with 0 after them.
     """
     args = build_parser().parse_args(argv)
     try:

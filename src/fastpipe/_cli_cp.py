@@ -23,9 +23,11 @@ import argparse
 import contextlib
 import errno
 import os
+import signal
 import stat
 import sys
 import textwrap
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
@@ -45,8 +47,43 @@ _WRITE_ERRNOS = frozenset(
 _EXIT_SIGPIPE = 128 + 13
 
 
+#: Signals that interrupt a copy as Ctrl-C does (the partial DST removed):
+#: ``timeout``, ``kill`` and service managers send SIGTERM, and a closed
+#: terminal SIGHUP.  One that the process started with ignored (``nohup``)
+#: stays ignored.
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
 class CpError(Exception):
     """A failure to report as one line: ``fastpipe cp: error: <message>``."""
+
+
+class _Stopped(BaseException):
+    """SIGTERM or SIGHUP, raised in the main thread as KeyboardInterrupt is
+    for SIGINT, so that the same clean-up runs; a BaseException, so that no
+    ``except Exception`` on the way swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, frame: object) -> None:
+    raise _Stopped(signum)
+
+
+@contextlib.contextmanager
+def _stop_signals_interrupt() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into ``_Stopped`` while the copy runs."""
+    previous = {}
+    for signum in _STOP_SIGNALS:
+        if signal.getsignal(signum) == signal.SIG_DFL:
+            previous[signum] = signal.signal(signum, _raise_stopped)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def add_parser(commands: Any) -> None:
@@ -70,14 +107,15 @@ def add_parser(commands: Any) -> None:
             On a terminal, standard error shows the bytes copied and the rate, plus the
             percentage and an ETA when SRC is a regular file (a tqdm bar when tqdm, the
             'cli' extra, is installed). Nothing is shown when standard error is not a
-            terminal, or with -q.
+            terminal, when DST is '-' and standard output is a terminal, or with -q.
 
             If the copy fails or is interrupted, a regular DST file that this run created
             or truncated is removed, since a partial copy looks like a whole one;
             --keep-partial keeps it.
 
             Exit status: 0 copied; 1 an error (one line on standard error); 2 a usage
-            error; 130 interrupted (Ctrl-C); 141 the reader of standard output went away.
+            error; 130 interrupted (Ctrl-C); 143 and 129 stopped by SIGTERM and SIGHUP,
+            which count as interruptions; 141 the reader of standard output went away.
             """
         ),
     )
@@ -110,10 +148,19 @@ def run(args: argparse.Namespace) -> int:
     """
     err = sys.stderr
     try:
-        return copy(args.src, args.dst, quiet=args.quiet, keep_partial=args.keep_partial, err=err)
+        with _stop_signals_interrupt():
+            return copy(
+                args.src, args.dst, quiet=args.quiet, keep_partial=args.keep_partial, err=err
+            )
     except CpError as exc:
         err.write(f"fastpipe cp: error: {exc}\n")
         return 1
+    except _Stopped as exc:
+        # After SIGHUP the terminal may be gone: the status still tells.
+        with contextlib.suppress(OSError):
+            err.write(f"fastpipe: stopped by {signal.Signals(exc.signum).name}\n")
+            err.flush()
+        return 128 + exc.signum
 
 
 def copy(src: str, dst: str, *, quiet: bool, keep_partial: bool, err: TextIO) -> int:
@@ -127,6 +174,7 @@ def copy(src: str, dst: str, *, quiet: bool, keep_partial: bool, err: TextIO) ->
 
     src_fd, src_st = _open_source(src)
     dst_fd = -1
+    partial: tuple[str, int, int] | None = None
     try:
         dst_path = _destination_path(src, dst)
         _refuse_same_file(src, src_st, dst_path)
@@ -136,6 +184,9 @@ def copy(src: str, dst: str, *, quiet: bool, keep_partial: bool, err: TextIO) ->
     except BaseException:
         _close(src_fd)
         _close(dst_fd)
+        # Interrupted before the relay started: DST may be created or
+        # truncated already.
+        _forget(partial, keep_partial)
         raise
     # From here on the relay owns both fds and closes them when it ends.
     try:
