@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
+import uuid
+from collections.abc import Callable
+
+import pytest
+
+from fastpipe import _bench
 
 
 def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -70,3 +79,82 @@ def test_a_short_bench_prints_the_table_and_writes_json(tmp_path) -> None:
         assert ("python twin: ms" if other == "py" else "compiled core: ms") in proc.stdout
     assert doc["idle_memory"]["buffers_in_use"] == 0
     assert 0 < doc["idle_memory"]["rss_kib_per_relay"] < 64
+
+
+def _scratch_dirs(root: str) -> set[str]:
+    return {name for name in os.listdir(root) if name.startswith("fastpipe-bench-")}
+
+
+def _marked_processes(mark: str) -> list[int]:
+    """Live processes (not zombies) whose environment carries ``mark``."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read()
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if mark.encode() in environ and state != b"Z":
+            found.append(int(pid))
+    return found
+
+
+def _wait_until(condition: Callable[[], object], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("phase", ["bench", "twin"])
+def test_sigterm_stops_the_bench_and_leaves_nothing_behind(phase: str) -> None:
+    """SIGTERM (timeout, kill) cleans up as Ctrl-C does: the scratch files,
+    which on tmpfs hold memory, the endpoint processes and the other twin's
+    child with its own scratch files; then exit 143."""
+    if phase == "twin" and _bench.other_twin() is None:
+        pytest.skip("no other twin to measure")
+    size = 8
+    root = _bench.scratch_root(_bench.scratch_room(size * _bench.MiB))
+    before = _scratch_dirs(root)
+    mark = f"fastpipe-test-{uuid.uuid4()}"
+    env = dict(os.environ, FASTPIPE_TEST_MARK=mark)
+    with subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fastpipe",
+            "bench",
+            "--size",
+            str(size),
+            "--repeat",
+            "1",
+            "--relays",
+            "64",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    ) as proc:
+        try:
+            if phase == "twin":
+                _wait_until(lambda: any(_is_twin_child(pid) for pid in _marked_processes(mark)))
+            _wait_until(lambda: _scratch_dirs(root) - before)
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err.endswith("fastpipe: stopped by SIGTERM\n"), err
+    _wait_until(lambda: not _marked_processes(mark), timeout=10)
+    assert _scratch_dirs(root) - before == set()
+
+
+def _is_twin_child(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"_twin_child" in f.read()
+    except OSError:
+        return False

@@ -9,13 +9,15 @@ Subcommands:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Sequence
 
-from fastpipe._cli_args import positive_int, positive_multiple_of
+from fastpipe._cli_args import Stopped, positive_int, positive_multiple_of, stop_signals_raise
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,16 +166,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         The exit status: 0 on success, 1 when a copy or a benchmark failed,
         2 for a usage error (argparse exits with 2 itself, ``bench --plot``
         without matplotlib), 130 on Ctrl-C, 143 and 129 when SIGTERM or
-        SIGHUP stopped ``cp``, 141 when ``cp``'s standard output was closed by
-        its reader.  ``forward`` handles SIGINT and SIGTERM itself and exits
-        with 0 after them.
+        SIGHUP stopped ``cp`` or ``bench`` (after the same clean-up as
+        Ctrl-C), 141 when ``cp``'s standard output was closed by its reader.
+        ``forward`` handles SIGINT and SIGTERM itself and exits with 0 after
+        them.
     """
     args = build_parser().parse_args(argv)
     try:
-        status: int = args.run(args)
+        if args.command == "forward":
+            # It stops gracefully on SIGINT and SIGTERM, with handlers of its own.
+            status: int = args.run(args)
+        else:
+            with stop_signals_raise():
+                status = args.run(args)
     except KeyboardInterrupt:
         print("fastpipe: interrupted", file=sys.stderr)
         return 130
+    except Stopped as exc:
+        # After SIGHUP the terminal may be gone: the status still tells.
+        with contextlib.suppress(OSError):
+            print(f"fastpipe: stopped by {signal.Signals(exc.signum).name}", file=sys.stderr)
+        return 128 + exc.signum
     return status
 
 

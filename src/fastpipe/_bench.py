@@ -1980,18 +1980,30 @@ def measure_other_twin(size: int, relays: int, repeat: int, implementation: str)
     # The child imports this very package, wherever it was found.
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(fastpipe.__file__)))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-    proc = subprocess.run(
+    with subprocess.Popen(
         [sys.executable, "-c", _TWIN_CHILD, implementation, str(size), str(relays), str(repeat)],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         env=env,
-        timeout=TIMEOUT * 10,
-        check=False,
-    )
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=TIMEOUT * 10)
+        except BaseException:
+            # SIGTERM, Ctrl-C or the timeout here: SIGTERM lets the child
+            # remove its scratch files (on tmpfs: memory) and end its
+            # endpoints, which subprocess.run's SIGKILL would leave behind.
+            proc.terminate()
+            try:
+                proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+            raise
     if proc.returncode != 0:
-        raise BenchError(f"the {_TWIN_NAMES[implementation]} child failed: {proc.stderr[-500:]}")
+        raise BenchError(f"the {_TWIN_NAMES[implementation]} child failed: {err[-500:]}")
     results = []
-    for doc in json.loads(proc.stdout):
+    for doc in json.loads(out):
         doc["method"] = FASTPIPE_TWIN
         doc["extra"] = {**doc["extra"], "method": FASTPIPE_TWIN, "implementation": implementation}
         results.append(Result(**doc))
@@ -2006,13 +2018,17 @@ def _twin_child(argv: list[str]) -> int:
     if fastpipe.IMPLEMENTATION != implementation:
         sys.stderr.write(f"expected the {implementation!r} core, got {fastpipe.IMPLEMENTATION!r}\n")
         return 1
+    from fastpipe._cli_args import stop_signals_raise
+
     directory = new_scratch_dir(size)
     results: list[Result] = []
-    try:
-        for cases in build_cases(size, relays, directory, only=(FASTPIPE,)):
-            results += run_workload(cases, repeat)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+    # The parent asks with SIGTERM when it is stopped: clean up as on Ctrl-C.
+    with stop_signals_raise():
+        try:
+            for cases in build_cases(size, relays, directory, only=(FASTPIPE,)):
+                results += run_workload(cases, repeat)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
     sys.stdout.write(json.dumps([asdict(r) for r in results]))
     return 0
 

@@ -1,4 +1,4 @@
-"""Argument types shared by the ``fastpipe`` subcommands.
+"""Argument types and signal handling shared by the ``fastpipe`` subcommands.
 
 A module of its own because ``__main__`` cannot be imported by the
 subcommand modules: under ``python -m fastpipe`` that would load it a second
@@ -8,8 +8,10 @@ time as ``fastpipe.__main__``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Iterator
 
 
 def positive_int(text: str) -> int:
@@ -44,3 +46,39 @@ def seconds(*, zero_ok: bool) -> Callable[[str], float]:
         return value
 
     return parse
+
+
+#: Signals that stop a subcommand as Ctrl-C does, with the same clean-up (a
+#: partial ``cp`` destination removed, the bench's scratch files and
+#: endpoint processes gone): ``timeout``, ``kill`` and service managers send
+#: SIGTERM, and a closed terminal SIGHUP.  One that the process started with
+#: ignored (``nohup``) stays ignored.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP, raised in the main thread as KeyboardInterrupt is
+    for SIGINT; a BaseException, so that no ``except Exception`` on the way
+    swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, frame: object) -> None:
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def stop_signals_raise() -> Iterator[None]:
+    """Turn STOP_SIGNALS into ``Stopped`` while the block runs."""
+    previous = {}
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) == signal.SIG_DFL:
+            previous[signum] = signal.signal(signum, _raise_stopped)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -23,11 +23,9 @@ import argparse
 import contextlib
 import errno
 import os
-import signal
 import stat
 import sys
 import textwrap
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
@@ -47,43 +45,8 @@ _WRITE_ERRNOS = frozenset(
 _EXIT_SIGPIPE = 128 + 13
 
 
-#: Signals that interrupt a copy as Ctrl-C does (the partial DST removed):
-#: ``timeout``, ``kill`` and service managers send SIGTERM, and a closed
-#: terminal SIGHUP.  One that the process started with ignored (``nohup``)
-#: stays ignored.
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
-
-
 class CpError(Exception):
     """A failure to report as one line: ``fastpipe cp: error: <message>``."""
-
-
-class _Stopped(BaseException):
-    """SIGTERM or SIGHUP, raised in the main thread as KeyboardInterrupt is
-    for SIGINT, so that the same clean-up runs; a BaseException, so that no
-    ``except Exception`` on the way swallows it."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _raise_stopped(signum: int, frame: object) -> None:
-    raise _Stopped(signum)
-
-
-@contextlib.contextmanager
-def _stop_signals_interrupt() -> Iterator[None]:
-    """Turn SIGTERM and SIGHUP into ``_Stopped`` while the copy runs."""
-    previous = {}
-    for signum in _STOP_SIGNALS:
-        if signal.getsignal(signum) == signal.SIG_DFL:
-            previous[signum] = signal.signal(signum, _raise_stopped)
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def add_parser(commands: Any) -> None:
@@ -145,22 +108,14 @@ def run(args: argparse.Namespace) -> int:
     Raises:
         KeyboardInterrupt: on Ctrl-C, after removing the partial destination;
             the caller turns it into exit status 130.
+        Stopped: the same for SIGTERM and SIGHUP (``_cli_args``).
     """
     err = sys.stderr
     try:
-        with _stop_signals_interrupt():
-            return copy(
-                args.src, args.dst, quiet=args.quiet, keep_partial=args.keep_partial, err=err
-            )
+        return copy(args.src, args.dst, quiet=args.quiet, keep_partial=args.keep_partial, err=err)
     except CpError as exc:
         err.write(f"fastpipe cp: error: {exc}\n")
         return 1
-    except _Stopped as exc:
-        # After SIGHUP the terminal may be gone: the status still tells.
-        with contextlib.suppress(OSError):
-            err.write(f"fastpipe: stopped by {signal.Signals(exc.signum).name}\n")
-            err.flush()
-        return 128 + exc.signum
 
 
 def copy(src: str, dst: str, *, quiet: bool, keep_partial: bool, err: TextIO) -> int:
