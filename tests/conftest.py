@@ -325,6 +325,22 @@ def close_quietly(fd: int) -> None:
         os.close(fd)
 
 
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0) -> None:
+    """Wait until ``predicate()`` is true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.005)
+
+
+def is_closed(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return True
+    return False
+
+
 def run_job(src: int, dst: int, count: int | None = None, zerocopy: bool = True) -> tuple[int, str]:
     """copy_fd, but also returns the path that was used."""
     job = _impl.CopyJob(src, dst, count, zerocopy=zerocopy)

@@ -8,13 +8,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable
 
 import pytest
 
 from fastpipe import _bench
+
+from conftest import wait_for
 
 
 def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -101,13 +101,6 @@ def _marked_processes(mark: str) -> list[int]:
     return found
 
 
-def _wait_until(condition: Callable[[], object], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
-
-
 @pytest.mark.parametrize("phase", ["bench", "twin"])
 def test_sigterm_stops_the_bench_and_leaves_nothing_behind(phase: str) -> None:
     """SIGTERM (timeout, kill) cleans up as Ctrl-C does: the scratch files,
@@ -140,15 +133,15 @@ def test_sigterm_stops_the_bench_and_leaves_nothing_behind(phase: str) -> None:
     ) as proc:
         try:
             if phase == "twin":
-                _wait_until(lambda: any(_is_twin_child(pid) for pid in _marked_processes(mark)))
-            _wait_until(lambda: _scratch_dirs(root) - before)
+                wait_for(lambda: any(_is_twin_child(pid) for pid in _marked_processes(mark)), 60)
+            wait_for(lambda: _scratch_dirs(root) - before, 60)
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=60)
         finally:
             proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert err.endswith("fastpipe: stopped by SIGTERM\n"), err
-    _wait_until(lambda: not _marked_processes(mark), timeout=10)
+    wait_for(lambda: not _marked_processes(mark))
     assert _scratch_dirs(root) - before == set()
 
 

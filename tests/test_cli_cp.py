@@ -23,6 +23,8 @@ import pytest
 
 from fastpipe._progress import PlainProgress, format_bytes
 
+from conftest import wait_for
+
 CP = [sys.executable, "-m", "fastpipe", "cp"]
 
 
@@ -395,13 +397,6 @@ def test_sigterm_or_sighup_interrupts_like_ctrl_c(
         assert kept == data[: len(kept)]
     else:
         assert not dst.exists()
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 # ---------------------------------------------------------------------------

@@ -8,33 +8,17 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
 
 import pytest
 
 import fastpipe
 from fastpipe import Relay, WorkerPool
 
-from conftest import tcp_pair
+from conftest import is_closed, tcp_pair, wait_for
 
 # A cancel must stop a copy within 100 ms; the test bound is generous
 # because the machine is shared (the report has the measured figures).
 CANCEL_BOUND = 1.0
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.005)
-
-
-def is_closed(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return True
-    return False
 
 
 def drain_in_thread(fd: int) -> tuple[threading.Thread, list[bytes]]:
