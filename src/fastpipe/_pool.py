@@ -37,7 +37,7 @@ from fastpipe._relay import (
     closes_in_c,
     coerce,
     complete_all,
-    failed_relay,
+    fail_relay,
     forget_closed,
     make_job,
     mark_completer_thread,
@@ -228,7 +228,7 @@ class WorkerPool:
         close = bool(close)
         if deferred:
             self._check_open()
-            return failed_relay(deferred[0], [src, dst] if close else [])
+            return fail_relay(Relay(), deferred[0], [src, dst] if close else [])
         relay = Relay()
         task = _Task(relay, (job,), [src, dst], close, self._core, self._live)
         if close:
@@ -289,7 +289,7 @@ class WorkerPool:
         if not isinstance(task, _proxy.ProxyTask):
             self._check_open()
             # An end's fileno() failed: an OS error, delivered as any other.
-            return failed_relay(deferred[0], task, directions=2)
+            return fail_relay(relay, deferred[0], task)
         self._submit(task)
         if task.idle_timeout is not None:
             _proxy.watchdog.watch(task)

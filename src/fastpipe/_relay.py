@@ -526,11 +526,10 @@ def coerce(src: object, dst: object, deferred: list[OSError]) -> tuple[int, int]
     return fd_of(src, "src", deferred), fd_of(dst, "dst", deferred)
 
 
-def failed_relay(error: OSError, ends: list[object], directions: int = 1) -> Relay:
-    """A relay that never started because an end's ``fileno()`` failed:
-    ``ends`` (those ``close=True`` covers) are closed, and the future holds
-    the error, as for any OS error."""
-    relay = Relay(directions)
+def fail_relay(relay: Relay, error: OSError, ends: list[object]) -> Relay:
+    """Fail ``relay``, which never started because an end's ``fileno()``
+    failed: ``ends`` (those ``close=True`` covers) are closed, and the future
+    holds the error, as for any OS error.  Returns ``relay``."""
     close_ends(ends)
     relay.set_exception(error)
     return relay
