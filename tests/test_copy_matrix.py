@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import select
 import socket
 import threading
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -80,66 +83,6 @@ def test_relay_matrix(
 
 
 @pytest.mark.parametrize("zerocopy", [True, False], ids=["zerocopy", "readwrite"])
-@pytest.mark.parametrize("nonblocking", [False, True], ids=["blocking", "nonblocking"])
-@pytest.mark.parametrize(
-    ("src_kind", "dst_kind"), [("unix", "tcp"), ("tcp", "unix"), ("pipe", "tcp")]
-)
-def test_a_default_socket_timeout_changes_nothing(
-    endpoints: Endpoints, src_kind: str, dst_kind: str, nonblocking: bool, zerocopy: bool
-) -> None:
-    """socket.setdefaulttimeout() makes every new socket object set O_NONBLOCK
-    on its fd and wait with a timeout in its calls, even one made over an
-    existing fd: a relay must neither leave that flag on the caller's fds
-    nor behave differently."""
-    data = payload((1 << 20) + 4093)
-    src = endpoints.source(src_kind, data, nonblocking=nonblocking)
-    dst = endpoints.sink(dst_kind, nonblocking=nonblocking)
-    before = fd_state(src.fd), fd_state(dst.fd)
-    old = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(0.5)
-    try:
-        relay = fastpipe.relay(src.fd, dst.fd, close=False, zerocopy=zerocopy)
-        assert relay.result(timeout=30) == len(data)
-    finally:
-        socket.setdefaulttimeout(old)
-    assert (fd_state(src.fd), fd_state(dst.fd)) == before
-    assert dst.received() == data
-
-
-@pytest.mark.parametrize("nonblocking", [False, True], ids=["blocking", "nonblocking"])
-def test_a_proxy_under_a_default_socket_timeout_changes_no_flag(nonblocking: bool) -> None:
-    """The same for proxy(), whose two workers use the same two fds at once
-    and whose half-close goes through a socket object."""
-    a, a_peer = socket.socketpair()
-    b, b_peer = socket.socketpair()
-    for sock in (a, b):
-        sock.setblocking(not nonblocking)
-    before = fd_state(a.fileno()), fd_state(b.fileno())
-    up, down = payload(300_000), payload(200_000)
-    got_up, got_down = bytearray(), bytearray()
-    old = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(0.5)
-    try:
-        relay = fastpipe.proxy(a.fileno(), b.fileno(), close=False)
-        for peer, data in ((a_peer, up), (b_peer, down)):
-            threading.Thread(target=peer.sendall, args=(data,), daemon=True).start()
-        while len(got_up) < len(up) or len(got_down) < len(down):
-            ready, _, _ = select.select([a_peer, b_peer], [], [], 10)
-            assert ready, "nothing arrived for 10 s"
-            for peer in ready:
-                (got_down if peer is a_peer else got_up).extend(peer.recv(1 << 20))
-        a_peer.shutdown(socket.SHUT_WR)
-        b_peer.shutdown(socket.SHUT_WR)
-        assert relay.result(timeout=30) == (len(up), len(down))
-        assert (fd_state(a.fileno()), fd_state(b.fileno())) == before
-        assert (got_up, got_down) == (up, down)
-    finally:
-        socket.setdefaulttimeout(old)
-        for sock in (a, b, a_peer, b_peer):
-            sock.close()
-
-
-@pytest.mark.parametrize("zerocopy", [True, False], ids=["zerocopy", "readwrite"])
 @pytest.mark.parametrize("count", [0, 1, 32 * 1024, 100_000])
 @pytest.mark.parametrize("src_kind", KINDS)
 def test_count_leaves_the_rest_in_the_source(
@@ -186,6 +129,31 @@ def fd_state(fd: int) -> tuple[int, int, int | None]:
     return fcntl.fcntl(fd, fcntl.F_GETFL), fcntl.fcntl(fd, fcntl.F_GETFD), pipe_size
 
 
+def relay_leaves_fds_as_they_were(
+    endpoints: Endpoints, src_kind: str, dst_kind: str, nonblocking: bool, **kwargs: Any
+) -> None:
+    """Relay 1 MiB plus a bit (so that pipes fill and splice has to wait)
+    with ``close=False``; every byte arrives and both fds are as they were."""
+    data = payload((1 << 20) + 4093)
+    src = endpoints.source(src_kind, data, nonblocking=nonblocking)
+    dst = endpoints.sink(dst_kind, nonblocking=nonblocking)
+    before = fd_state(src.fd), fd_state(dst.fd)
+    relay = fastpipe.relay(src.fd, dst.fd, close=False, **kwargs)
+    assert relay.result(timeout=30) == len(data)
+    assert (fd_state(src.fd), fd_state(dst.fd)) == before
+    assert dst.received() == data
+
+
+@contextlib.contextmanager
+def default_socket_timeout(seconds: float) -> Iterator[None]:
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(old)
+
+
 @pytest.mark.parametrize("idle_timeout", [None, 60.0], ids=["no-timeout", "idle-timeout"])
 @pytest.mark.parametrize("zerocopy", [True, False], ids=["zerocopy", "readwrite"])
 @pytest.mark.parametrize("nonblocking", [False, True], ids=["blocking", "nonblocking"])
@@ -201,18 +169,57 @@ def test_a_relay_leaves_the_callers_fds_as_they_were(
 ) -> None:
     """Issue 3's pipe -> file target says it outright (no resizing of the
     caller's pipe, no flag left changed); it holds for every pair, and with
-    an idle_timeout, whose writes never block.  1 MiB plus a bit, so that
-    pipes fill and splice has to wait."""
-    data = payload((1 << 20) + 4093)
-    src = endpoints.source(src_kind, data, nonblocking=nonblocking)
-    dst = endpoints.sink(dst_kind, nonblocking=nonblocking)
-    before = fd_state(src.fd), fd_state(dst.fd)
-    relay = fastpipe.relay(
-        src.fd, dst.fd, close=False, zerocopy=zerocopy, idle_timeout=idle_timeout
+    an idle_timeout, whose writes never block."""
+    relay_leaves_fds_as_they_were(
+        endpoints, src_kind, dst_kind, nonblocking, zerocopy=zerocopy, idle_timeout=idle_timeout
     )
-    assert relay.result(timeout=30) == len(data)
-    assert (fd_state(src.fd), fd_state(dst.fd)) == before
-    assert dst.received() == data
+
+
+@pytest.mark.parametrize("zerocopy", [True, False], ids=["zerocopy", "readwrite"])
+@pytest.mark.parametrize("nonblocking", [False, True], ids=["blocking", "nonblocking"])
+@pytest.mark.parametrize(
+    ("src_kind", "dst_kind"), [("unix", "tcp"), ("tcp", "unix"), ("pipe", "tcp")]
+)
+def test_a_default_socket_timeout_changes_nothing(
+    endpoints: Endpoints, src_kind: str, dst_kind: str, nonblocking: bool, zerocopy: bool
+) -> None:
+    """socket.setdefaulttimeout() makes every new socket object set O_NONBLOCK
+    on its fd and wait with a timeout in its calls, even one made over an
+    existing fd: a relay must neither leave that flag on the caller's fds
+    nor behave differently."""
+    with default_socket_timeout(0.5):
+        relay_leaves_fds_as_they_were(endpoints, src_kind, dst_kind, nonblocking, zerocopy=zerocopy)
+
+
+@pytest.mark.parametrize("nonblocking", [False, True], ids=["blocking", "nonblocking"])
+def test_a_proxy_under_a_default_socket_timeout_changes_no_flag(nonblocking: bool) -> None:
+    """The same for proxy(), whose two workers use the same two fds at once
+    and whose half-close goes through a socket object."""
+    a, a_peer = socket.socketpair()
+    b, b_peer = socket.socketpair()
+    for sock in (a, b):
+        sock.setblocking(not nonblocking)
+    before = fd_state(a.fileno()), fd_state(b.fileno())
+    up, down = payload(300_000), payload(200_000)
+    got_up, got_down = bytearray(), bytearray()
+    try:
+        with default_socket_timeout(0.5):
+            relay = fastpipe.proxy(a.fileno(), b.fileno(), close=False)
+            for peer, data in ((a_peer, up), (b_peer, down)):
+                threading.Thread(target=peer.sendall, args=(data,), daemon=True).start()
+            while len(got_up) < len(up) or len(got_down) < len(down):
+                ready, _, _ = select.select([a_peer, b_peer], [], [], 10)
+                assert ready, "nothing arrived for 10 s"
+                for peer in ready:
+                    (got_down if peer is a_peer else got_up).extend(peer.recv(1 << 20))
+            a_peer.shutdown(socket.SHUT_WR)
+            b_peer.shutdown(socket.SHUT_WR)
+            assert relay.result(timeout=30) == (len(up), len(down))
+        assert (fd_state(a.fileno()), fd_state(b.fileno())) == before
+        assert (got_up, got_down) == (up, down)
+    finally:
+        for sock in (a, b, a_peer, b_peer):
+            sock.close()
 
 
 @settings(
