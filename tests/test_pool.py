@@ -15,7 +15,7 @@ import pytest
 import fastpipe
 from fastpipe import WorkerPool
 
-from conftest import is_closed, wait_for
+from conftest import wait_for
 
 
 def idle_relay(pool: WorkerPool) -> tuple[fastpipe.Relay, int]:
@@ -113,6 +113,16 @@ def test_max_workers_queues_in_order() -> None:
         assert pool.stats()["peak"] == 1
 
 
+def _is_gone(fd: int, was: os.stat_result) -> bool:
+    """Whether ``fd`` no longer names the file it named (``was``): closed, or
+    closed and its number already reused by another thread's new fd."""
+    try:
+        now = os.fstat(fd)
+    except OSError:
+        return True
+    return (now.st_dev, now.st_ino) != (was.st_dev, was.st_ino)
+
+
 @pytest.mark.parametrize("how", ["cancel", "shutdown"])
 def test_queued_relay_can_be_cancelled_and_its_ends_are_closed(how: str) -> None:
     """Closed before the future completes (README, close=True), as for a
@@ -122,9 +132,10 @@ def test_queued_relay_can_be_cancelled_and_its_ends_are_closed(how: str) -> None
     r, w = os.pipe()
     a, b = socket.socketpair()
     try:
+        pipe = os.fstat(r)
         queued = pool.relay(r, a)
         seen: list[tuple[bool, int]] = []
-        queued.add_done_callback(lambda _f: seen.append((is_closed(r), a.fileno())))
+        queued.add_done_callback(lambda _f: seen.append((_is_gone(r, pipe), a.fileno())))
         wait_for(lambda: pool.stats()["queued"] == 1)
         if how == "cancel":
             assert queued.cancel()
