@@ -9,7 +9,9 @@ no buffer stays in use (the autouse fixture).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import socket
 import threading
 import time
@@ -137,16 +139,22 @@ def test_cancel_while_blocked_on_a_stalled_sink(dst_kind: str) -> None:
         elapsed = runner.cancel_and_join()
         print(f"{dst_kind}: stopped in {elapsed * 1000:.1f} ms")
         assert isinstance(runner.result, CancelledError)
+        # A TCP sender's queue drains into the reader only as the reader makes
+        # room, so an empty read does not mean every counted byte is readable
+        # yet: read until the count is reached (or a deadline), then check no
+        # byte beyond it was written.
         os.set_blocking(read_fd, False)
         got = bytearray()
-        while True:
+        deadline = time.monotonic() + 10
+        while len(got) < job.bytes_copied and time.monotonic() < deadline:
+            select.select([read_fd], [], [], 0.1)
             try:
-                chunk = os.read(read_fd, 1 << 20)
+                got += os.read(read_fd, 1 << 20)
             except BlockingIOError:
-                break
-            if not chunk:
-                break
-            got += chunk
+                pass
+        time.sleep(0.05)
+        with contextlib.suppress(BlockingIOError):
+            got += os.read(read_fd, 1 << 20)
         assert len(got) == job.bytes_copied
         assert got == data[: len(got)]
     finally:
