@@ -340,6 +340,40 @@ def test_interpreter_exit_does_not_hang_on_blocked_relays() -> None:
     assert proc.stderr == ""
 
 
+def test_interpreter_exit_leaves_parked_threads_parked() -> None:
+    """Exit does not wake the pool's idle threads to retire them: the OS
+    reclaims them anyway, and threads ending while the process exits race
+    with whatever runs at exit (LeakSanitizer's check crashed on it)."""
+    import subprocess
+    import sys
+
+    # The atexit hook is registered before any pool exists, so it runs after
+    # every hook fastpipe registers: the pool's threads have had their chance
+    # to leave by then, and still exist (/proc/self/task) if they stayed.
+    code = (
+        "import atexit, os, threading, time\n"
+        "def check():\n"
+        "    time.sleep(0.3)\n"
+        "    left = [t for t in tids if not os.path.exists(f'/proc/self/task/{t}')]\n"
+        "    print('gone', len(left), 'of', len(tids), flush=True)\n"
+        "atexit.register(check)\n"
+        "import fastpipe\n"
+        "pools = [fastpipe.default_pool(), fastpipe.WorkerPool()]\n"
+        "for pool in pools:\n"
+        "    r, w = os.pipe()\n"
+        "    relay = pool.relay(r, os.open(os.devnull, os.O_WRONLY))\n"
+        "    os.close(w)\n"
+        "    relay.result(timeout=10)\n"
+        "tids = [t.native_id for t in threading.enumerate() if t.name.startswith('fastpipe-')]\n"
+        "assert len(tids) == 4, tids  # a worker and the completer, per pool\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "gone 0 of 4\n"
+
+
 @pytest.fixture
 def no_collector():
     """The cyclic GC off, keeping what it finds: ``collect()`` then counts

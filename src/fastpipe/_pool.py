@@ -178,8 +178,11 @@ class WorkerPool:
         self._live: set[_Task | _proxy.ProxyTask] = set()
         self._completer: threading.Thread | None = None
         self._shutdown = False
-        # A pool dropped without shutdown() still lets its threads go.
-        weakref.finalize(self, self._core.shutdown, False)
+        # A pool dropped without shutdown() still lets its threads go.  Not at
+        # interpreter exit, though: the OS reclaims parked threads, and waking
+        # them then only has them end while the process exits, racing with
+        # whatever else runs at exit (LeakSanitizer's check crashed on it).
+        weakref.finalize(self, self._core.shutdown, False).atexit = False
         _live_pools.add(self)
 
     # -- public API -------------------------------------------------------
