@@ -56,6 +56,8 @@ import pytest
 
 import fastpipe
 
+from conftest import wait_for
+
 SOAK_RELAYS = 100_000
 SOAK_WARMUP = 5_000
 SCALE_RELAYS = 2_000
@@ -575,6 +577,116 @@ def test_spare_released_by_shutdown_before_its_thread_fails(
     assert pool.stats()["workers"] == 0, pool.stats()
     see_end_and_close(a_peer, b_peer)
     os.close(w)
+
+
+def assert_shuts_down(pool: fastpipe.WorkerPool) -> None:
+    """shutdown(wait=True) returns: the pool counted its workers right (a
+    worker counted out twice, or never, leaves the completer waiting)."""
+    waiter = threading.Thread(target=pool.shutdown, daemon=True)
+    waiter.start()
+    waiter.join(30)
+    assert not waiter.is_alive(), f"shutdown(wait=True) hangs: {pool.stats()}"
+
+
+def interrupted_after_the_thread_starts(
+    monkeypatch: pytest.MonkeyPatch, pool: fastpipe.WorkerPool, *, thread_first: bool, skip: int = 0
+) -> threading.Event:
+    """Ctrl-C lands in ``Thread.start()``'s wait for a worker (after ``skip``
+    that start normally), once its thread is running.
+
+    ``thread_first``: the thread has taken up its job before the exception
+    reaches the pool; else the thread is held back until the returned event
+    is set, and the pool's clean-up comes first.
+    """
+    real_start = threading.Thread.start
+    gate = threading.Event()
+    left = [skip]
+
+    def start(self: threading.Thread) -> None:
+        if not self.name.startswith("fastpipe-worker") or left[0] < 0:
+            real_start(self)
+            return
+        if left[0]:
+            left[0] -= 1
+            real_start(self)
+            return
+        left[0] = -1
+        if thread_first:
+            real_start(self)
+            # Its relay's copy has begun (so its thread has its worker).
+            wait_for(lambda: any(t.relay.running() for t in pool._live))
+        else:
+            body = self._target  # type: ignore[attr-defined]
+            self._target = lambda *args: (gate.wait(60), body(*args))  # type: ignore[attr-defined]
+            real_start(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    return gate
+
+
+@pytest.mark.parametrize("thread_first", [True, False], ids=["thread-first", "cleanup-first"])
+def test_ctrl_c_in_a_worker_thread_start_after_it_started(
+    monkeypatch: pytest.MonkeyPatch, thread_first: bool
+) -> None:
+    """Ctrl-C can land in Thread.start()'s wait once the new worker thread
+    runs: relay() raises it, and the relay does not go on unseen (nobody
+    holds its future): it is stopped and its ends are closed, whichever of
+    the thread and the clean-up takes the worker first.  The compiled core
+    crashed here (SIGSEGV in abandon(): the thread had taken the worker)."""
+    pool = fastpipe.WorkerPool()
+    try:
+        r1, w1 = os.pipe()
+        r2, w2 = os.pipe()
+        try:
+            gate = interrupted_after_the_thread_starts(monkeypatch, pool, thread_first=thread_first)
+            with pytest.raises(KeyboardInterrupt):
+                pool.relay(r1, w2)
+            monkeypatch.undo()
+            gate.set()
+            wait_for(lambda: pool.stats()["busy"] == 0)
+            # close=True: both ends closed, seen by their peers.
+            assert _read_all(r2) == b""
+            with pytest.raises(BrokenPipeError):
+                os.write(w1, b"x")
+        finally:
+            # Ours; closing them also ends a relay that went on unseen.
+            os.close(w1)
+            os.close(r2)
+        # The worker stays when its thread ran the job, not when it never did.
+        wait_for(lambda: pool.stats()["workers"] == (1 if thread_first else 0))
+        r1, w1 = os.pipe()
+        r2, w2 = os.pipe()
+        os.write(w1, b"after the interrupt")
+        os.close(w1)
+        assert pool.relay(r1, w2).result(timeout=60) == 19
+        assert _read_all(r2) == b"after the interrupt"
+        os.close(r2)
+        assert_shuts_down(pool)
+    finally:
+        pool.shutdown(wait=False, cancel_relays=True)
+
+
+def test_ctrl_c_in_a_proxy_second_worker_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same for a proxy's second worker: both directions stop, both
+    sockets are closed, no worker stays busy."""
+    pool = fastpipe.WorkerPool()
+    try:
+        a, a_peer = socket.socketpair()
+        b, b_peer = socket.socketpair()
+        interrupted_after_the_thread_starts(monkeypatch, pool, thread_first=True, skip=1)
+        with pytest.raises(KeyboardInterrupt):
+            pool.proxy(a, b)
+        monkeypatch.undo()
+        wait_for(lambda: pool.stats()["busy"] == 0)
+        wait_for(lambda: a.fileno() == -1 and b.fileno() == -1)
+        see_end_and_close(a_peer, b_peer)
+        assert_shuts_down(pool)
+    finally:
+        # Closing the peers also ends a proxy that went on unseen.
+        a_peer.close()
+        b_peer.close()
+        pool.shutdown(wait=False, cancel_relays=True)
 
 
 if __name__ == "__main__":

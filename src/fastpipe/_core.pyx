@@ -2100,6 +2100,9 @@ cdef class PoolCore:
     def abandon(self, WorkerHandle handle not None):
         """The thread for a new worker could not start: undo its submit.
 
+        Safe on a handle whose thread did start (then it does nothing), and
+        on one abandoned before.
+
         Returns:
             The job it was carrying, or had been handed meanwhile (a spare
             from ``submit_pair``), to be failed by the caller; or None.
@@ -2109,6 +2112,11 @@ cdef class PoolCore:
         cdef object job = None
         cdef bint wake_completer
         handle.w = NULL
+        if w == NULL:
+            # Its thread did start and took the worker (the exception came
+            # after, e.g. Ctrl-C in Thread.start()'s wait), or this handle was
+            # abandoned already: the caller cancels the relay instead.
+            return None
         with nogil:
             pthread_mutex_lock(&self.lock)
             if w.idle:
@@ -2239,7 +2247,12 @@ cdef class PoolCore:
         cdef CopyState *st
         cdef bint leave = False
         cdef sigset_t oldmask
+        # Taken with the GIL, as abandon() takes it: exactly one of the two
+        # gets it.  abandon() won if an exception hit the starting thread
+        # (Ctrl-C in Thread.start()) before this ran: nothing is ours.
         handle.w = NULL  # this thread owns it now
+        if w == NULL:
+            return
         # The OS-level name shows in top -H, ps -L, perf and gdb.
         pthread_setname_np(pthread_self(), b"fastpipe-worker")
         with nogil:

@@ -843,7 +843,7 @@ def _close_quietly(fd: int) -> None:
 class WorkerHandle:
     """A new worker's state, handed from submit() to its thread once."""
 
-    __slots__ = ("wake", "job", "idle", "exit")
+    __slots__ = ("wake", "job", "idle", "exit", "taken")
 
     def __init__(self, job: CopyJob | None) -> None:
         self.wake = threading.Lock()
@@ -851,6 +851,10 @@ class WorkerHandle:
         self.job = job
         self.idle = False
         self.exit = False
+        # By its thread or by abandon(), whichever comes first (under the
+        # pool's lock): an exception can hit Thread.start() after the
+        # thread started, so both may try.
+        self.taken = False
 
 
 class PoolCore:
@@ -999,11 +1003,17 @@ class PoolCore:
     def abandon(self, handle: WorkerHandle) -> CopyJob | None:
         """The thread for ``handle`` could not start: undo it.
 
+        Safe on a handle whose thread did start (then it does nothing), and
+        on one abandoned before.
+
         Returns:
             The job it was carrying, or had been handed meanwhile (a spare
             from ``submit_pair``), for the caller to fail; or None.
         """
         with self._lock:
+            if handle.taken:
+                return None  # its thread runs it: the caller cancels the relay
+            handle.taken = True
             if not handle.exit:
                 # Else shutdown's _release_idle let this spare go, and
                 # counted it out, before its thread failed to start.
@@ -1033,7 +1043,11 @@ class PoolCore:
                     return True
 
     def worker_main(self, handle: WorkerHandle) -> None:
-        job, handle.job = handle.job, None
+        with self._lock:
+            if handle.taken:
+                return  # abandon() got here first
+            handle.taken = True
+            job, handle.job = handle.job, None
         while True:
             if job is None:
                 if self._park(handle):

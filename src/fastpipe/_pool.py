@@ -41,6 +41,7 @@ from fastpipe._relay import (
     forget_closed,
     make_job,
     mark_completer_thread,
+    repoker,
     retire,
 )
 
@@ -387,30 +388,37 @@ class WorkerPool:
             handed = (one,)
         # True: an idle worker took it; False or None: queued, or no spare.
         # The rest are new workers (their C half) whose threads start here.
-        fresh = [h for h in handed if h is not True and h is not False and h is not None]
-        for n, handle in enumerate(fresh):
-            try:
-                self._start_thread(self._core.worker_main, (handle,), "worker")
-            except BaseException:
-                self._abandon(task, fresh[n:])
-                raise
+        try:
+            for handle in handed:
+                if handle is not True and handle is not False and handle is not None:
+                    self._start_thread(self._core.worker_main, (handle,), "worker")
+        except BaseException:
+            # No thread to spare (RuntimeError), or Ctrl-C in Thread.start()'s
+            # wait, which may come after the thread started.  relay() raising
+            # means no relay: undo it all, whichever threads got going.
+            self._abandon(task, handed)
+            raise
 
-    def _abandon(self, task: _Task | _proxy.ProxyTask, handles: list[Any]) -> None:
-        """Threads for ``handles`` could not start: fail what they carried.
+    def _abandon(self, task: _Task | _proxy.ProxyTask, handed: tuple[Any, ...]) -> None:
+        """A hand-out failed part-way: fail or stop everything it started.
 
-        ``drop`` cancels the job's future and closes its ends as ``close=``
-        says; for a proxy it also stops the other direction, which may be
-        running already.  A proxy whose pair is still queued behind a spare
-        worker that never started is taken off the queue the same way.
+        A worker whose thread never ran is undone (``abandon`` tells), and
+        the job it carried dropped: ``drop`` cancels its future and closes
+        its ends as ``close=`` says; for a proxy it also stops the other
+        direction.  What did reach a running thread, or waits on the queue
+        (a proxy's pair behind a spare that never started), is cancelled
+        like ``Relay.cancel()`` does, without waiting.
         """
-        for handle in handles:
+        for handle in handed:
+            if handle is True or handle is False or handle is None:
+                continue
             job = self._core.abandon(handle)
             if job is not None:
                 owner = job.task
                 assert isinstance(owner, (_Task, _proxy.ProxyTask))
                 owner.drop(job)
-        if isinstance(task, _proxy.ProxyTask):
-            task.cancel()
+        if not task.relay.done() and task.cancel():
+            repoker.watch(task.jobs)
 
     def _reset_after_fork(self) -> None:
         # The child has none of the parent's threads: start empty.  Relays
