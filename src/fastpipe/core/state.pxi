@@ -1,0 +1,242 @@
+# ---------------------------------------------------------------------------
+# The copy loop
+# ---------------------------------------------------------------------------
+
+cdef struct CopyState:
+    int src
+    int dst
+    int src_kind
+    int dst_kind
+    bint src_wait_first     # a blocking, pollable source: poll before read
+    bint dst_wait_first     # a blocking, pollable sink in the main thread
+    bint dst_is_socket      # send with MSG_NOSIGNAL: EPIPE, never SIGPIPE
+    int dst_send_flags      # MSG_DONTWAIT where a blocked send must not stall
+    bint dst_nowait         # a blocking pipe sink written with RWF_NOWAIT
+    # A socket source is read with MSG_DONTWAIT, and a blocking pipe with
+    # RWF_NOWAIT (Linux 5.x+; else poll first): neither blocks, whatever the
+    # fd's own flag, so there is no poll before each read.
+    bint src_is_socket
+    bint src_nowait
+    bint poll_next          # the last non-blocking read was short
+    int src_pipe_size       # a pipe source's capacity once asked (-1: unknown)
+    int wait_ms             # poll timeout: -1, or a tick in the main thread
+    long long idle_ms       # idle_timeout in ms, or -1
+    long long deadline_ms   # CLOCK_MONOTONIC ms by which a byte must move
+    bint idle_expired       # the ETIMEDOUT is ours, not the socket's
+    # Interrupts a sendfile or splice blocked on a blocking socket sink at
+    # the idle deadline (see _compat.h); made, used and freed by the thread
+    # running the copy.
+    fp_alarm idle_alarm
+    # Worker-pool fields.  owner is the CopyJob; the pool holds one reference
+    # to it from submit() until the completer takes the job back.
+    PyObject *owner
+    CopyState *link         # next in the pool's queue or done list
+    bint pair_head          # queued with the next job as one pair (proxy)
+    bint needs_prologue     # run CopyJob.prologue with the GIL first
+    bint in_worker          # a worker has taken the job
+    bint close_src          # close these int fds in C when the copy ends
+    bint close_dst
+    bint shut_wr_at_eof     # shutdown(dst, SHUT_WR) when the source ends
+    int status              # STEP_DONE or STEP_ERROR once finished
+    # Cancellation: cancel_req is set by CopyJob.cancel() from any thread and
+    # read by the copy loop between syscalls.  thread/in_thread say which
+    # worker to knock out of a blocking syscall; both change only under
+    # wake_lock, so a cancel never signals a thread that has moved on.
+    int cancel_req
+    bint cancelled          # the copy ended because of cancel_req
+    pthread_mutex_t wake_lock
+    pthread_t thread
+    bint in_thread
+    long long limit         # bytes left to read, or -1 for "to end of file"
+    long long copied        # bytes written to dst; read live by other threads
+    int want                # buffers per read
+    int want_max            # at most this many (0: not sized for the sink yet)
+    int nbufs               # buffers held
+    char *bufs[MAX_IOV]
+    # Bytes read but not yet written: pend_len bytes in bufs, or, for a
+    # prefix handed in by Python, at pre_ptr (kept alive by the CopyJob).
+    Py_ssize_t pend_off
+    Py_ssize_t pend_len
+    const char *pre_ptr
+    Py_ssize_t pre_len
+    int err
+    # The kernel paths.  method is the path in use (a Method); it only ever
+    # moves towards M_READWRITE, and only while kmoved is false, so a
+    # fallback can neither lose nor repeat a byte.
+    int method
+    bint kmoved             # the kernel path has taken bytes from src
+    bint via_pipe           # splice src -> pipe -> dst (neither end a pipe)
+    bint splice_later       # read/write first; splice once reads are large
+    bint ksrc_wait_first    # a blocking socket source that must stay
+    bint kdst_wait_first    # interruptible (main-thread tick, idle_timeout)
+    bint zerocopy           # kernel paths allowed
+    FpPipe *pipe            # the intermediate pipe, while held
+    Py_ssize_t pipe_len     # bytes inside it
+    # A pipe source fills the intermediate pipe before it is written out:
+    # the producer's small pipe is emptied at once (a page move) and the
+    # sink gets few large writes.  A socket source never does: there the
+    # pipe must be empty before each read, or EAGAIN would be ambiguous.
+    bint fill_pipe
+    bint splice_retried     # a direct splice's EAGAIN was retried once
+    bint draining           # write the pipe out completely before reading
+    bint src_eof
+
+
+cdef inline void _release(CopyState *st) noexcept nogil:
+    _buffers_give(st.bufs, st.nbufs)
+    st.nbufs = 0
+
+
+cdef inline void _release_pipe(CopyState *st) noexcept nogil:
+    if st.pipe != NULL:
+        _pipe_give(st.pipe, st.pipe_len == 0)
+        st.pipe = NULL
+        st.pipe_len = 0
+
+
+cdef int _wait(CopyState *st, int fd, short events, int timeout) noexcept nogil:
+    """poll one fd; 1 ready, 0 timed out, -1 error in st.err (EINTR too)."""
+    cdef pollfd p
+    cdef int r
+    p.fd = fd
+    p.events = events
+    p.revents = 0
+    r = poll(&p, 1, timeout)
+    if r < 0:
+        st.err = errno
+        return -1
+    if r == 0:
+        return 0
+    if p.revents & POLLNVAL:
+        st.err = EBADF
+        return -1
+    # POLLHUP/POLLERR count as ready: the next read or write reports EOF or
+    # the real errno, which is better than guessing it here.
+    return 1
+
+
+cdef inline long long _now_ms() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <long long>ts.tv_sec * 1000 + ts.tv_nsec // 1000000
+
+
+cdef inline long long _idle_deadline(CopyState *st) noexcept nogil:
+    # _now_ms() truncates to the millisecond, up to 1 ms behind the clock:
+    # one more keeps idle_timeout from ever firing before its time.
+    return _now_ms() + st.idle_ms + 1
+
+
+cdef inline void _progress(CopyState *st) noexcept nogil:
+    if st.idle_ms >= 0:
+        st.deadline_ms = _idle_deadline(st)
+
+
+cdef int _wait_step(CopyState *st, int fd, short events) noexcept nogil:
+    """Block until fd is ready: STEP_AGAIN, or a step to hand back.
+
+    It hands back STEP_SIGNALS for EINTR and for each main-thread tick, and
+    STEP_ERROR with ETIMEDOUT (TimeoutError) once idle_timeout has passed
+    without a byte moving.
+    """
+    cdef int r
+    cdef int timeout
+    cdef long long left
+    while True:
+        timeout = st.wait_ms
+        if st.idle_ms >= 0:
+            left = st.deadline_ms - _now_ms()
+            if left <= 0:
+                st.err = ETIMEDOUT
+                st.idle_expired = True
+                return STEP_ERROR
+            if timeout < 0 or left < timeout:
+                timeout = <int>left if left < 0x7FFFFFFF else 0x7FFFFFFF
+        # A cancel whose signal landed since the loop's last look (during a
+        # read that found nothing, say) would otherwise be slept through:
+        # look once more, right before the one wait that can last for ever.
+        # What is left of the window is closed by cancel()'s callers asking
+        # again (Relay.cancel, and the re-poker for the pool's own stops).
+        if FP_CANCELLABLE and fp_load_int(&st.cancel_req):
+            return STEP_CANCELLED
+        r = _wait(st, fd, events, timeout)
+        if r > 0:
+            return STEP_AGAIN
+        if r < 0:
+            return STEP_SIGNALS if st.err == EINTR else STEP_ERROR
+        if st.wait_ms >= 0:
+            return STEP_SIGNALS
+
+
+cdef int _write_pending(CopyState *st) noexcept nogil:
+    """Write what is pending; STEP_AGAIN once it is all out."""
+    cdef iovec iov[MAX_IOV]
+    cdef msghdr msg
+    cdef int cnt, i, err, r
+    cdef Py_ssize_t off, first, left
+    cdef ssize_t n
+    while st.pre_len > 0 or st.pend_len > 0:
+        # A cancel's signal cuts a blocked send short, and the partial
+        # count comes back here, not to _copy_step's check.
+        if FP_CANCELLABLE and fp_load_int(&st.cancel_req):
+            return STEP_CANCELLED
+        if st.dst_wait_first:
+            r = _wait_step(st, st.dst, POLLOUT)
+            if r != STEP_AGAIN:
+                return r
+        cnt = 0
+        if st.pre_len > 0:
+            iov[0].iov_base = <void *>st.pre_ptr
+            iov[0].iov_len = st.pre_len
+            cnt = 1
+        else:
+            off = st.pend_off
+            i = <int>(off // BUF_SIZE)
+            first = off - i * BUF_SIZE
+            left = st.pend_len - off
+            while left > 0:
+                iov[cnt].iov_base = st.bufs[i] + first
+                iov[cnt].iov_len = BUF_SIZE - first
+                if <Py_ssize_t>iov[cnt].iov_len > left:
+                    iov[cnt].iov_len = left
+                left -= iov[cnt].iov_len
+                first = 0
+                i += 1
+                cnt += 1
+        if st.dst_is_socket:
+            memset(&msg, 0, sizeof(msg))
+            msg.msg_iov = iov
+            msg.msg_iovlen = cnt
+            n = sendmsg(st.dst, &msg, MSG_NOSIGNAL | st.dst_send_flags)
+        elif st.dst_nowait:
+            n = pwritev2(st.dst, iov, cnt, -1, RWF_NOWAIT)
+            if n < 0 and (errno == EOPNOTSUPP or errno == EINVAL):
+                # An older kernel: no per-call non-blocking pipe write.
+                st.dst_nowait = False
+                st.dst_wait_first = True
+                continue
+        else:
+            n = writev(st.dst, iov, cnt)
+        if n < 0:
+            err = errno
+            if err == EINTR:
+                st.err = EINTR
+                return STEP_SIGNALS
+            if err == EAGAIN:  # == EWOULDBLOCK on Linux
+                r = _wait_step(st, st.dst, POLLOUT)
+                if r != STEP_AGAIN:
+                    return r
+                continue
+            st.err = err
+            return STEP_ERROR
+        fp_store_ll(&st.copied, st.copied + n)
+        _progress(st)
+        if st.pre_len > 0:
+            st.pre_ptr += n
+            st.pre_len -= n
+        else:
+            st.pend_off += n
+            if st.pend_off == st.pend_len:
+                st.pend_off = 0
+                st.pend_len = 0
+    return STEP_AGAIN
