@@ -1,3 +1,77 @@
+cdef int _write_pending(CopyState *st) noexcept nogil:
+    """Write what is pending; STEP_AGAIN once it is all out."""
+    cdef iovec iov[MAX_IOV]
+    cdef msghdr msg
+    cdef int cnt, i, err, r
+    cdef Py_ssize_t off, first, left
+    cdef ssize_t n
+    while st.pre_len > 0 or st.pend_len > 0:
+        # A cancel's signal cuts a blocked send short, and the partial
+        # count comes back here, not to _copy_step's check.
+        if FP_CANCELLABLE and fp_load_int(&st.cancel_req):
+            return STEP_CANCELLED
+        if st.dst_wait_first:
+            r = _wait_step(st, st.dst, POLLOUT)
+            if r != STEP_AGAIN:
+                return r
+        cnt = 0
+        if st.pre_len > 0:
+            iov[0].iov_base = <void *>st.pre_ptr
+            iov[0].iov_len = st.pre_len
+            cnt = 1
+        else:
+            off = st.pend_off
+            i = <int>(off // BUF_SIZE)
+            first = off - i * BUF_SIZE
+            left = st.pend_len - off
+            while left > 0:
+                iov[cnt].iov_base = st.bufs[i] + first
+                iov[cnt].iov_len = BUF_SIZE - first
+                if <Py_ssize_t>iov[cnt].iov_len > left:
+                    iov[cnt].iov_len = left
+                left -= iov[cnt].iov_len
+                first = 0
+                i += 1
+                cnt += 1
+        if st.dst_is_socket:
+            memset(&msg, 0, sizeof(msg))
+            msg.msg_iov = iov
+            msg.msg_iovlen = cnt
+            n = sendmsg(st.dst, &msg, MSG_NOSIGNAL | st.dst_send_flags)
+        elif st.dst_nowait:
+            n = pwritev2(st.dst, iov, cnt, -1, RWF_NOWAIT)
+            if n < 0 and (errno == EOPNOTSUPP or errno == EINVAL):
+                # An older kernel: no per-call non-blocking pipe write.
+                st.dst_nowait = False
+                st.dst_wait_first = True
+                continue
+        else:
+            n = writev(st.dst, iov, cnt)
+        if n < 0:
+            err = errno
+            if err == EINTR:
+                st.err = EINTR
+                return STEP_SIGNALS
+            if err == EAGAIN:  # == EWOULDBLOCK on Linux
+                r = _wait_step(st, st.dst, POLLOUT)
+                if r != STEP_AGAIN:
+                    return r
+                continue
+            st.err = err
+            return STEP_ERROR
+        fp_store_ll(&st.copied, st.copied + n)
+        _progress(st)
+        if st.pre_len > 0:
+            st.pre_ptr += n
+            st.pre_len -= n
+        else:
+            st.pend_off += n
+            if st.pend_off == st.pend_len:
+                st.pend_off = 0
+                st.pend_len = 0
+    return STEP_AGAIN
+
+
 cdef int _copy_step(CopyState *st) noexcept nogil:
     """Run the copy until it ends, fails, or must let signal handlers run."""
     cdef iovec iov[MAX_IOV]
