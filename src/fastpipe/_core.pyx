@@ -1,7 +1,7 @@
 # cython: language_level=3, embedsignature=True
 """The compiled core: a free-list of 32 KiB buffers and a GIL-free copy loop.
 
-Ownership rules, which every function below keeps:
+Ownership rules, which every function in the included files keeps:
 
 * A buffer belongs either to the free-list or to exactly one ``CopyJob``.
   It is never exposed to Python code, so it can be used without the GIL.
@@ -12,6 +12,20 @@ Ownership rules, which every function below keeps:
   returns to GIL-held code to finish, to raise, or to let signal handlers
   run (PEP 475); all its state lives in ``CopyState`` so it resumes exactly
   where it stopped.
+
+The code is one extension and one C file, split by concern into the files
+of ``core/`` that this file includes, in this order:
+
+* ``consts.pxi``: sizes, and the Method, FdKind and Step enums.
+* ``buffers.pxi``: the buffer free-list.
+* ``pipes.pxi``: the pipe pool, intermediate pipes for splice.
+* ``state.pxi``: ``CopyState``, the clock and the waits.
+* ``kernel.pxi``: the kernel step (copy_file_range, sendfile, splice).
+* ``readwrite.pxi``: the copy loop and its read/write step.
+* ``prepare.pxi``: path choice, and the start and end of a copy.
+* ``checks.pxi``: errno to ``OSError``, and the argument checks.
+* ``copyjob.pxi``: ``CopyJob``, ``copy_fd`` and ``fd_ready``.
+* ``poolcore.pxi``: the worker pool's GIL-free half, ``PoolCore``.
 """
 
 from libc.stdlib cimport free, malloc
@@ -46,6 +60,8 @@ from fastpipe._syscalls cimport (
 )
 
 
+# An include is textual: a struct or enum must stand above the first
+# declaration that uses it, so the order of these lines matters.
 include "core/consts.pxi"
 include "core/buffers.pxi"
 include "core/pipes.pxi"

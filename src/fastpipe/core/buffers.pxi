@@ -1,6 +1,5 @@
-# ---------------------------------------------------------------------------
-# The buffer free-list
-# ---------------------------------------------------------------------------
+# The buffer free-list: BUF_SIZE buffers taken and given back without the
+# GIL, buffer_stats() and trim_buffers().  It owns every buffer no copy holds.
 
 cdef struct FreeBuf:
     FreeBuf *next

@@ -1,3 +1,6 @@
+# Errors and argument checks: _raise_errno, the one errno -> OSError, and the
+# checks of an fd, a count and an idle_timeout.
+
 cdef int _raise_errno(int err) except -1:
     if err == ERR_SAME_FILE:
         raise OSError(EINVAL, "src and dst are the same file: the copy would read what it wrote")

@@ -1,3 +1,6 @@
+# Constants: buffer, pipe and chunk sizes, and the enums that name a copy's
+# path (Method), an fd's kind (FdKind) and what a copy step returns (Step).
+
 cdef enum:
     BUF_SIZE = 32768
     # Buffers per readv: up to 512 KiB per syscall.  Moving more per call is

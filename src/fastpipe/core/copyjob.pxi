@@ -1,3 +1,6 @@
+# CopyJob, one copy runnable once, in the caller's thread or a pool worker;
+# copy_fd() and fd_ready(), and the module-level names they use.
+
 cdef class CopyJob:
     """One copy from ``src_fd`` to ``dst_fd``, runnable once.
 

@@ -1,3 +1,7 @@
+# The kernel step: copy_file_range, sendfile or splice until the end, with
+# its helpers (the direct splice's EAGAIN, when a path gives up, the idle
+# alarm that bounds a blocking sendfile or splice).
+
 cdef int _wait_both(CopyState *st) noexcept nogil:
     """After EAGAIN from a direct splice: wait for whichever end is not ready.
 

@@ -1,6 +1,5 @@
-# ---------------------------------------------------------------------------
-# The pipe pool: intermediate pipes for splice
-# ---------------------------------------------------------------------------
+# The pipe pool: intermediate pipes for splice, taken and given back without
+# the GIL, pipe_stats() and trim_pipes().  It owns every pipe no copy holds.
 #
 # splice needs a pipe on one side, so socket->socket (and pipe/socket->file)
 # goes src -> pooled pipe -> dst.  A pipe is O_NONBLOCK (the pipe side of a

@@ -1,6 +1,5 @@
-# ---------------------------------------------------------------------------
-# The worker pool's GIL-free half
-# ---------------------------------------------------------------------------
+# The worker pool's GIL-free half: CWorker, WorkerHandle and PoolCore (the
+# policy lives in _pool.py).
 #
 # A worker thread spends its whole life in PoolCore.worker_main with the GIL
 # released: parked on its own semaphore, copying, or handing the finished job

@@ -1,3 +1,7 @@
+# Path choice and the ends of a copy: the fds' kinds, the kernel path for the
+# pair, the same-file check, _prepare before the loop, _discard after it, and
+# _copy_in_worker, the whole of a pool job's copy.
+
 cdef int _fd_kind(int fd, int *kind, int *err) noexcept nogil:
     cdef stat sb
     if fstat(fd, &sb) < 0:

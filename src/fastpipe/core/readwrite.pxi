@@ -1,3 +1,7 @@
+# The copy loop and its read/write step: _copy_step drives a copy, handing
+# over to the kernel step while a kernel path is in use, else reading into
+# pooled buffers and writing them out (_write_pending).
+
 cdef int _write_pending(CopyState *st) noexcept nogil:
     """Write what is pending; STEP_AGAIN once it is all out."""
     cdef iovec iov[MAX_IOV]

@@ -1,6 +1,6 @@
-# ---------------------------------------------------------------------------
-# The copy loop
-# ---------------------------------------------------------------------------
+# The copy state and the waits: CopyState (all a copy needs to resume where
+# it stopped), giving its buffers and pipe back, the clock, and the poll that
+# ends on readiness, a main-thread tick, idle_timeout or a cancel.
 
 cdef struct CopyState:
     int src
