@@ -31,6 +31,8 @@ if sanitize:
 extensions = [
     Extension(
         "fastpipe._core",
+        # It includes src/fastpipe/core/*.pxi: cythonize follows the includes
+        # and rebuilds when one of them changes.
         ["src/fastpipe/_core.pyx"],
         include_dirs=["src/fastpipe"],
         extra_compile_args=compile_args,
