@@ -2,7 +2,7 @@
 
 Subcommands:
     cp: copy a file, a pipe or standard input (``_cli_cp``).
-    forward: a TCP port forwarder, one proxy per connection (``_cli_forward``).
+    forward: a TCP port forwarder, one proxy per connection (``_cli.forward``).
     bench: fastpipe.relay side by side with ``shutil.copyfileobj``.
 """
 
@@ -23,7 +23,8 @@ from fastpipe._cli_args import Stopped, positive_int, positive_multiple_of, stop
 def build_parser() -> argparse.ArgumentParser:
     """The ``fastpipe`` argument parser, one subparser per subcommand."""
     # stdlib only, and fastpipe is imported anyway
-    from fastpipe import _bench, _cli_cp, _cli_forward
+    from fastpipe import _bench, _cli_cp
+    from fastpipe._cli import forward as _cli_forward
 
     parser = argparse.ArgumentParser(
         prog="fastpipe",

@@ -1,0 +1,1 @@
+"""The ``fastpipe`` command line, one module per subcommand."""
