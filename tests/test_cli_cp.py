@@ -21,7 +21,7 @@ from typing import Any
 import pexpect
 import pytest
 
-from fastpipe._progress import PlainProgress, format_bytes
+from fastpipe._cli.progress import PlainProgress, format_bytes
 
 from conftest import wait_for
 

@@ -2018,7 +2018,7 @@ def _twin_child(argv: list[str]) -> int:
     if fastpipe.IMPLEMENTATION != implementation:
         sys.stderr.write(f"expected the {implementation!r} core, got {fastpipe.IMPLEMENTATION!r}\n")
         return 1
-    from fastpipe._cli_args import stop_signals_raise
+    from fastpipe._cli.args import stop_signals_raise
 
     directory = new_scratch_dir(size)
     results: list[Result] = []

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NamedTuple, TextIO
 
-from fastpipe._cli_args import positive_int, seconds
+from fastpipe._cli.args import positive_int, seconds
 
 if TYPE_CHECKING:
     from fastpipe._pool import WorkerPool

@@ -29,7 +29,7 @@ import textwrap
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
-    from fastpipe._progress import Progress
+    from fastpipe._cli.progress import Progress
     from fastpipe._relay import Relay
 
 #: How often the progress display is redrawn, in seconds.
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     Raises:
         KeyboardInterrupt: on Ctrl-C, after removing the partial destination;
             the caller turns it into exit status 130.
-        Stopped: the same for SIGTERM and SIGHUP (``_cli_args``).
+        Stopped: the same for SIGTERM and SIGHUP (``_cli.args``).
     """
     err = sys.stderr
     try:
@@ -147,7 +147,7 @@ def copy(src: str, dst: str, *, quiet: bool, keep_partial: bool, err: TextIO) ->
     try:
         display = None
         if not quiet and err.isatty() and not (dst == "-" and _is_terminal(1)):
-            from fastpipe._progress import make_progress
+            from fastpipe._cli.progress import make_progress
 
             display = make_progress(total, err)
         _wait(relay, display)
