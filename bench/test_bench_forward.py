@@ -3,7 +3,7 @@
 Groups: ``forward-bulk`` (a sender process -> forwarder -> a sink process
 that checks every byte) and ``forward-round-trips`` (100-byte request/response
 round trips through each forwarder, and ``direct`` without one).  See
-``fastpipe._bench_forward``.  ``extra_info`` has MiB/s and the forwarder's CPU
+``fastpipe._bench.forward``.  ``extra_info`` has MiB/s and the forwarder's CPU
 time for bulk, and per-round-trip latency (``rtt_median_us``: the median of
 the rounds' medians, ``rtt_best_median_us``, ``rtt_p99_us``) for round trips.
 
@@ -19,7 +19,8 @@ from collections.abc import Callable
 
 import pytest
 
-from fastpipe import _bench, _bench_forward
+from fastpipe import _bench
+from fastpipe._bench import forward as _bench_forward
 
 from conftest import BenchConfig
 

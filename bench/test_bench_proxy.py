@@ -2,7 +2,7 @@
 
 Each group holds ``fastpipe-proxy`` and its two baselines, an asyncio-streams
 relay and two threads running ``shutil.copyfileobj`` (see
-``fastpipe._bench_proxy``).  The peers run in other processes.
+``fastpipe._bench.proxy``).  The peers run in other processes.
 
 Sizes: FASTPIPE_BENCH_MB for the bulk copy (see conftest.py) and
 FASTPIPE_BENCH_ROUND_TRIPS (default 2000) of 100 bytes each way; the smoke
@@ -16,7 +16,8 @@ from collections.abc import Callable
 
 import pytest
 
-from fastpipe import _bench, _bench_proxy
+from fastpipe import _bench
+from fastpipe._bench import proxy as _bench_proxy
 
 from conftest import BenchConfig
 

@@ -127,7 +127,10 @@ def test_plot_draws_methods_and_workloads_it_does_not_know(tmp_path: Path) -> No
     png = tmp_path / "synthetic.png"
     # In a subprocess: matplotlib keeps its font files open for the life of
     # the process, which the fd-leak check would rightly flag here.
-    draw = "import sys; from fastpipe._plot import plot_file; plot_file(sys.argv[1], sys.argv[2])"
+    draw = (
+        "import sys; from fastpipe._bench.plot import plot_file; "
+        "plot_file(sys.argv[1], sys.argv[2])"
+    )
     proc = subprocess.run(
         [sys.executable, "-c", draw, str(saved), str(png)],
         capture_output=True,
@@ -140,7 +143,7 @@ def test_plot_draws_methods_and_workloads_it_does_not_know(tmp_path: Path) -> No
 
 
 def test_workloads_keep_their_order_with_fastpipe_first_and_no_setup_only() -> None:
-    from fastpipe import _plot
+    from fastpipe._bench import plot as _plot
 
     doc = _synthetic_doc()
     before = copy.deepcopy(doc)

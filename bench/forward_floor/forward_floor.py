@@ -1,6 +1,6 @@
 """What a forwarder adds to a small round trip on this machine, whoever writes it.
 
-``fastpipe._bench_forward``'s ``forward-round-trips`` workload (100-byte
+``fastpipe._bench.forward``'s ``forward-round-trips`` workload (100-byte
 request/response round trips between two peer processes, every answer
 checked, methods taking turns round by round) with two more forwarders:
 
@@ -26,7 +26,8 @@ import tempfile
 import time
 from typing import ClassVar
 
-from fastpipe import _bench, _bench_forward
+from fastpipe import _bench
+from fastpipe._bench import forward as _bench_forward
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

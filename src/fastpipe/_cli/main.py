@@ -109,7 +109,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 def _plot_problem(path: str) -> str | None:
     """Why ``--plot path`` cannot work, or None."""
-    from fastpipe import _plot
+    from fastpipe._bench import plot as _plot
 
     try:
         _plot.check_available()
@@ -128,7 +128,8 @@ def _bench_and_plot(args: argparse.Namespace) -> int:
     keeps the plot to exactly what ``--json`` reports and leaves ``_bench``
     unaware of plotting.
     """
-    from fastpipe import _bench, _plot
+    from fastpipe import _bench
+    from fastpipe._bench import plot as _plot
 
     to_stdout = args.json == "-"
     scratch = None

@@ -1,6 +1,6 @@
 """The two peers of the proxy round-trip benchmark, run as separate processes.
 
-Standard library only: ``_bench_proxy`` runs this file with ``python -I -S``
+Standard library only: ``_bench.proxy`` runs this file with ``python -I -S``
 so that a peer costs the relay's process nothing but the bytes it relays.
 
     echo-server MSGSIZE          listen, say "ready PORT", echo MSGSIZE-byte

@@ -23,7 +23,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ._bench import COPYFILEOBJ, COPYFILEOBJ_POOL, FASTPIPE, FASTPIPE_IDLE, METHOD_TITLES
+from fastpipe._bench import COPYFILEOBJ, COPYFILEOBJ_POOL, FASTPIPE, FASTPIPE_IDLE, METHOD_TITLES
 
 #: Labels for the methods' axis: the text tables' titles, spelt out where a
 #: table's column header says the rest.  A method not listed shows under its

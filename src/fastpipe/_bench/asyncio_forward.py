@@ -4,7 +4,7 @@ Written the way such a forwarder usually is: ``asyncio.start_server``, one
 ``asyncio.open_connection`` to the target per client, and two pump tasks
 ``reader.read(65536)`` / ``writer.write`` / ``await writer.drain()`` with
 ``write_eof()`` at end of file (asyncio sets TCP_NODELAY on TCP transports
-itself).  Standard library only: ``_bench_forward`` runs it as
+itself).  Standard library only: ``_bench.forward`` runs it as
 ``python -I -S <this file> LISTEN_PORT TARGET_PORT`` (both on 127.0.0.1).
 
 It prints ``... listening on 127.0.0.1:PORT, forwarding to ...`` on stderr,

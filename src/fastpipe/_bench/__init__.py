@@ -2152,7 +2152,9 @@ def _write_json(
 
 
 if __name__ == "__main__":
-    # The endpoint processes: python -I -S _bench.py endpoint ROLE ARGS...
+    # The endpoint processes: python -I -S _bench/__init__.py endpoint ROLE ARGS...
     if sys.argv[1:2] != ["endpoint"] or len(sys.argv) < 3:
-        raise SystemExit("usage: _bench.py endpoint ROLE [ARGS...] (internal to fastpipe bench)")
+        raise SystemExit(
+            "usage: _bench/__init__.py endpoint ROLE [ARGS...] (internal to fastpipe bench)"
+        )
     sys.exit(_endpoint_main(sys.argv[2:]))

@@ -15,7 +15,7 @@ peers must not share the relay's GIL, or the figures measure them):
 
 Workloads: ``proxy-bulk`` (the ``_bench`` sender process -> proxy -> the
 ``_bench`` sink process, which checks every byte) and ``proxy-round-trips``
-(``_bench_proxy_peers``: a client making request/response round trips of
+(``_bench.proxy_peers``: a client making request/response round trips of
 100 bytes through the proxy to an echo server).  The accept and the connect
 happen in setup; the timed part is the relaying only, and its CPU time is
 this process's.
@@ -49,11 +49,11 @@ _HOW = {
 
 
 class _Peer(_bench.Endpoint):
-    """A ``_bench_proxy_peers`` process, driven like ``_bench.Endpoint``."""
+    """A ``_bench.proxy_peers`` process, driven like ``_bench.Endpoint``."""
 
     def __init__(self, role: str, *args: object) -> None:
         self.role = role
-        peers = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_bench_proxy_peers.py")
+        peers = os.path.join(os.path.dirname(os.path.abspath(__file__)), "proxy_peers.py")
         self.proc = subprocess.Popen(
             [sys.executable, "-I", "-S", peers, role, *(str(a) for a in args)],
             stdin=subprocess.PIPE,

@@ -5,7 +5,7 @@ Both forwarders are whole processes, started for each round (not timed) on
 127.0.0.1 port 0 with the round's server as their target:
 
 * ``fastpipe-forward``: ``python -m fastpipe forward -q 127.0.0.1:0 TARGET``.
-* ``asyncio-forward``: ``_bench_asyncio_forward`` (``asyncio.start_server``,
+* ``asyncio-forward``: ``_bench.asyncio_forward`` (``asyncio.start_server``,
   ``open_connection``, two read(65536)/write/drain pumps per connection).
 * ``direct`` (round trips only): the client connects to the server itself,
   the yardstick for the forwarder's added latency.
@@ -16,7 +16,7 @@ Workloads:
   ``_bench`` sink process, which checks every byte.  The timed part runs
   from "go" to the sink's "done" line, so it includes the connection's last
   bytes reaching the sink and the sink seeing end of file.
-* ``forward-round-trips``: ``_bench_proxy_peers``' ``rr-latency`` client
+* ``forward-round-trips``: ``_bench.proxy_peers``' ``rr-latency`` client
   making request/response round trips of 100 bytes through the forwarder to
   an echo server; it times each round trip and reports the median, which is
   what the issue's target is about ("at most 30% added to the median").
@@ -36,7 +36,8 @@ import subprocess
 import sys
 from typing import Any, ClassVar
 
-from fastpipe import _bench, _bench_proxy
+from fastpipe import _bench
+from fastpipe._bench import proxy as _bench_proxy
 
 FASTPIPE_FORWARD = "fastpipe-forward"
 ASYNCIO_FORWARD = "asyncio-forward"
@@ -67,13 +68,13 @@ class ForwarderProcess(_bench.Endpoint):
         if method == FASTPIPE_FORWARD:
             # Not -I: fastpipe must be importable as it is here (PYTHONPATH,
             # or the source tree of this very file).
-            package_root = os.path.dirname(_HERE)
+            package_root = os.path.dirname(os.path.dirname(_HERE))
             path = os.environ.get("PYTHONPATH", "")
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (package_root, path) if p))
             cmd = [sys.executable, "-m", "fastpipe", "forward", "-q", "127.0.0.1:0", target]
         elif method == ASYNCIO_FORWARD:
             env = None
-            script = os.path.join(_HERE, "_bench_asyncio_forward.py")
+            script = os.path.join(_HERE, "asyncio_forward.py")
             cmd = [sys.executable, "-I", "-S", script, "0", str(target_port)]
         else:
             raise ValueError(f"no forwarder process for {method!r}")
