@@ -35,10 +35,11 @@ import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
 import fastpipe
-from fastpipe import _bench
+from fastpipe._bench import common, host, small_relays, suite
+from fastpipe._bench.cases import Case
 
 SMOKE_MB = 4
-SMOKE_RELAYS = 2 * _bench.SMALL_IN_FLIGHT
+SMOKE_RELAYS = 2 * small_relays.SMALL_IN_FLIGHT
 
 
 def _env_int(name: str, default: int) -> int:
@@ -71,11 +72,11 @@ def bench_config(benchmark: BenchmarkFixture) -> BenchConfig:
     smoke = benchmark.disabled or _env_int("FASTPIPE_BENCH_SMOKE", 0) > 0
     if smoke:
         return BenchConfig(
-            size=SMOKE_MB * _bench.MiB, relays=SMOKE_RELAYS, rounds=1, warmup=0, smoke=True
+            size=SMOKE_MB * common.MiB, relays=SMOKE_RELAYS, rounds=1, warmup=0, smoke=True
         )
     return BenchConfig(
-        size=_env_int("FASTPIPE_BENCH_MB", _bench.DEFAULT_SIZE_MIB) * _bench.MiB,
-        relays=_env_int("FASTPIPE_BENCH_RELAYS", _bench.SMALL_RELAYS),
+        size=_env_int("FASTPIPE_BENCH_MB", suite.DEFAULT_SIZE_MIB) * common.MiB,
+        relays=_env_int("FASTPIPE_BENCH_RELAYS", small_relays.SMALL_RELAYS),
         rounds=_env_int("FASTPIPE_BENCH_ROUNDS", 5),
         warmup=_env_int("FASTPIPE_BENCH_WARMUP", 1),
         smoke=False,
@@ -98,16 +99,14 @@ def bench_relays(bench_config: BenchConfig) -> int:
 def scratch_dir() -> Iterator[str]:
     """A directory on tmpfs (``/dev/shm``) when it has room, removed at the end."""
     # The largest size any benchmark of the session may ask for.
-    size = max(SMOKE_MB, _env_int("FASTPIPE_BENCH_MB", _bench.DEFAULT_SIZE_MIB)) * _bench.MiB
-    path = _bench.new_scratch_dir(size)
+    size = max(SMOKE_MB, _env_int("FASTPIPE_BENCH_MB", suite.DEFAULT_SIZE_MIB)) * common.MiB
+    path = host.new_scratch_dir(size)
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
-def run_case(
-    benchmark: BenchmarkFixture, bench_config: BenchConfig
-) -> Callable[[_bench.Case], None]:
+def run_case(benchmark: BenchmarkFixture, bench_config: BenchConfig) -> Callable[[Case], None]:
     """Return ``run(case)``: benchmark ``case`` and record its figures.
 
     Timed: ``case.run`` only.  ``case.setup`` (endpoint processes, fds) and
@@ -116,7 +115,7 @@ def run_case(
     seconds and CPU s/GiB (medians over the rounds), and how the method runs.
     """
 
-    def run(case: _bench.Case) -> None:
+    def run(case: Case) -> None:
         # The smoke run: one round, no warm-up.  Otherwise at least the
         # case's own warm-up (growing worker pools).
         if bench_config.smoke:

@@ -19,12 +19,12 @@ from collections.abc import Callable
 
 import pytest
 
-from fastpipe import _bench
 from fastpipe._bench import forward as _bench_forward
+from fastpipe._bench.cases import Case
 
 from conftest import BenchConfig
 
-RunCase = Callable[[_bench.Case], None]
+RunCase = Callable[[Case], None]
 
 SMOKE_ROUND_TRIPS = 40
 

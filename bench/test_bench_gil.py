@@ -19,12 +19,13 @@ from collections.abc import Callable
 
 import pytest
 
-from fastpipe import _bench
+from fastpipe._bench import workloads
+from fastpipe._bench.cases import Case
 
-RunCase = Callable[[_bench.Case], None]
+RunCase = Callable[[Case], None]
 
 
 @pytest.mark.benchmark(group="tcp-main-spins")
-@pytest.mark.parametrize("method", _bench.TcpMainSpins.methods)
+@pytest.mark.parametrize("method", workloads.TcpMainSpins.methods)
 def test_tcp_main_spins(run_case: RunCase, bench_size: int, method: str) -> None:
-    run_case(_bench.TcpMainSpins(method, bench_size))
+    run_case(workloads.TcpMainSpins(method, bench_size))

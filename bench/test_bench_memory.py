@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from fastpipe import _bench
+from fastpipe._bench import memory
 
 RELAYS = 1000
 TARGET_KIB = 24
@@ -21,7 +21,7 @@ def test_idle_relays_rss(benchmark: BenchmarkFixture) -> None:
     results: list[tuple[float, int, int]] = []
 
     def measure() -> None:
-        results.append(_bench.measure_idle_rss(RELAYS))
+        results.append(memory.measure_idle_rss(RELAYS))
 
     benchmark.pedantic(measure, rounds=1, iterations=1)
     kib, workers, in_use = results[-1]

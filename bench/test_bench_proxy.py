@@ -16,12 +16,12 @@ from collections.abc import Callable
 
 import pytest
 
-from fastpipe import _bench
 from fastpipe._bench import proxy as _bench_proxy
+from fastpipe._bench.cases import Case
 
 from conftest import BenchConfig
 
-RunCase = Callable[[_bench.Case], None]
+RunCase = Callable[[Case], None]
 
 SMOKE_ROUND_TRIPS = 40
 

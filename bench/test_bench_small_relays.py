@@ -13,12 +13,13 @@ from collections.abc import Callable
 
 import pytest
 
-from fastpipe import _bench
+from fastpipe._bench import small_relays
+from fastpipe._bench.cases import Case
 
-RunCase = Callable[[_bench.Case], None]
+RunCase = Callable[[Case], None]
 
 
 @pytest.mark.benchmark(group="small-relays")
-@pytest.mark.parametrize("method", _bench.SmallRelays.methods)
+@pytest.mark.parametrize("method", small_relays.SmallRelays.methods)
 def test_small_relays(run_case: RunCase, bench_relays: int, method: str) -> None:
-    run_case(_bench.SmallRelays(method, bench_relays))
+    run_case(small_relays.SmallRelays(method, bench_relays))

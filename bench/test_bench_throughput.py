@@ -22,36 +22,37 @@ from collections.abc import Callable
 
 import pytest
 
-from fastpipe import _bench
+from fastpipe._bench import workloads
+from fastpipe._bench.cases import Case
 
-RunCase = Callable[[_bench.Case], None]
+RunCase = Callable[[Case], None]
 
 
 @pytest.mark.benchmark(group="file-to-file")
-@pytest.mark.parametrize("method", _bench.FileToFile.methods)
+@pytest.mark.parametrize("method", workloads.FileToFile.methods)
 def test_file_to_file(run_case: RunCase, bench_size: int, scratch_dir: str, method: str) -> None:
-    run_case(_bench.FileToFile(method, bench_size, scratch_dir))
+    run_case(workloads.FileToFile(method, bench_size, scratch_dir))
 
 
 @pytest.mark.benchmark(group="pipe-to-file")
-@pytest.mark.parametrize("method", _bench.PipeToFile.methods)
+@pytest.mark.parametrize("method", workloads.PipeToFile.methods)
 def test_pipe_to_file(run_case: RunCase, bench_size: int, scratch_dir: str, method: str) -> None:
-    run_case(_bench.PipeToFile(method, bench_size, scratch_dir))
+    run_case(workloads.PipeToFile(method, bench_size, scratch_dir))
 
 
 @pytest.mark.benchmark(group="tcp-to-tcp")
-@pytest.mark.parametrize("method", _bench.TcpToTcp.methods)
+@pytest.mark.parametrize("method", workloads.TcpToTcp.methods)
 def test_tcp_to_tcp(run_case: RunCase, bench_size: int, method: str) -> None:
-    run_case(_bench.TcpToTcp(method, bench_size))
+    run_case(workloads.TcpToTcp(method, bench_size))
 
 
 @pytest.mark.benchmark(group="file-to-tcp")
-@pytest.mark.parametrize("method", _bench.FileToTcp.methods)
+@pytest.mark.parametrize("method", workloads.FileToTcp.methods)
 def test_file_to_tcp(run_case: RunCase, bench_size: int, scratch_dir: str, method: str) -> None:
-    run_case(_bench.FileToTcp(method, bench_size, scratch_dir))
+    run_case(workloads.FileToTcp(method, bench_size, scratch_dir))
 
 
 @pytest.mark.benchmark(group="pipe-to-tcp")
-@pytest.mark.parametrize("method", _bench.PipeToTcp.methods)
+@pytest.mark.parametrize("method", workloads.PipeToTcp.methods)
 def test_pipe_to_tcp(run_case: RunCase, bench_size: int, method: str) -> None:
-    run_case(_bench.PipeToTcp(method, bench_size))
+    run_case(workloads.PipeToTcp(method, bench_size))

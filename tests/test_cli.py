@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from fastpipe import _bench
+from fastpipe._bench import common, host, twins
 
 from conftest import wait_for
 
@@ -106,10 +106,10 @@ def test_sigterm_stops_the_bench_and_leaves_nothing_behind(phase: str) -> None:
     """SIGTERM (timeout, kill) cleans up as Ctrl-C does: the scratch files,
     which on tmpfs hold memory, the endpoint processes and the other twin's
     child with its own scratch files; then exit 143."""
-    if phase == "twin" and _bench.other_twin() is None:
+    if phase == "twin" and twins.other_twin() is None:
         pytest.skip("no other twin to measure")
     size = 8
-    root = _bench.scratch_root(_bench.scratch_room(size * _bench.MiB))
+    root = host.scratch_root(host.scratch_room(size * common.MiB))
     before = _scratch_dirs(root)
     mark = f"fastpipe-test-{uuid.uuid4()}"
     env = dict(os.environ, FASTPIPE_TEST_MARK=mark)

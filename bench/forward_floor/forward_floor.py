@@ -26,7 +26,7 @@ import tempfile
 import time
 from typing import ClassVar
 
-from fastpipe import _bench
+from fastpipe._bench import common, runner
 from fastpipe._bench import forward as _bench_forward
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -65,11 +65,11 @@ class CommandForwarder(_bench_forward.ForwarderProcess):
     def ready(self) -> list[str]:
         # Not a probe connection: it would be the forwarder's one and only
         # client.  The listening socket shows in /proc/net/tcp instead.
-        deadline = time.monotonic() + _bench.TIMEOUT
+        deadline = time.monotonic() + common.TIMEOUT
         while not _listening(self.port):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 err = self.kill().decode("utf-8", "replace").strip()
-                raise _bench.BenchError(f"{self.role}: not listening on {self.port}: {err}")
+                raise common.BenchError(f"{self.role}: not listening on {self.port}: {err}")
             time.sleep(0.02)
         return [str(self.port)]
 
@@ -120,7 +120,7 @@ def main() -> None:
             **{method: " ".join(cmd) for method, cmd in commands.items()},
         }
         cases = [FloorRoundTrips(method, trips) for method in methods]
-        results = _bench.run_workload(cases, rounds)
+        results = runner.run_workload(cases, rounds)
     direct = results[0].extra["rtt_median_us"]
     print(f"{_bench_forward.MESSAGE_SIZE}-byte round trips, {trips} per round, {rounds} rounds:")
     print("  median of the rounds' median round trips [best], µs")

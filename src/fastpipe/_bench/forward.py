@@ -12,8 +12,8 @@ Both forwarders are whole processes, started for each round (not timed) on
 
 Workloads:
 
-* ``forward-bulk``: the ``_bench`` sender process -> forwarder -> the
-  ``_bench`` sink process, which checks every byte.  The timed part runs
+* ``forward-bulk``: the sender endpoint process -> forwarder -> the
+  sink endpoint process, which checks every byte.  The timed part runs
   from "go" to the sink's "done" line, so it includes the connection's last
   bytes reaching the sink and the sink seeing end of file.
 * ``forward-round-trips``: ``_bench.proxy_peers``' ``rr-latency`` client
@@ -36,8 +36,11 @@ import subprocess
 import sys
 from typing import Any, ClassVar
 
-from fastpipe import _bench
 from fastpipe._bench import proxy as _bench_proxy
+from fastpipe._bench.cases import Case
+from fastpipe._bench.common import TIMEOUT, BenchError
+from fastpipe._bench.endpoints import Endpoint
+from fastpipe._bench.pattern import describe_mismatch
 
 FASTPIPE_FORWARD = "fastpipe-forward"
 ASYNCIO_FORWARD = "asyncio-forward"
@@ -55,10 +58,10 @@ _HOW = {
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-class ForwarderProcess(_bench.Endpoint):
+class ForwarderProcess(Endpoint):
     """A forwarder process listening on 127.0.0.1:0, forwarding to ``target_port``.
 
-    Driven like ``_bench.Endpoint`` (``kill()`` reaps it on every path); its
+    Driven like ``endpoints.Endpoint`` (``kill()`` reaps it on every path); its
     listening address comes from its stderr line ``listening on HOST:PORT,``.
     """
 
@@ -95,12 +98,12 @@ class ForwarderProcess(_bench.Endpoint):
         """
         stderr = self.proc.stderr
         assert stderr is not None
-        readable, _, _ = select.select([stderr], [], [], _bench.TIMEOUT)
+        readable, _, _ = select.select([stderr], [], [], TIMEOUT)
         line = stderr.readline().decode("utf-8", "replace") if readable else ""
         _, found, rest = line.partition(" listening on ")
         if not found:
             err = self.kill().decode("utf-8", "replace").strip()
-            raise _bench.BenchError(f"{self.role}: not listening (said {line!r}): {err}")
+            raise BenchError(f"{self.role}: not listening (said {line!r}): {err}")
         return [rest.split(",")[0].rpartition(":")[2]]
 
     def cpu(self) -> float:
@@ -118,17 +121,17 @@ class ForwarderProcess(_bench.Endpoint):
         """
         self.proc.send_signal(signal.SIGTERM)
         try:
-            _, err = self.proc.communicate(timeout=_bench.TIMEOUT)
+            _, err = self.proc.communicate(timeout=TIMEOUT)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise _bench.BenchError(f"{self.role}: still running after SIGTERM") from None
+            raise BenchError(f"{self.role}: still running after SIGTERM") from None
         self._reaped = True
         text = err.decode("utf-8", "replace")
         if self.proc.returncode != 0 or "Traceback" in text:
-            raise _bench.BenchError(f"{self.role}: exit status {self.proc.returncode}: {text}")
+            raise BenchError(f"{self.role}: exit status {self.proc.returncode}: {text}")
 
 
-def _read_done(endpoint: _bench.Endpoint) -> list[str]:
+def _read_done(endpoint: Endpoint) -> list[str]:
     """Block until ``endpoint`` says ``done ...``; return the words after it.
 
     The timed part ends here, not at the process's exit.
@@ -138,24 +141,24 @@ def _read_done(endpoint: _bench.Endpoint) -> list[str]:
     words = stdout.readline().decode("ascii", "replace").split()
     if not words or words[0] != "done":
         err = endpoint.kill().decode("utf-8", "replace").strip()
-        raise _bench.BenchError(f"endpoint {endpoint.role}: said {words} instead of done: {err}")
+        raise BenchError(f"endpoint {endpoint.role}: said {words} instead of done: {err}")
     return words[1:]
 
 
-def _reap(endpoint: _bench.Endpoint) -> None:
+def _reap(endpoint: Endpoint) -> None:
     """Wait for an endpoint whose ``done`` line was read already; it must exit 0."""
     try:
-        _, err = endpoint.proc.communicate(timeout=_bench.TIMEOUT)
+        _, err = endpoint.proc.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
         endpoint.kill()
-        raise _bench.BenchError(f"endpoint {endpoint.role}: did not exit") from None
+        raise BenchError(f"endpoint {endpoint.role}: did not exit") from None
     endpoint._reaped = True
     if endpoint.proc.returncode != 0:
         tail = err.decode("utf-8", "replace").strip()
-        raise _bench.BenchError(f"endpoint {endpoint.role}: exit status, {tail}")
+        raise BenchError(f"endpoint {endpoint.role}: exit status, {tail}")
 
 
-class _ForwardCase(_bench.Case):
+class _ForwardCase(Case):
     """A round through a forwarder process (or none, for ``direct``)."""
 
     how: ClassVar[dict[str, str]] = _HOW
@@ -196,11 +199,11 @@ class ForwardBulk(_ForwardCase):
     methods: ClassVar[tuple[str, ...]] = (FASTPIPE_FORWARD, ASYNCIO_FORWARD)
 
     def _setup_round(self) -> None:
-        self._sink = _bench.Endpoint("tcp-sink")
+        self._sink = Endpoint("tcp-sink")
         self._held.endpoints.append(self._sink)
         (sink_port,) = self._sink.ready()
         port = self._forwarder_port(int(sink_port))
-        self._sender = _bench.Endpoint("tcp-send", port, self.nbytes)
+        self._sender = Endpoint("tcp-send", port, self.nbytes)
         self._held.endpoints.append(self._sender)
         self._sender.ready()
 
@@ -213,9 +216,9 @@ class ForwardBulk(_ForwardCase):
         _reap(self._sink)
         total, first_bad, sink_cpu = self._sink_words
         self._endpoint_cpu = float(send_cpu) + float(sink_cpu)
-        problem = _bench.describe_mismatch(int(total), int(first_bad), self.nbytes)
+        problem = describe_mismatch(int(total), int(first_bad), self.nbytes)
         if problem:
-            raise _bench.BenchError(f"{self.workload}/{self.method}: the sink says {problem}")
+            raise BenchError(f"{self.workload}/{self.method}: the sink says {problem}")
         self._stop_forwarder()
 
 
@@ -250,7 +253,7 @@ class ForwardRoundTrips(_ForwardCase):
         (server_trips,) = self._server.finish()
         trips, median, low, p99 = (int(w) for w in self._client_words)
         if trips != self.trips or int(server_trips) != self.trips:
-            raise _bench.BenchError(
+            raise BenchError(
                 f"{self.workload}/{self.method}: {trips}/{server_trips}"
                 f" round trips, not {self.trips}"
             )

@@ -1,7 +1,7 @@
 """``fastpipe bench --plot FILE.png``: the benchmark's results as a bar chart.
 
 It draws the document that ``fastpipe bench --json`` writes (see
-``_bench._write_json``), nothing else, so what the chart shows and what the
+``suite._write_json``), nothing else, so what the chart shows and what the
 JSON says cannot drift apart, and a saved JSON file can be drawn again with
 ``plot_file()``.
 
@@ -23,7 +23,13 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fastpipe._bench import COPYFILEOBJ, COPYFILEOBJ_POOL, FASTPIPE, FASTPIPE_IDLE, METHOD_TITLES
+from fastpipe._bench.methods import (
+    COPYFILEOBJ,
+    COPYFILEOBJ_POOL,
+    FASTPIPE,
+    FASTPIPE_IDLE,
+    METHOD_TITLES,
+)
 
 #: Labels for the methods' axis: the text tables' titles, spelt out where a
 #: table's column header says the rest.  A method not listed shows under its

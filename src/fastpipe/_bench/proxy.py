@@ -13,8 +13,8 @@ peers must not share the relay's GIL, or the figures measure them):
   unbuffered ``makefile()`` objects (a buffered reader would wait for 64 KiB
   before passing on a 100-byte request), then ``shutdown(SHUT_WR)``.
 
-Workloads: ``proxy-bulk`` (the ``_bench`` sender process -> proxy -> the
-``_bench`` sink process, which checks every byte) and ``proxy-round-trips``
+Workloads: ``proxy-bulk`` (the sender endpoint process -> proxy -> the
+sink endpoint process, which checks every byte) and ``proxy-round-trips``
 (``_bench.proxy_peers``: a client making request/response round trips of
 100 bytes through the proxy to an echo server).  The accept and the connect
 happen in setup; the timed part is the relaying only, and its CPU time is
@@ -32,7 +32,10 @@ import sys
 import threading
 from typing import ClassVar
 
-from fastpipe import _bench
+from fastpipe._bench.cases import Case
+from fastpipe._bench.common import TIMEOUT, BenchError
+from fastpipe._bench.endpoints import Endpoint
+from fastpipe._bench.pattern import describe_mismatch
 
 FASTPIPE_PROXY = "fastpipe-proxy"
 ASYNCIO_STREAMS = "asyncio-streams"
@@ -48,8 +51,8 @@ _HOW = {
 }
 
 
-class _Peer(_bench.Endpoint):
-    """A ``_bench.proxy_peers`` process, driven like ``_bench.Endpoint``."""
+class _Peer(Endpoint):
+    """A ``_bench.proxy_peers`` process, driven like ``endpoints.Endpoint``."""
 
     def __init__(self, role: str, *args: object) -> None:
         self.role = role
@@ -108,7 +111,7 @@ async def _pump_asyncio(a: socket.socket, b: socket.socket) -> None:
             await writer.wait_closed()
 
 
-class _ProxyCase(_bench.Case):
+class _ProxyCase(Case):
     """A client peer -> this process -> a server peer, relayed both ways by ``method``."""
 
     methods: ClassVar[tuple[str, ...]] = (FASTPIPE_PROXY, ASYNCIO_STREAMS, COPYFILEOBJ_THREADS)
@@ -122,7 +125,7 @@ class _ProxyCase(_bench.Case):
 
     def _prepare(self) -> None:
         self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(_bench.TIMEOUT)
+        self._listener.settimeout(TIMEOUT)
 
     @property
     def _port(self) -> int:
@@ -150,7 +153,7 @@ class _ProxyCase(_bench.Case):
         if self.method == FASTPIPE_PROXY:
             import fastpipe
 
-            fastpipe.proxy(a, b).result(timeout=_bench.TIMEOUT)
+            fastpipe.proxy(a, b).result(timeout=TIMEOUT)
         elif self.method == ASYNCIO_STREAMS:
             asyncio.run(_pump_asyncio(a, b))
         else:
@@ -169,9 +172,9 @@ class ProxyBulk(_ProxyCase):
     title = "TCP -> proxy -> TCP, bulk"
 
     def _setup_round(self) -> None:
-        self._sink = _bench.Endpoint("tcp-sink")
+        self._sink = Endpoint("tcp-sink")
         self._held.endpoints.append(self._sink)
-        self._sender = _bench.Endpoint("tcp-send", self._port, self.nbytes)
+        self._sender = Endpoint("tcp-send", self._port, self.nbytes)
         self._held.endpoints.append(self._sender)
         (sink_port,) = self._sink.ready()
         self._sender.ready()
@@ -184,9 +187,9 @@ class ProxyBulk(_ProxyCase):
     def _verify_round(self) -> None:
         self._sender.finish()
         total, first_bad, _ = self._sink.finish()
-        problem = _bench.describe_mismatch(int(total), int(first_bad), self.nbytes)
+        problem = describe_mismatch(int(total), int(first_bad), self.nbytes)
         if problem:
-            raise _bench.BenchError(f"{self.workload}/{self.method}: the sink says {problem}")
+            raise BenchError(f"{self.workload}/{self.method}: the sink says {problem}")
 
 
 class ProxyRoundTrips(_ProxyCase):
@@ -216,7 +219,7 @@ class ProxyRoundTrips(_ProxyCase):
         (client_trips,) = self._client.finish()
         (server_trips,) = self._server.finish()
         if int(client_trips) != self.trips or int(server_trips) != self.trips:
-            raise _bench.BenchError(
+            raise BenchError(
                 f"{self.workload}/{self.method}: {client_trips}/{server_trips}"
                 f" round trips, not {self.trips}"
             )

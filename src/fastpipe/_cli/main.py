@@ -23,7 +23,8 @@ from fastpipe._cli.args import Stopped, positive_int, positive_multiple_of, stop
 def build_parser() -> argparse.ArgumentParser:
     """The ``fastpipe`` argument parser, one subparser per subcommand."""
     # stdlib only, and fastpipe is imported anyway
-    from fastpipe import _bench
+    from fastpipe._bench import suite
+    from fastpipe._bench.small_relays import SMALL_IN_FLIGHT, SMALL_PAYLOAD, SMALL_RELAYS
     from fastpipe._cli import cp as _cli_cp
     from fastpipe._cli import forward as _cli_forward
 
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Compare fastpipe.relay with shutil.copyfileobj on file->file, pipe->file, "
             "TCP->TCP, file->TCP and pipe->TCP copies (endpoints in other processes; one "
             "per kernel path), many small relays "
-            f"({_bench.SMALL_PAYLOAD // 1024} KiB each, {_bench.SMALL_IN_FLIGHT} in flight), "
+            f"({SMALL_PAYLOAD // 1024} KiB each, {SMALL_IN_FLIGHT} in flight), "
             "and a TCP relay while the main thread spins in Python. Every byte is verified; "
             "the tables show the median and best wall time, MiB/s and the relay's CPU time."
         ),
@@ -50,23 +51,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--size",
         type=positive_int,
-        default=_bench.DEFAULT_SIZE_MIB,
+        default=suite.DEFAULT_SIZE_MIB,
         metavar="MiB",
         help="bytes per bulk copy, in MiB (default: %(default)s)",
     )
     bench.add_argument(
         "--repeat",
         type=positive_int,
-        default=_bench.DEFAULT_REPEAT,
+        default=suite.DEFAULT_REPEAT,
         metavar="N",
         help="runs per case; the median and the best are shown (default: %(default)s)",
     )
     bench.add_argument(
         "--relays",
-        type=positive_multiple_of(_bench.SMALL_IN_FLIGHT),
-        default=_bench.SMALL_RELAYS,
+        type=positive_multiple_of(SMALL_IN_FLIGHT),
+        default=SMALL_RELAYS,
         metavar="N",
-        help=f"small relays per run, a multiple of {_bench.SMALL_IN_FLIGHT} (default: %(default)s)",
+        help=f"small relays per run, a multiple of {SMALL_IN_FLIGHT} (default: %(default)s)",
     )
     bench.add_argument(
         "--json",
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from fastpipe import _bench
+    from fastpipe._bench import common, suite
 
     if args.plot is not None:
         problem = _plot_problem(args.plot)
@@ -95,14 +96,14 @@ def _run_bench(args: argparse.Namespace) -> int:
             return 2
     try:
         if args.plot is None:
-            return _bench.run_bench(
+            return suite.run_bench(
                 size_mib=args.size, repeat=args.repeat, relays=args.relays, json_path=args.json
             )
         return _bench_and_plot(args)
-    except (_bench.BenchError, OSError) as exc:
+    except (common.BenchError, OSError) as exc:
         # BenchError: wrong bytes or a failed endpoint; OSError: no room on
         # tmpfs, no fds left, or an error from a copy.
-        what = str(exc) if isinstance(exc, _bench.BenchError) else f"{type(exc).__name__}: {exc}"
+        what = str(exc) if isinstance(exc, common.BenchError) else f"{type(exc).__name__}: {exc}"
         print(f"fastpipe bench: error: {what}", file=sys.stderr)
         return 1
 
@@ -125,11 +126,11 @@ def _bench_and_plot(args: argparse.Namespace) -> int:
     """``bench --plot``: the plot is drawn from the JSON document that the run wrote.
 
     Going through the JSON (a temporary file when --json did not name one)
-    keeps the plot to exactly what ``--json`` reports and leaves ``_bench``
+    keeps the plot to exactly what ``--json`` reports and leaves the harness
     unaware of plotting.
     """
-    from fastpipe import _bench
     from fastpipe._bench import plot as _plot
+    from fastpipe._bench import suite
 
     to_stdout = args.json == "-"
     scratch = None
@@ -139,7 +140,7 @@ def _bench_and_plot(args: argparse.Namespace) -> int:
         os.close(fd)
         json_path = scratch
     try:
-        status = _bench.run_bench(
+        status = suite.run_bench(
             size_mib=args.size,
             repeat=args.repeat,
             relays=args.relays,

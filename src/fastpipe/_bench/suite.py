@@ -1,0 +1,152 @@
+"""``fastpipe bench``: every workload, the other twin and the idle memory,
+then the text report and the JSON document."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from typing import TextIO
+
+from fastpipe._bench.common import BenchError, MiB
+from fastpipe._bench.host import _cpus_to_warm, new_scratch_dir
+from fastpipe._bench.memory import IDLE_RELAYS, measure_idle_rss
+from fastpipe._bench.report import _header, format_report
+from fastpipe._bench.runner import Result, build_cases, run_workload
+from fastpipe._bench.small_relays import SMALL_IN_FLIGHT, SMALL_PAYLOAD, SMALL_RELAYS
+from fastpipe._bench.twins import _TWIN_NAMES, measure_other_twin, other_twin
+from fastpipe._bench.workloads import SPIN_BASELINE_DIVISOR
+
+DEFAULT_SIZE_MIB = 64
+DEFAULT_REPEAT = 3
+
+
+def _progress_line(err: TextIO) -> Callable[[str], None]:
+    def progress(text: str) -> None:
+        err.write(f"\r\x1b[K{text}")
+        err.flush()
+
+    return progress
+
+
+def run_bench(
+    size_mib: int = DEFAULT_SIZE_MIB,
+    repeat: int = DEFAULT_REPEAT,
+    relays: int = SMALL_RELAYS,
+    json_path: str | None = None,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """``fastpipe bench``: run every workload, print the tables, maybe write JSON.
+
+    Args:
+        size_mib: bytes per bulk copy, in MiB.
+        repeat: rounds per case; the tables show the median and the best.
+        relays: small relays per round, a multiple of ``SMALL_IN_FLIGHT``.
+        json_path: a file for the machine-readable results; ``-`` for stdout.
+        out: where the tables go (stdout; ``err`` when the JSON goes to stdout).
+        err: where progress goes, when it is a terminal (stderr).
+
+    Returns:
+        The exit status: 0.
+
+    Raises:
+        BenchError: a copy moved the wrong bytes, or an endpoint failed.
+        ValueError: ``relays`` is not a positive multiple of ``SMALL_IN_FLIGHT``.
+    """
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    tables = err if json_path == "-" else out
+    if json_path not in (None, "-"):
+        # Fail before the run, not after it.
+        where = os.path.dirname(os.path.abspath(json_path))
+        if not os.access(where, os.W_OK):
+            raise BenchError(f"cannot write the JSON file {json_path!r}: {where} is not writable")
+    size = size_mib * MiB
+    progress = _progress_line(err) if err.isatty() else None
+    started = time.perf_counter()
+    directory = new_scratch_dir(size)
+    results: list[Result] = []
+    try:
+        for cases in build_cases(size, relays, directory):
+            results += run_workload(cases, repeat, progress)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+        if progress is not None:
+            progress("")
+    twin = other_twin()
+    if twin is not None:
+        if progress is not None:
+            progress(f"fastpipe ({_TWIN_NAMES[twin]}): every workload, in a child process")
+        try:
+            results += measure_other_twin(size, relays, repeat, twin)
+        finally:
+            if progress is not None:
+                progress("")
+    rss_per_relay, workers, in_use = measure_idle_rss(IDLE_RELAYS)
+    elapsed = time.perf_counter() - started
+    report = format_report(results, _header(size, relays, repeat, directory))
+    memory = (
+        f"memory: {IDLE_RELAYS} relays parked on idle pipes cost {rss_per_relay:.1f} KiB of RSS"
+        f" each ({workers} workers, {in_use} buffers held), measured in a fresh process"
+    )
+    tables.write(f"{report}\n{memory}\n(total {elapsed:.1f} s)\n")
+    if json_path is not None:
+        idle = {
+            "relays": IDLE_RELAYS,
+            "rss_kib_per_relay": round(rss_per_relay, 2),
+            "workers": workers,
+            "buffers_in_use": in_use,
+        }
+        _write_json(json_path, results, size, relays, repeat, idle, out)
+    return 0
+
+
+def _write_json(
+    path: str,
+    results: Sequence[Result],
+    size: int,
+    relays: int,
+    repeat: int,
+    idle_memory: dict[str, float | int],
+    out: TextIO,
+) -> None:
+    import fastpipe
+
+    doc = {
+        "fastpipe": fastpipe.__version__,
+        "implementation": fastpipe.IMPLEMENTATION,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "size_bytes": size,
+        "small_relays": relays,
+        "small_payload": SMALL_PAYLOAD,
+        "small_in_flight": SMALL_IN_FLIGHT,
+        "spin_baseline_divisor": SPIN_BASELINE_DIVISOR,
+        "repeat": repeat,
+        "warm_page_lists": bool(_cpus_to_warm()),
+        "results": [
+            asdict(r)
+            | {
+                "median_s": r.median,
+                "best_s": r.best,
+                "MiB_per_s": r.mib_s,
+                "relay_cpu_s": r.cpu,
+                "cpu_s_per_GiB": r.cpu_per_gib,
+            }
+            for r in results
+        ],
+        "idle_memory": idle_memory,
+    }
+    text = json.dumps(doc, indent=2) + "\n"
+    if path == "-":
+        out.write(text)
+        return
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
