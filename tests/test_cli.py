@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -36,6 +37,73 @@ def test_help() -> None:
     top = run("--help").stdout
     for command in ("bench", "cp", "forward"):
         assert command in top
+
+
+#: ``python -m fastpipe`` (through runpy, as -m does), writing the names in
+#: sys.modules at exit, after the command has run, to the file $MODULES_OUT.
+#: (-X importtime would miss modules imported with importlib.import_module.)
+_LIST_MODULES_AT_EXIT = (
+    "import atexit, json, os, pathlib, runpy, sys; "
+    "out = pathlib.Path(os.environ['MODULES_OUT']); "
+    "atexit.register(lambda: out.write_text(json.dumps(sorted(sys.modules)))); "
+    "runpy.run_module('fastpipe', run_name='__main__', alter_sys=True)"
+)
+
+
+def imported_modules(tmp_path: Path, *args: str) -> set[str]:
+    """The modules loaded by the end of ``python -m fastpipe ARGS``."""
+    out = tmp_path / "modules.json"
+    proc = subprocess.run(
+        [sys.executable, "-c", _LIST_MODULES_AT_EXIT, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=dict(os.environ, MODULES_OUT=str(out)),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: fastpipe") or "--help" not in args
+    return set(json.loads(out.read_text()))
+
+
+def _bench_code(modules: set[str]) -> set[str]:
+    return {m for m in modules if m == "fastpipe._cli.bench" or m.startswith("fastpipe._bench")}
+
+
+SUBCOMMAND_MODULES = {"fastpipe._cli.cp", "fastpipe._cli.forward", "fastpipe._cli.bench"}
+
+
+@pytest.mark.parametrize("command", ["cp", "forward"])
+def test_a_subcommands_help_loads_no_bench_code(tmp_path: Path, command: str) -> None:
+    """Each subcommand's module is imported only when it runs: ``fastpipe cp
+    --help`` loads neither the benchmark harness nor the other subcommands."""
+    modules = imported_modules(tmp_path, command, "--help")
+    assert f"fastpipe._cli.{command}" in modules  # the listing is read right
+    assert _bench_code(modules) == set()
+    assert modules & SUBCOMMAND_MODULES == {f"fastpipe._cli.{command}"}
+    assert "tqdm" not in modules
+
+
+def test_a_copy_loads_no_bench_code(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.write_bytes(b"x" * 100_000)
+    modules = imported_modules(tmp_path, "cp", str(src), str(tmp_path / "dst"))
+    assert (tmp_path / "dst").read_bytes() == src.read_bytes()
+    assert "fastpipe._cli.cp" in modules
+    assert _bench_code(modules) == set()
+
+
+def test_the_top_level_help_loads_no_subcommand(tmp_path: Path) -> None:
+    modules = imported_modules(tmp_path, "--help")
+    assert "fastpipe._cli.main" in modules
+    assert modules & SUBCOMMAND_MODULES == set()
+    assert _bench_code(modules) == set()
+
+
+def test_bench_help_loads_the_harness_but_not_matplotlib(tmp_path: Path) -> None:
+    modules = imported_modules(tmp_path, "bench", "--help")
+    assert {"fastpipe._cli.bench", "fastpipe._bench.suite"} <= modules
+    assert "matplotlib" not in modules  # only --plot needs it
 
 
 def test_bad_arguments_exit_2_with_a_message() -> None:

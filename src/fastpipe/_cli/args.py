@@ -1,8 +1,8 @@
 """Argument types and signal handling shared by the ``fastpipe`` subcommands.
 
-A module of its own because ``__main__`` cannot be imported by the
-subcommand modules: under ``python -m fastpipe`` that would load it a second
-time as ``fastpipe.__main__``.
+``main`` imports each subcommand's module only when it runs; what they share
+lives here, so that no subcommand has to import ``main`` or another
+subcommand.
 """
 
 from __future__ import annotations

@@ -14,11 +14,12 @@ from fastpipe._bench.small_relays import SMALL_IN_FLIGHT, SMALL_PAYLOAD, SMALL_R
 from fastpipe._cli.args import positive_int, positive_multiple_of
 
 
-def add_parser(commands: Any) -> None:
-    """Add the ``bench`` subcommand to ``commands`` (an argparse subparsers action)."""
+def add_parser(commands: Any, summary: str) -> None:
+    """Add the ``bench`` subcommand to ``commands`` (an argparse subparsers action),
+    with ``summary`` as its line in ``fastpipe --help``."""
     bench = commands.add_parser(
         "bench",
-        help="compare fastpipe.relay with shutil.copyfileobj",
+        help=summary,
         description=(
             "Compare fastpipe.relay with shutil.copyfileobj on file->file, pipe->file, "
             "TCP->TCP, file->TCP and pipe->TCP copies (endpoints in other processes; one "

@@ -49,11 +49,12 @@ class CpError(Exception):
     """A failure to report as one line: ``fastpipe cp: error: <message>``."""
 
 
-def add_parser(commands: Any) -> None:
-    """Add the ``cp`` subcommand to ``commands`` (an argparse subparsers action)."""
+def add_parser(commands: Any, summary: str) -> None:
+    """Add the ``cp`` subcommand to ``commands`` (an argparse subparsers action),
+    with ``summary`` as its line in ``fastpipe --help``."""
     cp = commands.add_parser(
         "cp",
-        help="copy a file, a pipe or standard input with fastpipe.relay",
+        help=summary,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=textwrap.dedent(
             """\

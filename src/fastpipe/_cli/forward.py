@@ -130,11 +130,12 @@ def _target_address(text: str) -> Address:
     return parse_address(text, listen=False)
 
 
-def add_parser(commands: Any) -> None:
-    """Add the ``forward`` subcommand to ``commands`` (an argparse subparsers action)."""
+def add_parser(commands: Any, summary: str) -> None:
+    """Add the ``forward`` subcommand to ``commands`` (an argparse subparsers action),
+    with ``summary`` as its line in ``fastpipe --help``."""
     forward = commands.add_parser(
         "forward",
-        help="a TCP port forwarder: one fastpipe.proxy per connection",
+        help=summary,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=textwrap.dedent(
             """\
