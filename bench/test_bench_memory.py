@@ -1,7 +1,7 @@
 """Memory: RSS per relay parked on an idle fd, 1,000 of them, in a fresh process.
 
 A parked relay holds no buffer (it gives its buffers back before it waits),
-so what it costs is its worker thread: the card's target is at most 24 KiB.
+so what it costs is its worker thread; the benchmark fails above TARGET_KIB.
 The timing is how long a fresh pool takes to park that many relays.
 """
 

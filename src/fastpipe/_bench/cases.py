@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import fastpipe
 from fastpipe._bench.baselines import (
     baseline_and_close,
     close_end,
@@ -129,8 +130,6 @@ class Case:
         self._endpoint_cpu = 0.0
         self._relay: Callable[..., Any] | None = None
         if method in (FASTPIPE, FASTPIPE_IDLE, FASTPIPE_RW):
-            import fastpipe
-
             self._relay = (
                 functools.partial(fastpipe.relay, zerocopy=False)
                 if method == FASTPIPE_RW

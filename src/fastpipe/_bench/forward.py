@@ -18,8 +18,9 @@ Workloads:
   bytes reaching the sink and the sink seeing end of file.
 * ``forward-round-trips``: ``_bench.proxy_peers``' ``rr-latency`` client
   making request/response round trips of 100 bytes through the forwarder to
-  an echo server; it times each round trip and reports the median, which is
-  what the issue's target is about ("at most 30% added to the median").
+  an echo server; it times each round trip and reports the median, the
+  figure to compare forwarders by (the tail is the scheduler's as much as
+  the forwarder's).
 
 The relay's CPU time here is the forwarder process's (user + system, from
 ``/proc/PID/stat``), read around the timed part.
@@ -236,11 +237,11 @@ class ForwardRoundTrips(_ForwardCase):
         self.latencies: list[tuple[float, float, float]] = []
 
     def _setup_round(self) -> None:
-        self._server = _bench_proxy._Peer("echo-server", MESSAGE_SIZE)
+        self._server = _bench_proxy.Peer("echo-server", MESSAGE_SIZE)
         self._held.endpoints.append(self._server)
         (server_port,) = self._server.ready()
         port = self._forwarder_port(int(server_port))
-        self._client = _bench_proxy._Peer("rr-latency", port, self.trips, MESSAGE_SIZE)
+        self._client = _bench_proxy.Peer("rr-latency", port, self.trips, MESSAGE_SIZE)
         self._held.endpoints.append(self._client)
         self._client.ready()
 

@@ -42,7 +42,7 @@ def free_page_reporting(root: str = "/sys/bus/virtio/devices") -> bool:
     return False
 
 
-def _cpus_to_warm() -> list[int]:
+def cpus_to_warm() -> list[int]:
     """The CPUs ``warm_page_lists`` frees pages on; empty where it does nothing."""
     if not WARM_PAGES or not hasattr(os, "sched_getaffinity") or not free_page_reporting():
         return []
@@ -73,7 +73,7 @@ def warm_page_lists(directory: str, nbytes: int) -> None:
     on one CPU, on more than ``WARM_MAX_CPUS``, and where ``fallocate``
     fails (a full tmpfs, or a file system without it).
     """
-    cpus = _cpus_to_warm()
+    cpus = cpus_to_warm()
     if nbytes == 0 or not cpus:
         return
     size = _warm_size(nbytes)

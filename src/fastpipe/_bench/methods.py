@@ -9,14 +9,15 @@ COPYFILEOBJ = "copyfileobj"
 COPYFILEOBJ_POOL = "copyfileobj-pool"
 SETUP_ONLY = "setup-only"
 FASTPIPE_IDLE = "fastpipe-idle-main"
-# The kernel-path baselines (issue: "each path next to copyfileobj ...").
+# More baselines: fastpipe on its read/write path, and the standard library's
+# kernel paths, so that each of fastpipe's paths is seen beside its own.
 FASTPIPE_RW = "fastpipe-readwrite"
 SPLICE_LOOP = "splice-loop"
 READWRITE_LOOP = "readwrite-256k"
 COPYFILE = "shutil-copyfile"
 SOCKET_SENDFILE = "socket-sendfile"
-#: fastpipe.relay on the other implementation (issue 6: "``fastpipe bench``
-#: shows both" twins), measured in a child process: see ``measure_other_twin``.
+#: fastpipe.relay on the other implementation (the compiled core or the
+#: pure-Python twin), measured in a child process: see ``twins``.
 FASTPIPE_TWIN = "fastpipe-twin"
 
 METHOD_TITLES = {

@@ -91,8 +91,8 @@ class PatternCheck:
             expect = self._doubled[pos : pos + step]
             # startswith() over data[done:done + step], with a prefix of that
             # very length, is one memcmp and copies nothing.  Slicing a short
-            # read out of the buffer first was another pass over every byte;
-            # memoryview.__eq__ compares item by item, 50 times slower.
+            # read out of the buffer first would be another pass over every
+            # byte; memoryview.__eq__ compares item by item, 50 times slower.
             if not data.startswith(expect, done, done + step):
                 bad = next(i for i in range(step) if data[done + i] != expect[i])
                 self.first_bad = self.total + done + bad

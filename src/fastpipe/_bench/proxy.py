@@ -32,6 +32,7 @@ import sys
 import threading
 from typing import ClassVar
 
+import fastpipe
 from fastpipe._bench.cases import Case
 from fastpipe._bench.common import TIMEOUT, BenchError
 from fastpipe._bench.endpoints import Endpoint
@@ -51,7 +52,7 @@ _HOW = {
 }
 
 
-class _Peer(Endpoint):
+class Peer(Endpoint):
     """A ``_bench.proxy_peers`` process, driven like ``endpoints.Endpoint``."""
 
     def __init__(self, role: str, *args: object) -> None:
@@ -151,8 +152,6 @@ class _ProxyCase(Case):
         assert a is not None and b is not None
         self._held.hand_over()
         if self.method == FASTPIPE_PROXY:
-            import fastpipe
-
             fastpipe.proxy(a, b).result(timeout=TIMEOUT)
         elif self.method == ASYNCIO_STREAMS:
             asyncio.run(_pump_asyncio(a, b))
@@ -203,9 +202,9 @@ class ProxyRoundTrips(_ProxyCase):
         self.trips = trips
 
     def _setup_round(self) -> None:
-        self._server = _Peer("echo-server", MESSAGE_SIZE)
+        self._server = Peer("echo-server", MESSAGE_SIZE)
         self._held.endpoints.append(self._server)
-        self._client = _Peer("rr-client", self._port, self.trips, MESSAGE_SIZE)
+        self._client = Peer("rr-client", self._port, self.trips, MESSAGE_SIZE)
         self._held.endpoints.append(self._client)
         (server_port,) = self._server.ready()
         self._client.ready()

@@ -9,8 +9,9 @@ import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import fastpipe
 from fastpipe._bench.common import GiB, MiB
-from fastpipe._bench.host import _cpus_to_warm
+from fastpipe._bench.host import cpus_to_warm
 from fastpipe._bench.methods import (
     COPYFILE,
     COPYFILEOBJ,
@@ -27,7 +28,7 @@ from fastpipe._bench.methods import (
 )
 from fastpipe._bench.runner import Result
 from fastpipe._bench.small_relays import SMALL_IN_FLIGHT, SMALL_PAYLOAD, SmallRelays
-from fastpipe._bench.twins import _TWIN_NAMES
+from fastpipe._bench.twins import TWIN_NAMES
 from fastpipe._bench.workloads import SPIN_BASELINE_DIVISOR, SPIN_SUSTAINED, TcpMainSpins
 
 
@@ -230,8 +231,8 @@ def _twins_table(grouped: dict[str, dict[str, Result]]) -> list[str]:
     if not pairs:
         return []
     twin = pairs[0][1].extra["implementation"]
-    this = _TWIN_NAMES["c" if twin == "py" else "py"]
-    other = _TWIN_NAMES[twin]
+    this = TWIN_NAMES["c" if twin == "py" else "py"]
+    other = TWIN_NAMES[twin]
     widths = (26, 24, 10, 24, 10, 0)
     head = ("both twins", f"{this}: ms", "MiB/s", f"{other}: ms", "MiB/s", "time ratio")
     lines = ["".join(c.ljust(w) for c, w in zip(head, widths, strict=True)).rstrip()]
@@ -291,9 +292,9 @@ def _footnotes(grouped: dict[str, dict[str, Result]]) -> list[str]:
                 f"  Main-thread loops/s meanwhile: {loops}.",
             ]
             if spin[COPYFILEOBJ].nbytes < SPIN_SUSTAINED:
-                # Measured: 2 MiB in 7-29 ms, every read and write taking
-                # 0.01-0.25 ms; 16 MiB in 3-4 s, 5 ms (the GIL's switch
-                # interval) for each.
+                # On a 2-CPU machine copyfileobj moves 2 MiB in 7-29 ms, each
+                # read and write taking 0.01-0.25 ms, and 16 MiB in 3-4 s,
+                # 5 ms (the GIL's switch interval) for each.
                 paragraphs.append(
                     f"  At this size the sender has put most of copyfileobj's bytes in the socket"
                     f" buffers before it starts: its reads do not block, so it seldom waits for"
@@ -340,9 +341,7 @@ def format_report(results: Sequence[Result], header: str) -> str:
     return "\n".join(lines)
 
 
-def _header(size: int, relays: int, repeat: int, directory: str) -> str:
-    import fastpipe
-
+def header(size: int, relays: int, repeat: int, directory: str) -> str:
     return (
         f"fastpipe {fastpipe.__version__} ({fastpipe.IMPLEMENTATION} core) vs shutil.copyfileobj"
         f" | {platform.python_implementation()} {platform.python_version()}, "
@@ -353,7 +352,7 @@ def _header(size: int, relays: int, repeat: int, directory: str) -> str:
         + (
             "; the host takes free pages back: every CPU frees a file's worth of pages"
             " before a file round"
-            if _cpus_to_warm()
+            if cpus_to_warm()
             else ""
         )
     )

@@ -13,13 +13,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import TextIO
 
+import fastpipe
 from fastpipe._bench.common import BenchError, MiB
-from fastpipe._bench.host import _cpus_to_warm, new_scratch_dir
+from fastpipe._bench.host import cpus_to_warm, new_scratch_dir
 from fastpipe._bench.memory import IDLE_RELAYS, measure_idle_rss
-from fastpipe._bench.report import _header, format_report
+from fastpipe._bench.report import format_report, header
 from fastpipe._bench.runner import Result, build_cases, run_workload
 from fastpipe._bench.small_relays import SMALL_IN_FLIGHT, SMALL_PAYLOAD, SMALL_RELAYS
-from fastpipe._bench.twins import _TWIN_NAMES, measure_other_twin, other_twin
+from fastpipe._bench.twins import TWIN_NAMES, measure_other_twin, other_twin
 from fastpipe._bench.workloads import SPIN_BASELINE_DIVISOR
 
 DEFAULT_SIZE_MIB = 64
@@ -82,7 +83,7 @@ def run_bench(
     twin = other_twin()
     if twin is not None:
         if progress is not None:
-            progress(f"fastpipe ({_TWIN_NAMES[twin]}): every workload, in a child process")
+            progress(f"fastpipe ({TWIN_NAMES[twin]}): every workload, in a child process")
         try:
             results += measure_other_twin(size, relays, repeat, twin)
         finally:
@@ -90,7 +91,7 @@ def run_bench(
                 progress("")
     rss_per_relay, workers, in_use = measure_idle_rss(IDLE_RELAYS)
     elapsed = time.perf_counter() - started
-    report = format_report(results, _header(size, relays, repeat, directory))
+    report = format_report(results, header(size, relays, repeat, directory))
     memory = (
         f"memory: {IDLE_RELAYS} relays parked on idle pipes cost {rss_per_relay:.1f} KiB of RSS"
         f" each ({workers} workers, {in_use} buffers held), measured in a fresh process"
@@ -116,8 +117,6 @@ def _write_json(
     idle_memory: dict[str, float | int],
     out: TextIO,
 ) -> None:
-    import fastpipe
-
     doc = {
         "fastpipe": fastpipe.__version__,
         "implementation": fastpipe.IMPLEMENTATION,
@@ -130,7 +129,7 @@ def _write_json(
         "small_in_flight": SMALL_IN_FLIGHT,
         "spin_baseline_divisor": SPIN_BASELINE_DIVISOR,
         "repeat": repeat,
-        "warm_page_lists": bool(_cpus_to_warm()),
+        "warm_page_lists": bool(cpus_to_warm()),
         "results": [
             asdict(r)
             | {

@@ -3,6 +3,7 @@ pure-Python twin), run over the same workloads in a child process."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -10,12 +11,14 @@ import subprocess
 import sys
 from dataclasses import asdict
 
+import fastpipe
 from fastpipe._bench.common import TIMEOUT, BenchError
 from fastpipe._bench.host import new_scratch_dir
 from fastpipe._bench.methods import FASTPIPE, FASTPIPE_TWIN
 from fastpipe._bench.runner import Result, build_cases, run_workload
+from fastpipe._cli.args import stop_signals_raise
 
-_TWIN_NAMES = {"c": "compiled core", "py": "python twin"}
+TWIN_NAMES = {"c": "compiled core", "py": "python twin"}
 _TWIN_CHILD = (
     "import sys; from fastpipe._bench import twins; sys.exit(twins._twin_child(sys.argv[1:]))"
 )
@@ -27,10 +30,6 @@ def other_twin() -> str | None:
     None when this process runs the pure-Python twin because the compiled
     core is not built: there is no other twin to measure.
     """
-    import importlib.util
-
-    import fastpipe
-
     if fastpipe.IMPLEMENTATION == "c":
         return "py"
     return "c" if importlib.util.find_spec("fastpipe._core") is not None else None
@@ -49,8 +48,6 @@ def measure_other_twin(size: int, relays: int, repeat: int, implementation: str)
     Raises:
         BenchError: the child failed, or ran the wrong implementation.
     """
-    import fastpipe
-
     env = dict(os.environ, FASTPIPE_NO_EXTENSIONS="1" if implementation == "py" else "0")
     # The child imports this very package, wherever it was found.
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(fastpipe.__file__)))
@@ -76,7 +73,7 @@ def measure_other_twin(size: int, relays: int, repeat: int, implementation: str)
                 proc.communicate()
             raise
     if proc.returncode != 0:
-        raise BenchError(f"the {_TWIN_NAMES[implementation]} child failed: {err[-500:]}")
+        raise BenchError(f"the {TWIN_NAMES[implementation]} child failed: {err[-500:]}")
     results = []
     for doc in json.loads(out):
         doc["method"] = FASTPIPE_TWIN
@@ -87,14 +84,10 @@ def measure_other_twin(size: int, relays: int, repeat: int, implementation: str)
 
 def _twin_child(argv: list[str]) -> int:
     """``measure_other_twin``'s child: IMPLEMENTATION SIZE RELAYS REPEAT -> JSON on stdout."""
-    import fastpipe
-
     implementation, size, relays, repeat = argv[0], int(argv[1]), int(argv[2]), int(argv[3])
     if fastpipe.IMPLEMENTATION != implementation:
         sys.stderr.write(f"expected the {implementation!r} core, got {fastpipe.IMPLEMENTATION!r}\n")
         return 1
-    from fastpipe._cli.args import stop_signals_raise
-
     directory = new_scratch_dir(size)
     results: list[Result] = []
     # The parent asks with SIGTERM when it is stopped: clean up as on Ctrl-C.

@@ -108,8 +108,8 @@ class _IntoNewFile(Case):
     keeps one destination on tmpfs at a time.
     """
 
-    # The first copies of a run were up to 3x slower for every method, and
-    # the first method (fastpipe) took them every time: one round each first.
+    # The first copies of a run are up to 3x slower for every method, and
+    # would all fall to the first method to run: one round each first.
     warmup_rounds = 1
 
     def __init__(self, method: str, nbytes: int, directory: str) -> None:
@@ -232,8 +232,8 @@ class _IntoTcpSink(Case):
     its CPU time counts as the round's endpoint CPU.
     """
 
-    # The first copy of a run was the slowest for every method (as with
-    # _IntoNewFile), and the first method took it: one round each first.
+    # The first copy of a run is the slowest for every method (as with
+    # _IntoNewFile), and would fall to the first method: one round each first.
     warmup_rounds = 1
 
     def _start_sink(self) -> None:
