@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import fastpipe
+from fastpipe._bench import verdict
 from fastpipe._bench.common import GiB, MiB
 from fastpipe._bench.host import cpus_to_warm
 from fastpipe._bench.methods import (
@@ -88,15 +89,17 @@ def _line(cells: Sequence[str]) -> str:
     return "".join(padded + list(cells[len(_WIDTHS) :])).rstrip()
 
 
+def _label(fp: Result) -> str:
+    """A workload's name in the first column, from its fastpipe result."""
+    if fp.workload == SmallRelays.workload:
+        return f"small relays {fp.extra['relays']}x{fp.extra['payload'] // 1024} KiB"
+    return f"{fp.title:<16} {_fmt_size(fp.nbytes)}"
+
+
 def _rows(grouped: dict[str, dict[str, Result]]) -> list[_Row]:
     rows = []
-    for workload, cases in grouped.items():
-        fp = cases[FASTPIPE]
-        if workload == SmallRelays.workload:
-            label = f"small relays {fp.extra['relays']}x{fp.extra['payload'] // 1024} KiB"
-        else:
-            label = f"{fp.title:<16} {_fmt_size(fp.nbytes)}"
-        rows.append(_Row(label, cases))
+    for cases in grouped.values():
+        rows.append(_Row(_label(cases[FASTPIPE]), cases))
         if SETUP_ONLY in cases:
             setup = cases[SETUP_ONLY]
             rows.append(_Row("  net of setup", cases, setup.median, setup.cpu))
@@ -187,7 +190,7 @@ def _baselines_table(grouped: dict[str, dict[str, Result]]) -> list[str]:
         if not extra or FASTPIPE not in cases:
             continue
         fp = cases[FASTPIPE]
-        label = f"{fp.title:<16} {_fmt_size(fp.nbytes)}"
+        label = _label(fp)
         for i, method in enumerate((FASTPIPE, COPYFILEOBJ, *extra)):
             r = cases.get(method)
             if r is None:
@@ -237,12 +240,8 @@ def _twins_table(grouped: dict[str, dict[str, Result]]) -> list[str]:
     head = ("both twins", f"{this}: ms", "MiB/s", f"{other}: ms", "MiB/s", "time ratio")
     lines = ["".join(c.ljust(w) for c, w in zip(head, widths, strict=True)).rstrip()]
     for fp, tw in pairs:
-        if fp.workload == SmallRelays.workload:
-            label = f"small relays {fp.extra['relays']}x{fp.extra['payload'] // 1024} KiB"
-        else:
-            label = f"{fp.title:<16} {_fmt_size(fp.nbytes)}"
         cells = (
-            label,
+            _label(fp),
             f"{_fmt_ms(fp.median)} [{_fmt_ms(fp.best)}]",
             f"{fp.mib_s:.0f}",
             f"{_fmt_ms(tw.median)} [{_fmt_ms(tw.best)}]",
@@ -316,21 +315,41 @@ def _footnotes(grouped: dict[str, dict[str, Result]]) -> list[str]:
     return lines
 
 
+def _verdict_lines(grouped: dict[str, dict[str, Result]]) -> list[str]:
+    """One line per workload: fastpipe against the fastest standard-library way."""
+    found = verdict.verdicts(r for cases in grouped.values() for r in cases.values())
+    if not found:
+        return []
+    width = _WIDTHS[0]
+    lines = [f"{'verdict':<{width}}fastpipe.relay vs the fastest standard-library way"]
+    for v in found:
+        lines.append(f"{_label(grouped[v.workload][FASTPIPE]):<{width}}{verdict.describe(v)}")
+    lines += textwrap.wrap(
+        verdict.EXPLANATION, width=98, initial_indent="  ", subsequent_indent="    "
+    )
+    return lines
+
+
 def format_report(results: Sequence[Result], header: str) -> str:
-    """The side-by-side tables: workloads down, methods across.
+    """The verdicts, then the side-by-side tables: workloads down, methods across.
 
     Args:
         results: what ``run_workload`` returned, for any of the workloads.
         header: the lines to print first.
 
     Returns:
-        Three tables (wall time, throughput, relay CPU) and their footnotes.
+        One verdict line per workload (``verdict``), three tables (wall
+        time, throughput, relay CPU), the extra baselines and both twins,
+        and the footnotes.
     """
     grouped: dict[str, dict[str, Result]] = {}
     for r in results:
         grouped.setdefault(r.workload, {})[r.method] = r
     rows = _rows(grouped)
     lines = [header, ""]
+    verdicts = _verdict_lines(grouped)
+    if verdicts:
+        lines += [*verdicts, ""]
     for table in (_wall_table, _throughput_table, _cpu_table):
         lines += [*table(rows), ""]
     for extra_table in (_baselines_table, _twins_table):
@@ -342,12 +361,14 @@ def format_report(results: Sequence[Result], header: str) -> str:
 
 
 def header(size: int, relays: int, repeat: int, directory: str) -> str:
+    """The report's first lines: versions, machine, sizes and where the files went."""
+    rounds = "1 round" if repeat == 1 else f"{repeat} rounds"
     return (
         f"fastpipe {fastpipe.__version__} ({fastpipe.IMPLEMENTATION} core) vs shutil.copyfileobj"
         f" | {platform.python_implementation()} {platform.python_version()}, "
         f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs\n"
         f"bulk: {_fmt_size(size)} per copy; small: {relays} relays x {SMALL_PAYLOAD // 1024} "
-        f"KiB, {SMALL_IN_FLIGHT} in flight; {repeat} runs each, every byte verified"
+        f"KiB, {SMALL_IN_FLIGHT} in flight; {rounds} each, every byte verified"
         + f"\nfiles in {os.path.dirname(directory)}"
         + (
             "; the host takes free pages back: every CPU frees a file's worth of pages"

@@ -21,10 +21,12 @@ from fastpipe._bench.report import format_report, header
 from fastpipe._bench.runner import Result, build_cases, run_workload
 from fastpipe._bench.small_relays import SMALL_IN_FLIGHT, SMALL_PAYLOAD, SMALL_RELAYS
 from fastpipe._bench.twins import TWIN_NAMES, measure_other_twin, other_twin
+from fastpipe._bench.verdict import MIN_ROUNDS, NOISE, verdicts
 from fastpipe._bench.workloads import SPIN_BASELINE_DIVISOR
 
 DEFAULT_SIZE_MIB = 64
-DEFAULT_REPEAT = 3
+#: Rounds per case: the fewest that give every workload a verdict.
+DEFAULT_REPEAT = MIN_ROUNDS
 
 
 def _progress_line(err: TextIO) -> Callable[[str], None]:
@@ -142,6 +144,8 @@ def _write_json(
             for r in results
         ],
         "idle_memory": idle_memory,
+        "verdict_rule": {"noise": NOISE, "min_rounds": MIN_ROUNDS},
+        "verdicts": [asdict(v) for v in verdicts(results)],
     }
     text = json.dumps(doc, indent=2) + "\n"
     if path == "-":

@@ -7,27 +7,32 @@ import json
 import os
 import sys
 import tempfile
+import textwrap
 from typing import Any
 
-from fastpipe._bench import suite
+from fastpipe._bench import common, suite
+from fastpipe._bench import plot as _plot
 from fastpipe._bench.small_relays import SMALL_IN_FLIGHT, SMALL_PAYLOAD, SMALL_RELAYS
+from fastpipe._bench.verdict import EXPLANATION, MIN_ROUNDS
 from fastpipe._cli.args import positive_int, positive_multiple_of
 
 
 def add_parser(commands: Any, summary: str) -> None:
     """Add the ``bench`` subcommand to ``commands`` (an argparse subparsers action),
     with ``summary`` as its line in ``fastpipe --help``."""
+    what = (
+        "Compare fastpipe.relay with shutil.copyfileobj and the standard library's other "
+        "ways on file->file, pipe->file, TCP->TCP, file->TCP and pipe->TCP copies "
+        "(endpoints in other processes; one per kernel path), many small relays "
+        f"({SMALL_PAYLOAD // 1024} KiB each, {SMALL_IN_FLIGHT} in flight), and a TCP relay "
+        "while the main thread spins in Python. Every byte is verified; the tables show the "
+        "median and best wall time, MiB/s and the relay's CPU time."
+    )
     bench = commands.add_parser(
         "bench",
         help=summary,
-        description=(
-            "Compare fastpipe.relay with shutil.copyfileobj on file->file, pipe->file, "
-            "TCP->TCP, file->TCP and pipe->TCP copies (endpoints in other processes; one "
-            "per kernel path), many small relays "
-            f"({SMALL_PAYLOAD // 1024} KiB each, {SMALL_IN_FLIGHT} in flight), "
-            "and a TCP relay while the main thread spins in Python. Every byte is verified; "
-            "the tables show the median and best wall time, MiB/s and the relay's CPU time."
-        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="\n\n".join(textwrap.fill(text, 78) for text in (what, EXPLANATION)),
     )
     bench.add_argument(
         "--size",
@@ -41,14 +46,17 @@ def add_parser(commands: Any, summary: str) -> None:
         type=positive_int,
         default=suite.DEFAULT_REPEAT,
         metavar="N",
-        help="runs per case; the median and the best are shown (default: %(default)s)",
+        help=(
+            "rounds per case; the tables show the median and the best, and a verdict "
+            f"needs at least {MIN_ROUNDS} (default: %(default)s)"
+        ),
     )
     bench.add_argument(
         "--relays",
         type=positive_multiple_of(SMALL_IN_FLIGHT),
         default=SMALL_RELAYS,
         metavar="N",
-        help=f"small relays per run, a multiple of {SMALL_IN_FLIGHT} (default: %(default)s)",
+        help=f"small relays per round, a multiple of {SMALL_IN_FLIGHT} (default: %(default)s)",
     )
     bench.add_argument(
         "--json",
@@ -66,8 +74,6 @@ def add_parser(commands: Any, summary: str) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from fastpipe._bench import common, suite
-
     if args.plot is not None:
         problem = _plot_problem(args.plot)
         if problem is not None:
@@ -90,8 +96,6 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 def _plot_problem(path: str) -> str | None:
     """Why ``--plot path`` cannot work, or None."""
-    from fastpipe._bench import plot as _plot
-
     try:
         _plot.check_available()
     except _plot.PlotUnavailable as exc:
@@ -109,9 +113,6 @@ def _bench_and_plot(args: argparse.Namespace) -> int:
     keeps the plot to exactly what ``--json`` reports and leaves the harness
     unaware of plotting.
     """
-    from fastpipe._bench import plot as _plot
-    from fastpipe._bench import suite
-
     to_stdout = args.json == "-"
     scratch = None
     json_path = args.json
