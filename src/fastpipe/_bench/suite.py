@@ -49,7 +49,8 @@ def run_bench(
 
     Args:
         size_mib: bytes per bulk copy, in MiB.
-        repeat: rounds per case; the tables show the median and the best.
+        repeat: rounds per case; the tables show the median and the best,
+            and a workload's verdict needs ``MIN_ROUNDS`` of them.
         relays: small relays per round, a multiple of ``SMALL_IN_FLIGHT``.
         json_path: a file for the machine-readable results; ``-`` for stdout.
         out: where the tables go (stdout; ``err`` when the JSON goes to stdout).
