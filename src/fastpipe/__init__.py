@@ -8,8 +8,8 @@ Low level, the compiled core::
 
 High level, a pool of persistent worker threads::
 
-    relay(src, dst, *, close=True, count=None, zerocopy=True, idle_timeout=None) -> Relay
-    proxy(a, b, *, close=True, idle_timeout=None) -> Relay
+    relay(src, dst, *, close=True, count=None, zerocopy=True, idle_timeout=None) -> Relay[int]
+    proxy(a, b, *, close=True, idle_timeout=None) -> Relay[tuple[int, int]]
     default_pool() -> WorkerPool
 """
 
@@ -54,7 +54,7 @@ def relay(
     count: int | None = None,
     zerocopy: bool = True,
     idle_timeout: float | None = None,
-) -> Relay:
+) -> Relay[int]:
     """Copy ``src`` to ``dst`` in the default pool; see ``WorkerPool.relay``."""
     return default_pool().relay(
         src, dst, close=close, count=count, zerocopy=zerocopy, idle_timeout=idle_timeout
@@ -67,6 +67,6 @@ def proxy(
     *,
     close: bool = True,
     idle_timeout: float | None = None,
-) -> Relay:
+) -> Relay[tuple[int, int]]:
     """Relay ``a`` and ``b`` both ways in the default pool; see ``WorkerPool.proxy``."""
     return default_pool().proxy(a, b, close=close, idle_timeout=idle_timeout)

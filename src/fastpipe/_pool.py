@@ -55,7 +55,7 @@ class _Task:
 
     def __init__(
         self,
-        relay: Relay,
+        relay: Relay[int],
         jobs: tuple[Any, ...],
         ends: list[object],
         close: bool,
@@ -197,7 +197,7 @@ class WorkerPool:
         count: int | None = None,
         zerocopy: bool = True,
         idle_timeout: float | None = None,
-    ) -> Relay:
+    ) -> Relay[int]:
         """Copy from ``src`` to ``dst`` in a worker; return its ``Relay``.
 
         Args:
@@ -232,8 +232,8 @@ class WorkerPool:
         close = bool(close)
         if deferred:
             self._check_open()
-            return fail_relay(Relay(), deferred[0], [src, dst] if close else [])
-        relay = Relay()
+            return fail_relay(Relay[int](), deferred[0], [src, dst] if close else [])
+        relay: Relay[int] = Relay()
         task = _Task(relay, (job,), [src, dst], close, self._core, self._live)
         if close:
             job.close_fds(*task.in_c)
@@ -248,7 +248,7 @@ class WorkerPool:
         *,
         close: bool = True,
         idle_timeout: float | None = None,
-    ) -> Relay:
+    ) -> Relay[tuple[int, int]]:
         """Copy ``a`` to ``b`` and ``b`` to ``a`` at once, in two workers.
 
         When one direction reaches end of file, the side it was writing to
@@ -287,7 +287,7 @@ class WorkerPool:
         """
         if self._max_workers == 1:
             raise ValueError("a proxy needs two workers; this pool has max_workers=1")
-        relay = Relay(directions=2)
+        relay: Relay[tuple[int, int]] = Relay(directions=2)
         deferred: list[OSError] = []
         task = _proxy.build(relay, a, b, close, idle_timeout, self._core, self._live, deferred)
         if not isinstance(task, _proxy.ProxyTask):

@@ -91,7 +91,7 @@ class ProxyTask:
 
     def __init__(
         self,
-        relay: Relay,
+        relay: Relay[tuple[int, int]],
         a: _Side,
         b: _Side,
         close: bool,
@@ -379,7 +379,7 @@ watchdog = _Watchdog()
 
 
 def build(
-    relay: Relay,
+    relay: Relay[tuple[int, int]],
     a: object,
     b: object,
     close: bool,

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Generator
 from concurrent.futures import Future, InvalidStateError, _base, wait
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from fastpipe import _impl
 
@@ -28,6 +28,9 @@ class HasFileno(Protocol):
 
 
 FdLike = int | HasFileno
+
+# What a Relay's result() returns: int for relay(), tuple[int, int] for proxy().
+_T = TypeVar("_T")
 
 # How often the re-poker asks a copy that has not stopped yet again.
 _CANCEL_REPOKE = 0.005
@@ -40,7 +43,7 @@ _MAIN_THREAD_SLICE = 0.05
 _READAHEAD_MAX = 1 << 24
 
 
-class Relay(Future[Any]):
+class Relay(Future[_T]):
     """A running or finished relay: a ``concurrent.futures.Future``.
 
     ``result()`` is the number of bytes copied (for ``proxy`` a tuple per
@@ -91,7 +94,7 @@ class Relay(Future[Any]):
             return None
         return str(jobs[0].method)
 
-    def result(self, timeout: float | None = None) -> Any:
+    def result(self, timeout: float | None = None) -> _T:
         remaining = self._help(timeout)
         try:
             return super().result(remaining)
@@ -129,7 +132,7 @@ class Relay(Future[Any]):
                 break
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
-    def set_result(self, result: Any) -> None:
+    def set_result(self, result: _T) -> None:
         """``Future.set_result``, minus the Python-level steps that do nothing
         when no thread waits and no callback is registered.
 
@@ -193,7 +196,7 @@ class Relay(Future[Any]):
         wait((self,))
         return self.cancelled()
 
-    def __await__(self) -> Generator[Any, None, Any]:
+    def __await__(self) -> Generator[Any, None, _T]:
         # wrap_future() completes an asyncio future from the completer thread
         # with call_soon_threadsafe, so the event loop never blocks on us.
         import asyncio
@@ -526,7 +529,7 @@ def coerce(src: object, dst: object, deferred: list[OSError]) -> tuple[int, int]
     return fd_of(src, "src", deferred), fd_of(dst, "dst", deferred)
 
 
-def fail_relay(relay: Relay, error: OSError, ends: list[object]) -> Relay:
+def fail_relay(relay: Relay[_T], error: OSError, ends: list[object]) -> Relay[_T]:
     """Fail ``relay``, which never started because an end's ``fileno()``
     failed: ``ends`` (those ``close=True`` covers) are closed, and the future
     holds the error, as for any OS error.  Returns ``relay``."""

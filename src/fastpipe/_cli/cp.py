@@ -167,7 +167,7 @@ def copy(src: str, dst: str, *, quiet: bool, keep_partial: bool, err: TextIO) ->
     return 0
 
 
-def _wait(relay: Relay, display: Progress | None) -> int:
+def _wait(relay: Relay[int], display: Progress | None) -> int:
     """Wait for ``relay``, redrawing ``display`` (if any) every ``POLL_INTERVAL``."""
     if display is None:
         return int(relay.result())

@@ -269,7 +269,7 @@ class _Connection:
     client: socket.socket
     started: float = field(default_factory=time.monotonic)
     state: str = _CONNECTING
-    relay: Relay | None = None
+    relay: Relay[tuple[int, int]] | None = None
 
 
 @dataclass
@@ -483,7 +483,7 @@ class Forwarder:
         # the relay is already done.
         relay.add_done_callback(lambda _: self._relay_done(conn, relay))
 
-    def _relay_done(self, conn: _Connection, relay: Relay) -> None:
+    def _relay_done(self, conn: _Connection, relay: Relay[tuple[int, int]]) -> None:
         """A proxy's done-callback: classify how it ended and log it."""
         up, down = relay.bytes_each_way
         message = None
