@@ -11,6 +11,8 @@ High level, a pool of persistent worker threads::
     relay(src, dst, *, close=True, count=None, zerocopy=True, idle_timeout=None) -> Relay[int]
     proxy(a, b, *, close=True, idle_timeout=None) -> Relay[tuple[int, int]]
     default_pool() -> WorkerPool
+
+The version is written here once; pyproject.toml reads it from ``__version__``.
 """
 
 from __future__ import annotations
@@ -55,7 +57,6 @@ def relay(
     zerocopy: bool = True,
     idle_timeout: float | None = None,
 ) -> Relay[int]:
-    """Copy ``src`` to ``dst`` in the default pool; see ``WorkerPool.relay``."""
     return default_pool().relay(
         src, dst, close=close, count=count, zerocopy=zerocopy, idle_timeout=idle_timeout
     )
@@ -68,5 +69,10 @@ def proxy(
     close: bool = True,
     idle_timeout: float | None = None,
 ) -> Relay[tuple[int, int]]:
-    """Relay ``a`` and ``b`` both ways in the default pool; see ``WorkerPool.proxy``."""
     return default_pool().proxy(a, b, close=close, idle_timeout=idle_timeout)
+
+
+# One text for each: help(fastpipe.relay) is the full reference, the same as
+# help(WorkerPool.relay), and the docs site is generated from it.
+relay.__doc__ = WorkerPool.relay.__doc__
+proxy.__doc__ = WorkerPool.proxy.__doc__

@@ -3,6 +3,7 @@
 from collections.abc import Callable
 
 BUFFER_SIZE: int
+"""The size in bytes of each pooled buffer: 32768."""
 
 def copy_fd(
     src_fd: int, dst_fd: int, count: int | None = None, *, zerocopy: bool = True

@@ -11,6 +11,11 @@ import os
 from typing import TYPE_CHECKING
 
 IMPLEMENTATION: str
+"""Which core is in use: ``"c"`` for the compiled one, ``"py"`` for the twin.
+
+The pure-Python twin is chosen when the extension is missing, or when the
+environment has ``FASTPIPE_NO_EXTENSIONS=1``.
+"""
 
 if TYPE_CHECKING:  # both twins have these names; _core.pyi types them
     from fastpipe._core import (

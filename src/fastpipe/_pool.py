@@ -144,16 +144,32 @@ def _completer_main(core: Any) -> None:
 class WorkerPool:
     """A pool of persistent worker threads that run relays.
 
+    Each worker is a daemon thread named ``fastpipe-worker-N`` (with the
+    compiled core it also shows as ``fastpipe-worker`` in ``top -H``,
+    ``perf`` and ``gdb``).  A relay goes to an idle worker, the most recently
+    parked one; a new worker is started only when none is idle.  So with
+    ``max_workers=None`` the pool grows to the peak number of simultaneous
+    relays and keeps that many workers.
+
+    The pool is a context manager: ``with WorkerPool() as pool:`` calls
+    ``shutdown()`` on exit.  It keeps working in a child after
+    ``os.fork()``, which starts with no workers.  Workers are daemon
+    threads: at interpreter exit they are not joined (a worker blocked on
+    an idle peer would hang the exit), and the OS reclaims them.
+
     Args:
-        max_workers: the most workers at once; further relays wait in order.
-            None (the default) grows the pool to the peak number of
-            simultaneous relays and keeps it there.
+        max_workers: the most worker threads at once.  Relays past it wait
+            in a queue, in order; a proxy waits as one entry that needs two
+            workers.  None (the default) means no limit; a value above
+            ``2**31 - 1`` is the same.
         idle_worker_timeout: seconds a worker may sit idle before it exits;
-            None keeps idle workers for the life of the pool.
+            None (the default) keeps idle workers for the life of the pool.
 
     Raises:
-        TypeError, ValueError: for a bad ``max_workers`` or
-            ``idle_worker_timeout``.
+        TypeError: ``max_workers`` is not an int (a ``bool`` is not), or
+            ``idle_worker_timeout`` is not a number.
+        ValueError: ``max_workers`` is below 1, or ``idle_worker_timeout``
+            is not above 0.
     """
 
     def __init__(
@@ -198,29 +214,66 @@ class WorkerPool:
         zerocopy: bool = True,
         idle_timeout: float | None = None,
     ) -> Relay[int]:
-        """Copy from ``src`` to ``dst`` in a worker; return its ``Relay``.
+        """Copy from ``src`` to ``dst`` in a pool worker; return at once.
+
+        The copy runs until end of file, or until ``count`` bytes, with the
+        GIL released; the returned ``Relay`` completes when it ends.
+        ``fastpipe.relay()`` runs it in the default pool
+        (``default_pool()``), ``WorkerPool.relay()`` in that pool.
+
+        Nothing is lost at the boundary between a Python object and its
+        fd: bytes that a buffered reader (``open(path, "rb")``,
+        ``sock.makefile("rb")``, ``Popen.stdout``) has already read ahead
+        are delivered first, and a buffered writer is flushed before the
+        first byte goes to its fd.
+
+        With ``zerocopy=True`` the kernel moves the bytes where the fd pair
+        allows: ``copy_file_range`` or ``sendfile`` from a file, ``splice``
+        from or into a pipe or a socket (``Relay.method`` says which).  A
+        path the kernel refuses hands over to the read/write loop without
+        losing or repeating a byte.  Blocking and non-blocking fds both
+        work, and their flags are left as they were.
 
         Args:
-            src: an int fd, or an object with ``fileno()`` (a binary file, a
-                socket, a pipe from subprocess), to read until end of file.
-            dst: the same kinds of object, to write to.
-            close: close both ends when the relay ends, however it ends:
-                objects through their ``close()``, ints with ``os.close``.
-            count: copy at most this many bytes; None copies to end of file.
-            zerocopy: allow kernel copy paths; False forces read/write.
+            src: what to read until end of file: an int fd, or an object
+                with ``fileno()`` in binary mode (a file, a socket, a pipe
+                from ``subprocess``).
+            dst: where to write: the same kinds of end.
+            close: close both ends when the relay ends, whether it
+                succeeded, failed or was cancelled, before the future
+                completes: objects through their own ``close()``, ints with
+                ``os.close``.  False leaves both open.
+            count: copy at most this many bytes; None copies to end of
+                file.  The rest stays in the source: file offsets advance
+                exactly as ``read`` and ``write`` would advance them.
+            zerocopy: allow the kernel paths; False forces the read/write
+                loop with pooled buffers.
             idle_timeout: fail with ``TimeoutError`` once this many seconds
-                pass without a byte moving; None waits for ever.
+                pass without a byte moving; None (the default) waits for
+                ever, and so does a value above ``10**9``.
 
         Returns:
-            A ``Relay`` future whose result is the number of bytes copied.
+            A ``Relay`` whose ``result()`` is the number of bytes copied.
+            Every OS error of the copy arrives through it, never from this
+            call: ``BrokenPipeError`` (EPIPE, never a SIGPIPE),
+            ``ConnectionResetError``, ``OSError`` with ENOSPC from a full
+            device, EBADF for a closed fd or one opened the wrong way,
+            ``IsADirectoryError`` for a directory source, EINVAL when both
+            ends are the same file and the copy would read what it wrote,
+            and ``TimeoutError`` for ``idle_timeout``.
 
         Raises:
-            TypeError: an end is neither an int nor has ``fileno()``, is a
-                text-mode file, or ``count`` or ``idle_timeout`` is not a
-                number.
-            ValueError: a negative fd, count or idle_timeout, or a closed
-                object.
-            RuntimeError: the pool has been shut down.
+            TypeError: an end is neither an int nor an object with
+                ``fileno()`` (a text-mode file, ``io.BytesIO``, a ``str``,
+                ``None``, a ``bool``), or ``count`` or ``idle_timeout`` is
+                not a number.
+            ValueError: a negative fd or ``count``, an fd above
+                ``2**31 - 1``, a ``count`` above ``2**63 - 1``, an
+                ``idle_timeout`` that is not above 0, or a closed file or
+                socket.
+            RuntimeError: the pool has been shut down, or no thread could
+                be started for a new worker.  Nothing has started then, and
+                the ends are closed as ``close`` says.
         """
         deferred: list[OSError] = []
         src_fd, dst_fd = coerce(src, dst, deferred)
@@ -249,41 +302,53 @@ class WorkerPool:
         close: bool = True,
         idle_timeout: float | None = None,
     ) -> Relay[tuple[int, int]]:
-        """Copy ``a`` to ``b`` and ``b`` to ``a`` at once, in two workers.
+        """Copy ``a`` to ``b`` and ``b`` to ``a`` at once, in two pool workers.
+
+        ``fastpipe.proxy()`` runs it in the default pool
+        (``default_pool()``), ``WorkerPool.proxy()`` in that pool.  Both
+        directions start together, or wait in the queue together for two
+        free workers: one direction running without the other would forward
+        a request whose reply has no worker.
 
         When one direction reaches end of file, the side it was writing to
-        is half-closed so that its peer sees end of file too:
-        ``shutdown(SHUT_WR)`` for a socket (with either ``close=``), and for
-        a separate write end (the writer of a ``(reader, writer)`` pair, such
-        as a pipe) ``close()`` when ``close=True``.  The other direction goes
-        on to its own end of file.  An error in either direction stops both.
+        is half-closed so that its peer sees end of file too, and the other
+        direction goes on to its own end of file: a socket gets
+        ``shutdown(SHUT_WR)`` (with either ``close``), and a separate write
+        end (the writer of a ``(reader, writer)`` pair, such as a pipe) is
+        closed when ``close=True``.  An end read and written both ways that
+        is not a socket (a tty) cannot be half-closed.  An error in either
+        direction stops the other one at once.
 
         Args:
-            a: one side: an int fd or an object with ``fileno()``, read and
-                written (a socket), or a ``(reader, writer)`` pair such as
-                ``(proc.stdout, proc.stdin)``.
+            a: one side: an end read and written both ways (a socket, an
+                int fd, a tty), or a ``(reader, writer)`` pair such as
+                ``(proc.stdout, proc.stdin)`` or two pipe fds.
             b: the other side, the same kinds.
             close: close every end once both directions have ended, however
                 they ended; an fd shared by both sides is closed once.
+                False leaves them open (a pipe's write end too: close it
+                yourself when its reader needs an end of file).
             idle_timeout: fail with ``TimeoutError`` once this many seconds
-                pass with no byte moving either way (checked four times per
-                timeout, so it fires between 1 and 1.25 times the timeout
-                after the last byte); None waits for ever.
+                pass with no byte moving either way; it fires between 1 and
+                1.25 times the timeout after the last byte.  A download
+                keeps the upload direction idle for as long as it lasts,
+                so the clock is shared.  None (the default) waits for ever.
 
         Returns:
-            A ``Relay`` whose result is ``(a_to_b, b_to_a)`` byte counts and
-            whose ``bytes_copied`` is their sum.
+            A ``Relay`` whose ``result()`` is the ``(a_to_b, b_to_a)`` byte
+            counts and whose ``bytes_copied`` is their sum.  An OS error in
+            either direction (a reset peer, EPIPE, ...) arrives through it,
+            the first one if both fail.
 
         Raises:
-            TypeError: an end is neither an int nor has ``fileno()``, is a
-                text-mode file, or ``idle_timeout`` is not a number.
-            ValueError: a negative fd or idle_timeout, a closed object, or a
-                pool with ``max_workers=1`` (a proxy needs two workers).
-            RuntimeError: the pool has been shut down.
-
-        Both directions start together, or wait in the queue together for
-        two free workers: one direction running without the other would
-        forward a request whose reply has no worker.
+            TypeError: an end is neither an int nor an object with
+                ``fileno()``, is a text-mode file, or ``idle_timeout`` is
+                not a number.
+            ValueError: a negative fd, an ``idle_timeout`` that is not
+                above 0, a closed file or socket, or a pool with
+                ``max_workers=1`` (a proxy needs two workers).
+            RuntimeError: the pool has been shut down, or no thread could
+                be started for a new worker.
         """
         if self._max_workers == 1:
             raise ValueError("a proxy needs two workers; this pool has max_workers=1")
@@ -300,23 +365,29 @@ class WorkerPool:
         return relay
 
     def stats(self) -> dict[str, int]:
-        """Return ``workers``, ``idle``, ``busy``, ``queued`` and ``peak``.
+        """Return the pool's counts, a snapshot.
 
-        ``peak`` is the most relays that ran at once in this pool.
+        Returns:
+            A dict with ``workers`` (worker threads that exist now),
+            ``idle``, ``busy``, ``queued`` (copies waiting for a worker)
+            and ``peak`` (the most copies that ran at once in this pool).
+            A proxy counts as two copies, one per direction.
         """
         return dict(self._core.stats())
 
     def shutdown(self, wait: bool = True, *, cancel_relays: bool = False) -> None:
         """Stop accepting relays and let the workers exit.
 
-        Idempotent.  Without ``cancel_relays``, relays already queued or
-        running go on to their end.  With it, every one of them is cancelled
+        Idempotent; ``relay()`` and ``proxy()`` raise ``RuntimeError`` after
+        it.  Without ``cancel_relays``, relays already queued or running go
+        on to their end.  With it, every one of them is cancelled
         (``Relay.cancel()``): queued ones never start, running ones stop
-        within milliseconds, and their ends are closed as ``close=`` said.
+        within milliseconds, and their ends are closed as ``close`` said.
 
         Args:
             wait: block until every worker thread has exited, which means
-                until every running relay has finished.
+                until every running relay has finished (or stopped, with
+                ``cancel_relays``).
             cancel_relays: cancel the relays that are queued or running.
         """
         with self._lock:
@@ -436,7 +507,14 @@ _default_lock = threading.Lock()
 
 
 def default_pool() -> WorkerPool:
-    """The process-wide pool used by ``fastpipe.relay``; created on first use."""
+    """Return the process-wide pool that ``fastpipe.relay()`` and ``proxy()`` use.
+
+    It is a ``WorkerPool()`` with no limits, created on first use and never
+    shut down.
+
+    Returns:
+        The default pool.
+    """
     global _default_pool
     pool = _default_pool
     if pool is None:

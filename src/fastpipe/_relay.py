@@ -28,6 +28,8 @@ class HasFileno(Protocol):
 
 
 FdLike = int | HasFileno
+"""An end of a relay: an int file descriptor, or an object whose ``fileno()``
+returns one (a binary file, a socket, a pipe from ``subprocess``)."""
 
 # What a Relay's result() returns: int for relay(), tuple[int, int] for proxy().
 _T = TypeVar("_T")
@@ -44,16 +46,30 @@ _READAHEAD_MAX = 1 << 24
 
 
 class Relay(Future[_T]):
-    """A running or finished relay: a ``concurrent.futures.Future``.
+    """A relay under way or finished: a ``concurrent.futures.Future``.
 
-    ``result()`` is the number of bytes copied (for ``proxy`` a tuple per
-    direction), or raises the relay's ``OSError``.
+    ``relay()`` returns a ``Relay[int]``, whose ``result()`` is the number of
+    bytes copied; ``proxy()`` returns a ``Relay[tuple[int, int]]``, whose
+    ``result()`` is the ``(a_to_b, b_to_a)`` byte counts.  Either raises the
+    relay's ``OSError`` or ``TimeoutError`` instead when it failed.
 
-    The future stays PENDING while a worker copies and moves straight to
-    FINISHED: the worker never needs the GIL to mark it RUNNING.  So
-    ``running()`` is answered from the pool's own state, and ``cancel()``
-    (which can stop a running copy) moves it to CANCELLED itself.
+    Everything a ``Future`` does works: ``result(timeout)``, ``exception()``,
+    ``add_done_callback(fn)``, ``concurrent.futures.wait()`` and
+    ``as_completed()``.  ``await relay`` works inside asyncio without
+    blocking the event loop: the result arrives through
+    ``call_soon_threadsafe``, and cancelling the awaiting task (or
+    ``asyncio.wait_for`` timing out) cancels the relay too.  Done-callbacks
+    may run in the pool's completion thread.
+
+    A thread that waits in ``result()`` completes finished relays itself,
+    rather than waiting for the completion thread to take the GIL; in the
+    main thread that wait comes back every 50 ms, so Ctrl-C still works.
     """
+
+    # The future stays PENDING while a worker copies and moves straight to
+    # FINISHED: the worker never needs the GIL to mark it RUNNING.  So
+    # running() is answered from the pool's own state, and cancel() (which
+    # can stop a running copy) moves it to CANCELLED itself.
 
     def __init__(self, directions: int = 1) -> None:
         super().__init__()
@@ -70,7 +86,11 @@ class Relay(Future[_T]):
 
     @property
     def bytes_copied(self) -> int:
-        """Bytes written so far; readable while the relay runs."""
+        """Bytes written so far, both directions summed for a proxy.
+
+        Live: readable from any thread while the relay runs, and exact once
+        it is done.
+        """
         return sum(job.bytes_copied for job in self._jobs)
 
     @property
@@ -88,13 +108,38 @@ class Relay(Future[_T]):
 
     @property
     def method(self) -> str | None:
-        """The copy path in use, or None before the copy has started."""
+        """The copy path in use, or None before the copy has started.
+
+        One of ``"copy_file_range"``, ``"sendfile"``, ``"splice"`` or
+        ``"readwrite"``; for a proxy, the path of its ``a`` to ``b``
+        direction.
+        """
         jobs = self._jobs
         if not jobs or not jobs[0].started:
             return None
         return str(jobs[0].method)
 
     def result(self, timeout: float | None = None) -> _T:
+        """Wait for the relay to end and return its result.
+
+        Args:
+            timeout: the most seconds to wait; None waits for as long as
+                the relay runs.
+
+        Returns:
+            The number of bytes copied for a relay; the ``(a_to_b,
+            b_to_a)`` byte counts for a proxy.
+
+        Raises:
+            OSError: the copy failed, with the errno of the failing
+                syscall and its subclass (``BrokenPipeError``,
+                ``ConnectionResetError``, ...).
+            TimeoutError: the relay failed because no byte moved for
+                ``idle_timeout`` seconds (``errno`` is ETIMEDOUT); or
+                ``timeout`` passed first (``errno`` is None, and the relay
+                goes on).
+            concurrent.futures.CancelledError: the relay was cancelled.
+        """
         remaining = self._help(timeout)
         try:
             return super().result(remaining)
@@ -159,20 +204,25 @@ class Relay(Future[_T]):
             self._invoke_callbacks()  # type: ignore[attr-defined]
 
     def running(self) -> bool:
+        """True once a worker has started the copy, until it ends.
+
+        A relay still waiting in the queue for a worker is not running.
+        """
         return any(job.started for job in self._jobs) and not self.done()
 
     def cancel(self) -> bool:
         """Cancel the relay, whether it is still queued or already copying.
 
-        A running copy is stopped by the core within milliseconds, even when
-        blocked on an idle fd or a stalled sink: the compiled core knocks its
-        worker out of the syscall with a signal, the pure-Python twin polls
-        an eventfd beside the data fds; nothing is ever closed under a
-        blocked thread.  ``cancel()`` returns once the copy
-        has stopped: ``bytes_copied`` is then exact, the ends are closed as
-        ``close=`` said, done-callbacks have run and ``result()`` raises
-        ``CancelledError``.  Called from a done-callback (a completion
-        thread), it does not wait: the relay is cancelled just after.
+        A running copy is stopped within milliseconds, even when it is
+        blocked on an idle fd or a stalled sink: the compiled core knocks
+        its worker out of the syscall with a signal, the pure-Python twin
+        polls an eventfd beside the data fds; nothing is ever closed under
+        a blocked thread.  ``cancel()`` returns once the copy has stopped:
+        ``bytes_copied`` is then exact, the ends are closed as ``close``
+        said, done-callbacks have run and ``result()`` raises
+        ``concurrent.futures.CancelledError``.  Called from a done-callback
+        (a completion thread), it does not wait: the relay is cancelled
+        just after.
 
         Returns:
             True if the relay is (or is about to be) cancelled; False if it
@@ -197,6 +247,7 @@ class Relay(Future[_T]):
         return self.cancelled()
 
     def __await__(self) -> Generator[Any, None, _T]:
+        """``await relay`` inside asyncio: the result, without blocking the loop."""
         # wrap_future() completes an asyncio future from the completer thread
         # with call_soon_threadsafe, so the event loop never blocks on us.
         import asyncio

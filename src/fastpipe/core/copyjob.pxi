@@ -247,11 +247,18 @@ cdef bint _in_main_thread():
 
 
 def copy_fd(src_fd, dst_fd, count=None, *, zerocopy=True):
-    """Copy from ``src_fd`` to ``dst_fd`` with the GIL released.
+    """Copy from ``src_fd`` to ``dst_fd`` in this thread, with the GIL released.
 
-    Copies until end of file, or until ``count`` bytes.  Blocking and
-    non-blocking fds both work: on EAGAIN the loop waits in ``poll`` and
-    never spins.  Neither fd is closed, and their flags are left unchanged.
+    Copies until end of file, or until ``count`` bytes, and returns when
+    done.  Blocking and non-blocking fds both work: on EAGAIN the loop
+    waits in ``poll`` and never spins.  Neither fd is closed, and their
+    flags are left as they were.  The kernel path is chosen as for
+    ``relay()``.
+
+    In the main thread, signal handlers run within 100 ms even while the
+    copy is blocked on an idle fd (PEP 475).  If a handler returns, the
+    copy goes on with nothing lost; if it raises (``KeyboardInterrupt``),
+    the exception gets out, and bytes read but not yet written are lost.
 
     Args:
         src_fd: the file descriptor to read from.
@@ -264,9 +271,17 @@ def copy_fd(src_fd, dst_fd, count=None, *, zerocopy=True):
         The number of bytes copied.
 
     Raises:
-        TypeError: an fd or the count is not an int.
-        ValueError: an fd or the count is negative.
-        OSError: see ``CopyJob.run``.
+        TypeError: an fd or the count is not an int (a ``bool`` is not).
+        ValueError: an fd or the count is negative, an fd is above
+            ``2**31 - 1``, or the count is above ``2**63 - 1``.
+        OSError: the copy failed, with the errno of the failing syscall
+            and its subclass: ``BrokenPipeError`` (EPIPE, never a
+            SIGPIPE), ``ConnectionResetError``, ENOSPC from a full device,
+            EBADF for a closed fd or one opened the wrong way,
+            ``IsADirectoryError`` for a directory source, EINVAL when both
+            fds are the same file and the copy would read what it wrote.
+        Exception: whatever a signal handler raises in the main thread,
+            such as ``KeyboardInterrupt``.
     """
     return CopyJob(src_fd, dst_fd, count, zerocopy=zerocopy).run()
 

@@ -176,7 +176,14 @@ def _set_splice_min_read(Py_ssize_t nbytes):
 
 
 def trim_pipes():
-    """Close every idle pooled pipe; return how many were closed."""
+    """Close every idle pooled pipe.
+
+    Pipes in use by running copies are not touched; they return to the pool
+    when their copy no longer needs them.
+
+    Returns:
+        The number of pipes closed.
+    """
     global _pipe_free, _pipes_free
     cdef FpPipe *head
     cdef FpPipe *nxt
