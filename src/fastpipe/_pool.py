@@ -146,10 +146,10 @@ class WorkerPool:
 
     Each worker is a daemon thread named ``fastpipe-worker-N`` (with the
     compiled core it also shows as ``fastpipe-worker`` in ``top -H``,
-    ``perf`` and ``gdb``).  A relay goes to an idle worker, the most recently
-    parked one; a new worker is started only when none is idle.  So with
-    ``max_workers=None`` the pool grows to the peak number of simultaneous
-    relays and keeps that many workers.
+    ``perf`` and ``gdb``).  A relay goes to an idle worker, the one that
+    went idle last; a new worker is started only when none is idle.  So
+    with ``max_workers=None`` the pool grows to the peak number of
+    simultaneous relays and keeps that many workers.
 
     The pool is a context manager: ``with WorkerPool() as pool:`` calls
     ``shutdown()`` on exit.  It keeps working in a child after
