@@ -114,7 +114,7 @@ def test_cancel_while_blocked_on_a_stalled_sink(dst_kind: str) -> None:
     if _impl.IMPLEMENTATION == "py" and dst_kind != "pipe":
         pytest.skip(
             "the pure-Python twin cannot interrupt a splice blocked on a stalled blocking "
-            "socket (README: the pure-Python twin)"
+            "socket (docs/twin.md)"
         )
     src_r, src_w = os.pipe()
     if dst_kind == "pipe":

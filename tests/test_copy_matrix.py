@@ -43,7 +43,7 @@ def test_copy_fd_matrix(
 
 
 def expected_methods(src_kind: str, dst_kind: str, size: int) -> set[str]:
-    """The path a relay reports once it has run (README: "Kernel paths")."""
+    """The path a relay reports once it has run (docs/design.md: "The kernel paths")."""
     if src_kind == "file" and dst_kind == "file":
         # An empty file: copy_file_range moves nothing on its first call,
         # which is also what procfs does, so read() has the last word.

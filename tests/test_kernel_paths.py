@@ -209,7 +209,7 @@ def _socket_relay_through_pipe(size: int) -> tuple[bytes, bytes, str]:
 @pytest.mark.parametrize("nonblocking", [False, True], ids=["blocking", "nonblocking"])
 @pytest.mark.parametrize("kind", ["tcp", "unix"])
 def test_a_relay_on_an_idle_connection_holds_no_pipe(kind: str, nonblocking: bool) -> None:
-    """Between bursts a socket relay parks without its pooled pipe (README:
+    """Between bursts a socket relay parks without its pooled pipe (docs/design.md:
     "An idle connection therefore holds no pipe"), or a proxy's thousand idle
     connections would hold a thousand 1 MiB pipes against the per-user quota.
     A blocking source socket matters most: accept() returns one, and a

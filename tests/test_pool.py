@@ -125,7 +125,7 @@ def _is_gone(fd: int, was: os.stat_result) -> bool:
 
 @pytest.mark.parametrize("how", ["cancel", "shutdown"])
 def test_queued_relay_can_be_cancelled_and_its_ends_are_closed(how: str) -> None:
-    """Closed before the future completes (README, close=True), as for a
+    """Closed before the future completes (docs/design.md, close=True), as for a
     relay that ran: a done-callback already finds both ends closed."""
     pool = WorkerPool(max_workers=1)
     _, w1 = idle_relay(pool)

@@ -207,7 +207,7 @@ def test_copy_file_range_file_to_file(tmp_path: Path, case: Case, offset: int) -
         assert method == "copy_file_range"
     else:
         # copy_file_range moving nothing is also what procfs does: read()
-        # has the last word (README: "Kernel paths").
+        # has the last word (docs/design.md: "The kernel paths").
         assert method in ("copy_file_range", "readwrite")
 
 
