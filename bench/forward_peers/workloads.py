@@ -266,20 +266,27 @@ class Idle(Workload):
         n, k = self.opts.conns, self.procs
         return [n // k + (i < n % k) for i in range(k)]
 
-    def _open(self, group: HelperGroup, port: int) -> tuple[float | None, int]:
+    def _open(self, group: HelperGroup, port: int, who: str) -> tuple[float | None, int]:
         """Open N; (seconds until all echoed or None, connections not up)."""
         deadline = self.opts.bringup_deadline
         window = self.opts.connect_window
         commands = [f"open {k} {port} {window} {deadline:g}" for k in self._shares()]
         replies = group.all(commands, deadline + 60)
-        problems = sum(r["failed"] + r["closed"] + r["pending"] for r in replies)
+        counts = {
+            key: sum(r[key] for r in replies) for key in ("ok", "failed", "closed", "pending")
+        }
+        problems = counts["failed"] + counts["closed"] + counts["pending"]
         seconds = [r["seconds"] for r in replies]
         if problems or any(s is None for s in seconds):
             errors: dict[str, int] = {}
             for r in replies:
                 for key, count in r["errors"].items():
                     errors[key] = errors.get(key, 0) + count
-            self.note(f"bring-up problems: {errors}", "bring-up")
+            self.note(
+                f"{who}: {problems:,} of {self.opts.conns:,} not up after {deadline:g} s:"
+                f" {counts}, errors {errors}",
+                "bring-up",
+            )
             return None, problems
         return max(seconds), 0
 
@@ -316,7 +323,7 @@ class Idle(Workload):
             group = HelperGroup(self.settings.workdir, self.procs)
             time.sleep(0.2)
             start = fwd.memory()
-            seconds, problems = self._open(group, fwd.port)
+            seconds, problems = self._open(group, fwd.port, peer.name)
             if self.want_idle:
                 out["bring-up"].update(bringup_s=seconds, problems=problems)
                 time.sleep(1.0)
@@ -334,7 +341,7 @@ class Idle(Workload):
                 group.same("close all", 60)
                 time.sleep(self.opts.settle)
                 after = fwd.memory()
-                seconds2, _ = self._open(group, fwd.port)
+                seconds2, _ = self._open(group, fwd.port, f"{peer.name}, second burst")
                 failed2 = self._echo(group)
                 peak2 = fwd.memory()["hwm_kib"]
                 out["bring-up"]["bringup2_s"] = seconds2
@@ -371,7 +378,7 @@ class Idle(Workload):
             group = HelperGroup(self.settings.workdir, self.procs)
             time.sleep(0.2)
             fds = fwd.memory()["fds"]
-            self._open(group, fwd.port)
+            self._open(group, fwd.port, f"{peer.name}, shutdown instance")
             group.same("close all", 60)
             # "Just closed": the forwarder has closed its side too.
             deadline = time.monotonic() + 15
