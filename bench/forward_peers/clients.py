@@ -12,7 +12,7 @@ of them at once.  All addresses are on 127.0.0.1.
                                   for it to come back.  Waits up to DEADLINE s.
                                   Answer: ok, failed (connect error), closed
                                   (closed before the echo), pending, seconds
-                                  (until the last echo), errors
+                                  (until the last echo of this command), errors
     wait DEADLINE                 go on waiting for the pending ones
     echo DEADLINE                 every connection that echoed sends a new
                                   distinct message and must get it back
@@ -174,7 +174,7 @@ class Clients:
 
     def _status(self, t0: float, **extra: object) -> None:
         counts = collections.Counter(c.state for c in self.conns)
-        done = [c.t_done for c in self.conns if c.state == "ok"]
+        done = [c.t_done for c in self.conns if c.state == "ok" and c.t_done >= t0]
         _answer(
             ok=counts["ok"],
             failed=counts["failed"],

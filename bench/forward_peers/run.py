@@ -345,6 +345,7 @@ def main(argv: list[str]) -> int:
         "conns": args.conns,
         "rounds": args.rounds,
         "grace": args.grace,
+        "fault_attempts": args.fault_attempts,
         "peers": {p.name: p.describe() for p in found},
         "missing": missing,
         "skipped": [],
@@ -405,14 +406,14 @@ def main(argv: list[str]) -> int:
     fastpipes = [p.name for p in found if p.kind == FASTPIPE]
     for why in meta["skipped"]:
         meta["describe"].append(f"SKIPPED {why}")
-    text = report.markdown(results, meta, fastpipes, args.grace)
+    text = report.markdown(results, meta, fastpipes)
     print(text)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(text)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(report.as_json(results, meta, fastpipes, args.grace), f, indent=2)
+            json.dump(report.as_json(results, meta, fastpipes), f, indent=2)
             f.write("\n")
     if args.keep_logs:
         _say(f"logs kept in {workdir}")

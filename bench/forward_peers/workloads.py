@@ -534,7 +534,7 @@ class Faults(Workload):
     resets each connection at once (reset), and a listener whose accept
     queue is full so that SYNs to it are dropped (silent: the forwarder's
     connect times out after --connect-timeout).  For each, a fresh forwarder
-    gets a few warm-up attempts, then ATTEMPTS clients, BATCH at a time,
+    gets one batch of warm-up attempts, then ATTEMPTS clients, BATCH at a time,
     connect, send a line, and wait for the forwarder to close them (up to
     FAULT_WAIT s, by default 4 x connect-timeout + 5: room for a forwarder
     that retries its connect, as haproxy does 3 times).  Figures: the share
@@ -547,8 +547,9 @@ class Faults(Workload):
     clients as its limit, each sending a ping to the echo server: within
     EMFILE_WINDOW seconds some are served, the rest wait (or are closed).
     Over the next EMFILE_WINDOW seconds at the limit, its CPU and its log
-    lines about accept; then the served clients close, and it must serve the
-    waiting ones (within EMFILE_RECOVER seconds) and new ones.
+    lines about accept; then the served clients close, and it must serve as
+    many of the waiting ones as it served before (within EMFILE_RECOVER
+    seconds), and then new ones once all have closed.
     """
 
     name = "faults"
@@ -608,7 +609,10 @@ class Faults(Workload):
         timeout = self.opts.fault_wait or 4 * self.settings.connect_timeout + 5
         fwd = peers.start_forwarder(peer, port, self.settings, maxconn=batch + 100)
         try:
-            warm = min(5, m)
+            # One batch first: the forwarder grows to the batch's concurrency
+            # (a worker pool, say) before the levels "before" are taken, so
+            # that what is left after is what the attempts themselves left.
+            warm = min(batch, m)
             self.helper.request(f"faults {warm} {fwd.port} {warm} {timeout:g}", timeout + 60)
             time.sleep(0.5)
             before = fwd.memory()
@@ -664,14 +668,17 @@ class Faults(Workload):
             helper.request("close all", 60)
         finally:
             fwd.stop()
+        # Once the served clients close, the forwarder has room for as many
+        # again: the waiting ones beyond that stay waiting, rightly.
         pending = first["pending"]
+        room = min(pending, first["ok"])
         return {
             "served": first["ok"],
             "closed": first["closed"] + first["failed"],
             "pending": pending,
             "cpu_pct": cpu / window * 100,
             "accept_lines_s": lines / window,
-            "backlog_served_pct": waited["ok"] / pending * 100 if pending else None,
+            "backlog_served_pct": min(100.0, waited["ok"] / room * 100) if room else None,
             "fresh_ok_pct": fresh["ok"] / fresh_n * 100,
         }
 
