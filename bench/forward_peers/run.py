@@ -396,7 +396,7 @@ def main(argv: list[str]) -> int:
                 _say(why)
                 status = 1
     except (KeyboardInterrupt, procs.Interrupted) as exc:
-        _say(f"interrupted ({exc or 'SIGINT'}): stopping every process, reporting what ran")
+        _say(f"interrupted ({str(exc) or 'SIGINT'}): stopping every process, reporting what ran")
         status = 130
     except Exception:
         traceback.print_exc()
