@@ -6,7 +6,7 @@ default backlog), one ``asyncio.open_connection`` to the target per client
 ``writer.write`` / ``await writer.drain()`` with ``write_eof()`` at end of
 file (asyncio sets TCP_NODELAY on TCP transports itself).  Standard library
 only: ``run.py`` runs it as ``python -I -S <this file> LISTEN_PORT TARGET_PORT``
-(both on 127.0.0.1).  A copy of ``fastpipe._bench_asyncio_forward``, so that
+(both on 127.0.0.1).  A copy of ``fastpipe._bench.asyncio_forward``, so that
 this benchmark does not depend on where the package keeps its own.
 
 It prints ``... listening on 127.0.0.1:PORT, forwarding to ...`` on stderr,
