@@ -9,6 +9,7 @@ byte for byte or by sha256; times are only "does not hang" bounds.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import os
 import re
@@ -437,6 +438,27 @@ def test_a_second_sigint_cancels_at_once(
         idle.settimeout(10)
         assert read_to_eof(idle) == b""
     fwd.wait_for(r"second signal: cancelling 1 open")
+    fwd.wait_for(r"stopped: connections=1 ok=0 errors=0 idle_timeouts=0 cancelled=1 ")
+
+
+def test_sigterm_on_a_pool_thread_still_stops_it(
+    forwarder: Callable[..., Forwarder], echo_server: EchoServer
+) -> None:
+    tgkill = getattr(ctypes.CDLL(None, use_errno=True), "tgkill", None)
+    if tgkill is None:
+        pytest.skip("no tgkill() in this libc")
+    fwd = forwarder("127.0.0.1:0", echo_server.target, "--grace", "0")
+    with fwd.connect() as sock:
+        sock.sendall(b"x")
+        assert sock.recv(1) == b"x"  # proxied: the pool has its threads
+        pid = fwd.proc.pid
+        others = [int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid]
+        assert others
+        # The kernel may hand a process's signal to any of its threads;
+        # this one lands on a pool thread, while the main thread waits in
+        # poll.
+        assert tgkill(pid, others[0], signal.SIGTERM) == 0
+        assert fwd.wait() == 0
     fwd.wait_for(r"stopped: connections=1 ok=0 errors=0 idle_timeouts=0 cancelled=1 ")
 
 

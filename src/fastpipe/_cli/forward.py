@@ -4,9 +4,13 @@ Threads, and why:
 
 - The main thread runs the accept loop: ``poll`` on the listener and on a
   wake-up socketpair.  Signal handlers run in the main thread, so SIGINT and
-  SIGTERM only set a flag and write a byte to the wake-up socket; a finished
-  connection does the same, so that ``--max-connections`` can start
-  accepting again.  While at the limit the listener is not polled at all:
+  SIGTERM only set a flag; a finished connection writes a byte to the
+  wake-up socket, so that ``--max-connections`` can start accepting again.
+  The kernel may deliver a signal to any thread, and one that lands on a
+  pool thread leaves the main thread asleep in ``poll``:
+  ``signal.set_wakeup_fd`` has the interpreter write a byte to the wake-up
+  socket whichever thread it lands on, which wakes the main thread to run
+  the handler.  While at the limit the listener is not polled at all:
   further clients wait in the kernel's listen backlog, which is what a user
   of a connection limit expects (a client that is accepted and then closed
   has to retry by itself; one in the backlog is simply served later).
@@ -344,9 +348,14 @@ class Forwarder:
     # -- waking the main thread -----------------------------------------
 
     def wake(self) -> None:
-        """Make the main thread's poll return (any thread, or a signal handler)."""
+        """Make the main thread's poll return (any thread)."""
         with contextlib.suppress(OSError):  # full: it is awake anyway; closed: over
             self._wake_w.send(b"\0")
+
+    @property
+    def wakeup_fd(self) -> int:
+        """The fd for ``signal.set_wakeup_fd``: a signal wakes the loop."""
+        return self._wake_w.fileno()
 
     def _drain_wake(self) -> None:
         with contextlib.suppress(OSError):
@@ -354,8 +363,8 @@ class Forwarder:
                 pass
 
     def on_signal(self, signum: int, frame: FrameType | None) -> None:
+        # Runs in the main thread, woken through the wakeup fd.
         self.signals.append(signum)
-        self.wake()
 
     @property
     def open_count(self) -> int:
@@ -697,6 +706,8 @@ def forward(
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
         handled.append(signal.SIGINT)
     previous = {signum: signal.signal(signum, forwarder.on_signal) for signum in handled}
+    # A full socket drops the byte: the loop is awake then anyway.
+    previous_wakeup = signal.set_wakeup_fd(forwarder.wakeup_fd, warn_on_full_buffer=False)
     try:
         bound = listener.getsockname()
         if not quiet or listen.port == 0:
@@ -716,6 +727,7 @@ def forward(
         if not quiet:
             log(forwarder.summary())
     finally:
+        signal.set_wakeup_fd(previous_wakeup)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         forwarder.close()
