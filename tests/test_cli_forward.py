@@ -3,7 +3,9 @@
 The forwarder runs as ``python -m fastpipe forward 127.0.0.1:0 TARGET``; its
 listening address comes from its first stderr line.  Servers run in this
 process (threads) or as ``python -m http.server``.  Contents are compared
-byte for byte or by sha256; times are only "does not hang" bounds.
+byte for byte or by sha256; times are only "does not hang" bounds.  What
+the forwarder holds (threads, fds, the sockets in its epoll set, connects
+in progress) is read from ``/proc``.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import io
 import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -23,6 +27,9 @@ import urllib.request
 from collections.abc import Callable, Iterator
 
 import pytest
+
+from fastpipe import WorkerPool
+from fastpipe._cli import forward as forward_module
 
 LISTENING = re.compile(r"listening on (\S+), forwarding to ")
 LINE = re.compile(
@@ -116,6 +123,20 @@ class Forwarder:
 
     def connection_lines(self) -> list[re.Match[str]]:
         return [m for line in self.lines if (m := LINE.match(line))]
+
+    def wait_for_count(self, pattern: str, count: int, timeout: float = 20.0) -> list[str]:
+        """Wait until ``count`` stderr lines match ``pattern``; return them."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = [line for line in self._lines if regex.search(line)]
+                if len(found) >= count:
+                    return found
+                left = deadline - time.monotonic()
+                if left <= 0 or (self._lines and self._lines[-1] == "" and self.proc.poll()):
+                    raise AssertionError(f"{len(found)} of {count} lines match {pattern!r}")
+                self._cond.wait(min(left, 0.1))
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -456,7 +477,7 @@ def test_sigterm_on_a_pool_thread_still_stops_it(
         assert others
         # The kernel may hand a process's signal to any of its threads;
         # this one lands on a pool thread, while the main thread waits in
-        # poll.
+        # epoll.
         assert tgkill(pid, others[0], signal.SIGTERM) == 0
         assert fwd.wait() == 0
     fwd.wait_for(r"stopped: connections=1 ok=0 errors=0 idle_timeouts=0 cancelled=1 ")
@@ -624,3 +645,295 @@ def test_help() -> None:
     assert "usage: fastpipe forward" in proc.stdout
     for option in ("--max-connections", "--idle-timeout", "--grace", "--connect-timeout"):
         assert option in proc.stdout
+    # The threads it uses, and when TARGET is resolved.
+    assert "costs a socket while it is waited for, not a thread" in proc.stdout
+    assert "TARGET's host is resolved once" in proc.stdout
+
+
+# -- what a process holds, from /proc ------------------------------------------------
+
+
+def thread_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def tcp_table() -> list[list[str]]:
+    """The rows of /proc/net/tcp and tcp6: local, remote, state, queues, ..., inode."""
+    rows = []
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(path) as table:
+            next(table)
+            rows += [line.split()[1:] for line in table]
+    return rows
+
+
+def _port(address: str) -> int:
+    return int(address.rsplit(":", 1)[1], 16)
+
+
+def listening_socket(port: int) -> tuple[int, int]:
+    """The listener on ``port``: (socket inode, clients waiting in its accept queue)."""
+    for local, _, state, queues, *rest in tcp_table():
+        if state == "0A" and _port(local) == port:
+            return int(rest[4]), int(queues.split(":")[1], 16)
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+def connects_in_progress(port: int) -> int:
+    """Sockets of this machine in SYN_SENT towards ``port``."""
+    return sum(1 for _, remote, state, *_ in tcp_table() if state == "02" and _port(remote) == port)
+
+
+def epoll_watched_inodes(pid: int) -> set[int]:
+    """The inodes of every file that any epoll instance of ``pid`` watches."""
+    inodes: set[int] = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:[eventpoll]":
+                continue
+            with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+                text = info.read()
+        except OSError:
+            continue  # closed meanwhile
+        inodes.update(int(m, 16) for m in re.findall(r"^tfd:.*\bino:([0-9a-f]+)", text, re.M))
+    return inodes
+
+
+def accept_queue(listener: socket.socket) -> int:
+    """Clients waiting in ``listener``'s accept queue (``tcpi_unacked`` of a listener)."""
+    info = listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return int(struct.unpack_from("I", info, 24)[0])
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    """Wait for a state of another process or of the kernel; ``timeout`` is a
+    "does not hang" bound."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached within {timeout} s: {what}")
+        time.sleep(0.01)
+
+
+class BlackHole:
+    """A TARGET that never answers a connect: a listener whose accept queue
+    is full, so that the kernel drops every further SYN.  ``close()`` turns
+    it into a refusing port: the next SYN retransmission gets a reset."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+        self.port = self.listener.getsockname()[1]
+        self.target = f"127.0.0.1:{self.port}"
+        # One waiting client fills a backlog of 0 (Linux queues backlog + 1).
+        self.filler = socket.create_connection(("127.0.0.1", self.port))
+        wait_until(lambda: accept_queue(self.listener) >= 1, "the black hole's queue is full")
+
+    def close(self) -> None:
+        self.listener.close()
+        self.filler.close()
+
+
+@pytest.fixture
+def black_hole() -> Iterator[BlackHole]:
+    hole = BlackHole()
+    try:
+        yield hole
+    finally:
+        hole.close()
+
+
+def connect_all(fwd: Forwarder, count: int) -> list[socket.socket]:
+    """``count`` clients of ``fwd``, connected (accepted or in its backlog)."""
+    return [fwd.connect() for _ in range(count)]
+
+
+def close_all(sockets: list[socket.socket]) -> None:
+    for sock in sockets:
+        sock.close()
+
+
+# -- connecting to TARGET ------------------------------------------------------------
+
+
+def test_clients_waiting_for_their_connect_hold_no_thread(
+    forwarder: Callable[..., Forwarder], black_hole: BlackHole
+) -> None:
+    fwd = forwarder("127.0.0.1:0", black_hole.target, "--connect-timeout", "120", "--grace", "0")
+    idle_threads = thread_count(fwd.proc.pid)
+    clients = connect_all(fwd, 25)
+    try:
+        wait_until(lambda: connects_in_progress(black_hole.port) == 25, "25 connects under way")
+        # Every client is accepted and its connect to TARGET under way, in
+        # the main thread's epoll loop: no thread per connect.
+        assert thread_count(fwd.proc.pid) == idle_threads
+        assert fwd.stop() == 0
+    finally:
+        close_all(clients)
+    fwd.wait_for(r"grace period over: cancelling 25 open")
+    assert sorted(int(m.group(1)) for m in fwd.connection_lines()) == list(range(1, 26))
+    assert all(m.group(3) == "cancelled" for m in fwd.connection_lines())
+    fwd.wait_for(r"stopped: connections=25 ok=0 errors=0 idle_timeouts=0 cancelled=25 ")
+
+
+def test_a_connect_timeout_closes_the_client_with_one_error_line(
+    forwarder: Callable[..., Forwarder], black_hole: BlackHole
+) -> None:
+    fwd = forwarder("127.0.0.1:0", black_hole.target, "--connect-timeout", "0.2")
+    fds = []
+    for round_ in range(2):
+        clients = connect_all(fwd, 10)
+        try:
+            for sock in clients:
+                assert read_to_eof(sock) == b""  # closed by the forwarder
+        finally:
+            close_all(clients)
+        lines = fwd.wait_for_count(r" end=error ", 10 * (round_ + 1))
+        fds.append(fd_count(fwd.proc.pid))
+    assert all(
+        line.endswith(
+            f'error="connect to {black_hole.target}: TimeoutError: no connection within 0.2 s"'
+        )
+        for line in lines
+    )
+    # One line per client, and nothing kept: no connect left, no fd more
+    # after the second round than after the first.
+    assert sorted(int(m.group(1)) for m in fwd.connection_lines()) == list(range(1, 21))
+    assert connects_in_progress(black_hole.port) == 0
+    assert fds[1] == fds[0]
+    assert fwd.stop() == 0
+    fwd.wait_for(r"stopped: connections=20 ok=0 errors=20 ")
+
+
+def test_each_refused_connect_is_one_error_line_and_leaves_nothing(
+    forwarder: Callable[..., Forwarder],
+) -> None:
+    with socket.socket() as nobody:
+        nobody.bind(("127.0.0.1", 0))  # bound, not listening: refused
+        port = nobody.getsockname()[1]
+        fwd = forwarder("127.0.0.1:0", f"127.0.0.1:{port}", "-q")
+        fds = []
+        for round_ in range(2):
+            clients = connect_all(fwd, 10)
+            try:
+                for sock in clients:
+                    assert read_to_eof(sock) == b""
+            finally:
+                close_all(clients)
+            fwd.wait_for_count(r" end=error .*ConnectionRefusedError", 10 * (round_ + 1))
+            fds.append(fd_count(fwd.proc.pid))
+        assert fds[1] == fds[0]
+        assert sorted(int(m.group(1)) for m in fwd.connection_lines()) == list(range(1, 21))
+        assert fwd.stop() == 0
+
+
+class ResetServer:
+    """Accepts each connection and resets it at once (SO_LINGER 0, then close)."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.target = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+
+    def close(self) -> None:
+        # shutdown() wakes the accept() blocked in the thread.
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        self._thread.join(10)
+
+
+def test_a_target_that_resets_closes_the_client_with_one_error_line(
+    forwarder: Callable[..., Forwarder],
+) -> None:
+    server = ResetServer()
+    try:
+        fwd = forwarder("127.0.0.1:0", server.target, "-q")
+        fds = []
+        for round_ in range(2):
+            for _ in range(5):
+                with fwd.connect() as sock:
+                    with contextlib.suppress(OSError):
+                        sock.sendall(b"hello?")
+                    with contextlib.suppress(ConnectionResetError):
+                        assert read_to_eof(sock) == b""
+            lines = fwd.wait_for_count(r" end=error ", 5 * (round_ + 1))
+            fds.append(fd_count(fwd.proc.pid))
+        assert fds[1] == fds[0]
+        assert sorted(int(m.group(1)) for m in fwd.connection_lines()) == list(range(1, 11))
+        assert all(re.search(r'error=".*(Reset|Broken pipe)', line) for line in lines), lines
+        assert fwd.stop() == 0
+    finally:
+        server.close()
+
+
+def test_target_host_is_resolved_once_at_startup(echo_server: EchoServer) -> None:
+    proc = run_forward("127.0.0.1:0", "nowhere.invalid:80")
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("fastpipe forward: error: cannot resolve nowhere.invalid:80: ")
+    assert proc.stderr.count("\n") == 1
+
+
+def test_a_target_by_name(forwarder: Callable[..., Forwarder], echo_server: EchoServer) -> None:
+    # localhost may resolve to ::1 first, where nothing listens: the
+    # forwarder goes on to the next address.
+    fwd = forwarder("127.0.0.1:0", f"localhost:{echo_server.port}")
+    for _ in range(3):
+        assert exchange(fwd, b"by name") == b"by name"
+    assert fwd.stop() == 0
+    fwd.wait_for(r"stopped: connections=3 ok=3 ")
+
+
+# -- accepting -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("limit", [None, 3])
+def test_one_wake_up_accepts_every_waiting_client(limit: int | None) -> None:
+    hole = BlackHole()
+    listener = forward_module.open_listener(forward_module.Address("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    target = forward_module.Address("127.0.0.1", hole.port)
+    pool = WorkerPool()
+    fwd = forward_module.Forwarder(
+        listener,
+        target,
+        forward_module.resolve_target(target),
+        pool,
+        forward_module.Log(io.StringIO()),
+        max_connections=limit,
+        connect_timeout=120,
+    )
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
+    try:
+        wait_until(lambda: accept_queue(listener) == 5, "5 clients in the backlog")
+        fwd._turn(None)  # one epoll wait, and what it brought
+        if limit is None:
+            assert fwd.open_count == 5
+            assert accept_queue(listener) == 0
+            assert listening_socket(port)[0] in epoll_watched_inodes(os.getpid())
+        else:
+            # At the limit the rest stay in the backlog, and the listener
+            # leaves the epoll set until a connection ends.
+            assert fwd.open_count == 3
+            assert accept_queue(listener) == 2
+            assert listening_socket(port)[0] not in epoll_watched_inodes(os.getpid())
+        assert connects_in_progress(hole.port) == fwd.open_count
+    finally:
+        fwd.cancel_all()
+        fwd.close()
+        pool.shutdown()
+        close_all(clients)
+        hole.close()

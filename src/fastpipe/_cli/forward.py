@@ -2,35 +2,46 @@
 
 Threads, and why:
 
-- The main thread runs the accept loop: ``poll`` on the listener and on a
-  wake-up socketpair.  Signal handlers run in the main thread, so SIGINT and
-  SIGTERM only set a flag; a finished connection writes a byte to the
-  wake-up socket, so that ``--max-connections`` can start accepting again.
-  The kernel may deliver a signal to any thread, and one that lands on a
-  pool thread leaves the main thread asleep in ``poll``:
+- The main thread runs an epoll loop over the listener, a wake-up
+  socketpair and the sockets still connecting to TARGET.  It accepts every
+  pending client per wake-up (until EAGAIN), starts a non-blocking connect
+  for each, and hands the pair to ``WorkerPool.proxy()`` when the connect
+  completes; ``--connect-timeout`` is a deadline checked by the same loop.
+  No thread is started per client: a slow or silent target costs a socket
+  and a few dozen bytes while it is waited for, not a thread.
+- TARGET's host is resolved once, at start-up: resolving per client would
+  need a thread per client again (``getaddrinfo`` blocks), and a forwarder
+  sits in front of one service whose address rarely moves.
+- The copying runs in the forwarder's own ``WorkerPool``, with the GIL
+  released.  Each proxy's done-callback (in the pool's completion thread) writes the
+  connection's log line and updates the totals; it wakes the main thread
+  only when that waits for a connection to end (``--max-connections``
+  reached, out of fds, or stopping).
+- Signal handlers run in the main thread: SIGINT and SIGTERM only record
+  the signal.  The kernel may deliver a signal to any thread, and one that
+  lands on a pool thread leaves the main thread asleep in ``epoll_wait``;
   ``signal.set_wakeup_fd`` has the interpreter write a byte to the wake-up
   socket whichever thread it lands on, which wakes the main thread to run
-  the handler.  While at the limit the listener is not polled at all:
-  further clients wait in the kernel's listen backlog, which is what a user
-  of a connection limit expects (a client that is accepted and then closed
-  has to retry by itself; one in the backlog is simply served later).
-- Each accepted client gets a short-lived thread (``fastpipe-connect-N``)
-  that resolves and connects to TARGET with ``--connect-timeout``: a slow or
-  unreachable target never holds up the accept loop, and a blocking connect
-  with a timeout is simpler and more robust than non-blocking connects
-  juggled in the poll loop.  The thread hands both sockets to
-  ``WorkerPool.proxy()`` and exits.
-- The copying itself runs in the forwarder's own ``WorkerPool`` (two
-  workers per connection, the GIL released); each relay's done-callback
-  writes the connection's log line and updates the totals.
+  the handler.
+
+At the limits the listener is taken out of the epoll set, and further
+clients wait in the kernel's listen backlog, which is what a user of a
+connection limit expects (a client that is accepted and then closed has to
+retry by itself; one in the backlog is simply served later):
+``--max-connections`` until a connection ends; EMFILE and its kind
+(``accept()`` or ``socket()`` out of fds, memory or threads) until a
+connection ends or ``_SHORTAGE_RETRY`` seconds pass, logged once per
+``_SHORTAGE_LOG_INTERVAL``.  A listener left in a level-triggered epoll set
+while ``accept()`` fails would spin.
 
 Shutdown: the first SIGINT/SIGTERM closes the listener (clients still in
 the backlog are refused), open connections get ``--grace`` seconds to end
-by themselves, and the rest are cancelled (``Relay.cancel()``, which stops a
-relay within milliseconds even when it is blocked).  A second signal
-cancels at once.  Either way the exit status is 0: the contract says that
-SIGINT/SIGTERM stop the forwarder gracefully with 0, and cancelled
-connections are reported in their log lines and in the summary.
+by themselves, and the rest are cancelled: a connect in progress is closed,
+a proxy gets ``Relay.cancel()``, which stops it within milliseconds even
+when it is blocked.  A second signal cancels at once.  Either way the exit
+status is 0: the contract says that SIGINT/SIGTERM stop the forwarder
+gracefully with 0, and cancelled connections are reported in their log
+lines and in the summary.
 """
 
 from __future__ import annotations
@@ -39,6 +50,8 @@ import argparse
 import contextlib
 import datetime
 import errno
+import functools
+import os
 import select
 import signal
 import socket
@@ -46,7 +59,6 @@ import sys
 import textwrap
 import threading
 import time
-from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NamedTuple, TextIO
 
@@ -61,14 +73,19 @@ PROG = "fastpipe forward"
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_GRACE = 10.0
 
-#: How long the accept loop stops accepting after running out of fds
-#: (EMFILE/ENFILE): the pending client stays in the backlog, and polling a
-#: listener that stays readable would spin.
-_ACCEPT_BACKOFF = 0.1
+#: Out of fds, memory or threads: how long the listener stays out of the
+#: epoll set unless a connection ends first.  Clients wait in the backlog.
+_SHORTAGE_RETRY = 0.5
+
+#: A shortage that lasts is logged again at most this often.
+_SHORTAGE_LOG_INTERVAL = 60.0
 
 #: After cancelling, how long to wait for the last done-callbacks (a relay's
 #: cancel() returns after its callbacks ran; this only bounds a surprise).
 _CANCEL_WAIT = 5.0
+
+#: errnos of accept() and socket() that mean "out of a resource": back off.
+_SHORTAGES = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
 # How a connection ended, as its log line says it (``end=...``).
 END_OK = "ok"
@@ -142,7 +159,7 @@ def add_parser(commands: Any, summary: str) -> None:
         help=summary,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=textwrap.dedent(
-            """\
+            f"""\
             Accept TCP connections on LISTEN and relay each one, both ways, to a new
             connection to TARGET with fastpipe.proxy (pool workers copy with the GIL
             released; end of file is passed on as a half-close).
@@ -150,12 +167,24 @@ def add_parser(commands: Any, summary: str) -> None:
             LISTEN and TARGET are HOST:PORT; an IPv6 address goes in brackets
             ([::1]:8080). LISTEN may use port 0 (the kernel picks one) and an empty
             HOST (:8080, every interface). The address actually listened on is
-            printed on standard error at startup.
+            printed on standard error at startup. TARGET's host is resolved once,
+            at startup; each connection tries its addresses in turn, the one that
+            last worked first.
+
+            Threads: the main thread accepts every waiting client at each wake-up
+            and connects to TARGET without blocking, in one epoll loop: a slow or
+            silent TARGET costs a socket while it is waited for, not a thread.
+            Both sockets then go to the pool whose workers copy.
 
             Standard error gets one line per connection when it ends, with its
             peer, bytes each way (up: client to target, down: target to client),
             duration and how it ended: end=ok, end=idle-timeout, end=error (with
-            error="...") or end=cancelled (at shutdown).
+            error="...": a refused, reset or timed-out connect too) or
+            end=cancelled (at shutdown).
+
+            Out of file descriptors (or memory, or threads), the forwarder stops
+            accepting until a connection ends or {_SHORTAGE_RETRY:g} s pass; waiting clients
+            stay in the listen backlog. It says so at most once a minute.
 
             SIGINT or SIGTERM stops accepting, lets open connections finish for up
             to --grace seconds, cancels the rest, prints a summary and exits with
@@ -163,7 +192,7 @@ def add_parser(commands: Any, summary: str) -> None:
             status 0).
 
             Exit status: 0 stopped by a signal; 1 LISTEN unusable (in use, no
-            permission, unknown host); 2 a usage error.
+            permission, unknown host) or TARGET's host unknown; 2 a usage error.
             """
         ),
     )
@@ -193,7 +222,10 @@ def add_parser(commands: Any, summary: str) -> None:
         type=seconds(zero_ok=False),
         default=DEFAULT_CONNECT_TIMEOUT,
         metavar="SECONDS",
-        help="give up connecting to TARGET after SECONDS (default: %(default)g)",
+        help=(
+            "give up connecting to TARGET after SECONDS, all its addresses together "
+            "(default: %(default)g)"
+        ),
     )
     forward.add_argument(
         "--grace",
@@ -210,8 +242,8 @@ def add_parser(commands: Any, summary: str) -> None:
         "--quiet",
         action="store_true",
         help=(
-            "log only failures (end=error); the listening line is kept when LISTEN's "
-            "port is 0, since nothing else tells the port"
+            "log only failures (end=error, and accept() out of fds); the listening line "
+            "is kept when LISTEN's port is 0, since nothing else tells the port"
         ),
     )
     forward.set_defaults(run=run)
@@ -252,67 +284,76 @@ def _reason(exc: BaseException) -> str:
 
 # -- connections -----------------------------------------------------------------
 
-_CONNECTING = "connecting"
-_PROXYING = "proxying"
-_DONE = "done"
 
-
-@dataclass(eq=False)
 class _Connection:
     """One client, from its accept to its log line.
 
-    ``state`` and ``relay`` change under the forwarder's lock only, so that
-    a cancel at shutdown and the connect thread agree on who closes what:
-    a connection cancelled while it connects has its client closed by the
-    canceller, and its connect thread closes the target socket when it
-    finds the state changed.
+    While it connects (``relay`` is None) only the main thread touches it;
+    once proxied, the relay's done-callback ends it, in whichever thread
+    completes the relay.
     """
 
-    number: int
-    peer: str
-    client: socket.socket
-    started: float = field(default_factory=time.monotonic)
-    state: str = _CONNECTING
-    relay: Relay[tuple[int, int]] | None = None
+    __slots__ = ("number", "client", "peer", "started", "upstream", "addresses", "tried", "relay")
+
+    def __init__(
+        self,
+        number: int,
+        client: socket.socket,
+        peer: Any,
+        started: float,
+        addresses: tuple[tuple[int, Any], ...],
+    ) -> None:
+        self.number = number
+        self.client = client
+        self.peer = peer  # as accept() returned it: formatted only for a log line
+        self.started = started
+        self.upstream: socket.socket | None = None
+        self.addresses = addresses  # TARGET's, in the order this one tries them
+        self.tried = 0  # how many of them it has tried
+        self.relay: Relay[tuple[int, int]] | None = None
 
 
-@dataclass
 class Totals:
-    """What the summary line reports."""
+    """What the summary line reports; counted under a lock, from any thread."""
 
-    connections: int = 0
-    ok: int = 0
-    errors: int = 0
-    idle_timeouts: int = 0
-    cancelled: int = 0
-    up: int = 0
-    down: int = 0
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.connections = 0
+        self.ok = 0
+        self.errors = 0
+        self.idle_timeouts = 0
+        self.cancelled = 0
+        self.up = 0
+        self.down = 0
 
     def count(self, end: str, up: int, down: int) -> None:
-        self.connections += 1
-        self.up += up
-        self.down += down
-        if end == END_OK:
-            self.ok += 1
-        elif end == END_IDLE:
-            self.idle_timeouts += 1
-        elif end == END_CANCELLED:
-            self.cancelled += 1
-        else:
-            self.errors += 1
+        with self.lock:
+            self.connections += 1
+            self.up += up
+            self.down += down
+            if end == END_OK:
+                self.ok += 1
+            elif end == END_IDLE:
+                self.idle_timeouts += 1
+            elif end == END_CANCELLED:
+                self.cancelled += 1
+            else:
+                self.errors += 1
 
 
 class Forwarder:
-    """The accept loop and the bookkeeping of open connections.
+    """The event loop and the bookkeeping of open connections.
 
     Args:
         listener: a bound, listening socket; the forwarder closes it.
-        target: where each connection goes.
+        target: where each connection goes, as given (for log lines).
+        addresses: TARGET resolved: ``(family, sockaddr)`` pairs to try in order.
         pool: the pool that runs the proxies.
         log: where connection lines go.
         max_connections: at most this many connections at once, or None.
         idle_timeout: passed to ``proxy()``.
-        connect_timeout: seconds for resolving plus connecting to ``target``.
+        connect_timeout: seconds for connecting to ``target``, every address
+            tried together.
         quiet: log only connections that ended in an error.
     """
 
@@ -320,6 +361,7 @@ class Forwarder:
         self,
         listener: socket.socket,
         target: Address,
+        addresses: list[tuple[int, Any]],
         pool: WorkerPool,
         log: Log,
         *,
@@ -328,8 +370,11 @@ class Forwarder:
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         quiet: bool = False,
     ) -> None:
+        if not addresses:
+            raise ValueError("no address to connect to")
         self.listener: socket.socket | None = listener
         self.target = target
+        self.addresses = tuple(addresses)
         self.pool = pool
         self.log = log
         self.max_connections = max_connections
@@ -338,17 +383,44 @@ class Forwarder:
         self.quiet = quiet
         self.totals = Totals()
         self.signals: list[int] = []  # appended to by the signal handler
-        self._lock = threading.Lock()
+        # Every connection from its accept to its end, by number.  The main
+        # thread adds; whichever thread ends a connection removes it (a
+        # dict's insert and pop are atomic under the GIL).
         self._open: dict[int, _Connection] = {}
+        # The connections waiting for their connect, by number: accepted in
+        # that order with one timeout for all, so the first one's deadline
+        # is the next to come.  And the same by upstream fd, for epoll.
+        self._connecting: dict[int, _Connection] = {}
+        self._connecting_fds: dict[int, _Connection] = {}
         self._numbers = 0
+        # Set by the main thread when it needs to hear of a connection's end.
+        self._wake_on_end = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
+        self._epoll = select.epoll()
+        self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
+        listener.setblocking(False)
+        # Linux gives an accepted socket the listener's TCP_NODELAY: one
+        # setsockopt here instead of one per client.  Small request/response
+        # exchanges must not wait for Nagle.
+        with contextlib.suppress(OSError):
+            listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._listen_fd = listener.fileno()
+        self._polling = False  # the listener is in the epoll set
+        # Out of fds (or memory, threads): whether the accepts under way
+        # ran into it, when to try accept() again, how many connections had
+        # ended then (one more ending frees fds), and when it was logged.
+        self._short = False
+        self._retry_at = 0.0
+        self._ended_at_shortage = 0
+        self._shortage_logged = -_SHORTAGE_LOG_INTERVAL
+        self._resume()
 
     # -- waking the main thread -----------------------------------------
 
     def wake(self) -> None:
-        """Make the main thread's poll return (any thread)."""
+        """Make the main thread's epoll wait return (any thread)."""
         with contextlib.suppress(OSError):  # full: it is awake anyway; closed: over
             self._wake_w.send(b"\0")
 
@@ -368,129 +440,230 @@ class Forwarder:
 
     @property
     def open_count(self) -> int:
-        with self._lock:
-            return len(self._open)
+        return len(self._open)
 
-    # -- the accept loop --------------------------------------------------
+    # -- the event loop ---------------------------------------------------
 
     def serve(self) -> None:
         """Accept and start connections until a signal arrives."""
+        while not self.signals:
+            self._turn(None)
+
+    def _turn(self, until: float | None) -> None:
+        """Wait once for events (at most until ``until``) and handle them."""
+        now = time.monotonic()
+        timeout = -1.0 if until is None else max(0.0, until - now)
+        if self.listener is not None and not self._polling:
+            # Paused: a connection's end is what lets it go on.  Asked for
+            # before the room is checked, so that an end in between is not
+            # missed.
+            self._wake_on_end = True
+            if self._may_accept(now):
+                self._accept_all(now)
+            if not self._polling and self._retry_at > now:
+                left = self._retry_at - now
+                timeout = left if timeout < 0 else min(timeout, left)
+        if self._connecting:
+            first = next(iter(self._connecting.values()))
+            left = max(0.0, first.started + self.connect_timeout - now)
+            timeout = left if timeout < 0 else min(timeout, left)
+        events = self._epoll.poll(timeout)
+        now = time.monotonic()
+        for fd, mask in events:
+            if fd == self._listen_fd:
+                if self._polling:
+                    self._accept_all(now)
+            elif fd == self._wake_r.fileno():
+                self._drain_wake()
+            else:
+                conn = self._connecting_fds.get(fd)
+                if conn is not None:
+                    self._connect_ready(conn, mask)
+        if self._connecting:
+            self._expire_connects(now)
+
+    def _room(self) -> bool:
+        return self.max_connections is None or len(self._open) < self.max_connections
+
+    def _may_accept(self, now: float) -> bool:
+        """Whether a paused listener may be tried again."""
+        if not self._room():
+            return False
+        return now >= self._retry_at or self.totals.connections != self._ended_at_shortage
+
+    def _resume(self) -> None:
+        """Put the listener back in the epoll set."""
+        if self.listener is not None and not self._polling:
+            self._epoll.register(self._listen_fd, select.EPOLLIN)
+            self._polling = True
+            self._wake_on_end = False
+            self._retry_at = 0.0
+
+    def _pause(self) -> None:
+        """Take the listener out of the epoll set: clients wait in the backlog."""
+        if self._polling:
+            self._epoll.unregister(self._listen_fd)
+            self._polling = False
+        self._wake_on_end = True
+
+    def _accept_all(self, now: float) -> None:
+        """Accept every waiting client, up to the limit, and start its connect.
+
+        Ends with the listener polled when the backlog is empty, and out of
+        the epoll set when at the limit or out of a resource.
+        """
         listener = self.listener
         assert listener is not None
-        listener.setblocking(False)
-        poller = select.poll()
-        poller.register(self._wake_r, select.POLLIN)
-        polled = False
-        paused_until = 0.0
-        while not self.signals:
-            now = time.monotonic()
-            room = self.max_connections is None or self.open_count < self.max_connections
-            want = room and now >= paused_until
-            if want != polled:
-                if want:
-                    poller.register(listener, select.POLLIN)
-                else:
-                    poller.unregister(listener)
-                polled = want
-            timeout = None if want or not room else max(0.0, paused_until - now) * 1000
-            events = poller.poll(timeout)
-            self._drain_wake()
-            if self.signals:
-                break
-            if polled and any(fd == listener.fileno() for fd, _ in events):
-                if not self._accept(listener):
-                    paused_until = time.monotonic() + _ACCEPT_BACKOFF
-
-    def _accept(self, listener: socket.socket) -> bool:
-        """Accept the clients waiting, up to the limit; False to back off."""
-        while self.max_connections is None or self.open_count < self.max_connections:
+        accept = listener.accept
+        limit = self.max_connections
+        open_ = self._open
+        self._short = False
+        while limit is None or len(open_) < limit:
             try:
-                client, peer = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return True
+                client, peer = accept()
+            except BlockingIOError:
+                self._resume()
+                return
+            except InterruptedError:
+                continue
             except OSError as exc:
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue  # the client gave up while it waited
-                # EMFILE, ENFILE, ENOBUFS, ENOMEM: the client stays in the
-                # backlog and is accepted when there is room again.
-                self.log(f"accept failed: {_reason(exc)}; retrying")
-                return False
-            self._start(client, peer)
-        return True
-
-    def _start(self, client: socket.socket, peer: Any) -> None:
-        with self._lock:
+                # EMFILE and its kind: the client stays in the backlog.  So
+                # does it for an error nobody expects, tried again later
+                # rather than in a loop.
+                self._shortage(now, f"cannot accept: {_reason(exc)}")
+                return
             self._numbers += 1
-            conn = _Connection(self._numbers, format_address(str(peer[0]), int(peer[1])), client)
-            self._open[conn.number] = conn
-        threading.Thread(
-            target=self._connect,
-            args=(conn,),
-            name=f"fastpipe-connect-{conn.number}",
-            daemon=True,  # a connect to a silent target must not delay exit
-        ).start()
+            conn = _Connection(self._numbers, client, peer, now, self.addresses)
+            open_[conn.number] = conn
+            self._connect(conn)
+            if self._short:
+                return  # paused by _shortage()
+        self._pause()  # at --max-connections
 
-    def _open_target(self) -> socket.socket:
-        """Resolve and connect to the target within ``connect_timeout``.
+    def _shortage(self, now: float, what: str) -> None:
+        """Out of fds, memory or threads: pause until an end or a while passes."""
+        self._pause()
+        self._short = True
+        self._retry_at = now + _SHORTAGE_RETRY
+        self._ended_at_shortage = self.totals.connections
+        if now - self._shortage_logged >= _SHORTAGE_LOG_INTERVAL:
+            self._shortage_logged = now
+            self.log(
+                f"{what}; {len(self._open)} open; accepting again when one ends"
+                f" or in {_SHORTAGE_RETRY:g} s (logged at most every"
+                f" {_SHORTAGE_LOG_INTERVAL:g} s)"
+            )
 
-        Raises:
-            OSError: no address worked (the last error), or the timeout.
-        """
-        deadline = time.monotonic() + self.connect_timeout
-        host, port = self.target
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        error: OSError | None = None
-        for family, kind, proto, _, sockaddr in infos:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            sock = socket.socket(family, kind, proto)
-            try:
-                sock.settimeout(left)
-                sock.connect(sockaddr)
-            except OSError as exc:
-                sock.close()
-                error = exc
-                continue
-            sock.settimeout(None)
-            return sock
-        if error is None or isinstance(error, TimeoutError):
-            raise TimeoutError(errno.ETIMEDOUT, f"no connection within {self.connect_timeout:g} s")
-        raise error
+    # -- connecting -------------------------------------------------------
 
     def _connect(self, conn: _Connection) -> None:
-        """A connect thread: connect to the target, then hand both sockets to a proxy."""
-        try:
-            upstream = self._open_target()
-        except OSError as exc:
-            self._end(conn, END_ERROR, f"connect to {self.target}: {_reason(exc)}", close=True)
-            return
-        client = conn.client
-        try:
-            for sock in (client, upstream):
-                sock.setblocking(True)
-                # Small request/response exchanges must not wait for Nagle.
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass  # a client that is gone already shows as an error of its relay
-        with self._lock:
-            if conn.state != _CONNECTING:
-                upstream.close()  # cancelled at shutdown: the client is closed
-                return
+        """Start connecting to the next address: proxied, waited for, or ended."""
+        error: OSError | None = None
+        while conn.tried < len(conn.addresses):
+            family, sockaddr = conn.addresses[conn.tried]
+            conn.tried += 1
             try:
-                relay = self.pool.proxy(client, upstream, idle_timeout=self.idle_timeout)
-            except RuntimeError:  # the pool is shut down: we are exiting
-                upstream.close()
-                relay = None
-            else:
-                conn.state = _PROXYING
-                conn.relay = relay
-        if relay is None:
-            self._end(conn, END_CANCELLED, None, close=True)
+                upstream = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            except OSError as exc:
+                if exc.errno in _SHORTAGES:
+                    self._shortage(time.monotonic(), f"connect: {_reason(exc)}")
+                error = exc
+                break
+            code = upstream.connect_ex(sockaddr)
+            if code == errno.EINPROGRESS:
+                conn.upstream = upstream
+                fd = upstream.fileno()
+                self._epoll.register(fd, select.EPOLLOUT)
+                self._connecting[conn.number] = conn
+                self._connecting_fds[fd] = conn
+                return
+            if code == 0:
+                conn.upstream = upstream
+                self._connecting.pop(conn.number, None)
+                self._proxy(conn)
+                return
+            upstream.close()
+            error = OSError(code, os.strerror(code))
+        assert error is not None
+        self._connect_failed(conn, error)
+
+    def _connect_ready(self, conn: _Connection, mask: int) -> None:
+        """epoll says the connect finished: proxy the pair, or try the next address."""
+        upstream = conn.upstream
+        assert upstream is not None
+        fd = upstream.fileno()
+        self._epoll.unregister(fd)
+        del self._connecting_fds[fd]
+        code = upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code == 0:
+            del self._connecting[conn.number]
+            if conn.tried > 1:
+                # Where this one got through, the next ones start.
+                good = conn.addresses[conn.tried - 1]
+                self.addresses = (good, *(a for a in self.addresses if a != good))
+            self._proxy(conn)
             return
-        # Outside the lock: the callback takes it, and runs at once when
-        # the relay is already done.
-        relay.add_done_callback(lambda _: self._relay_done(conn, relay))
+        upstream.close()
+        conn.upstream = None
+        if conn.tried < len(conn.addresses):
+            # The next address, with the same deadline: the connection keeps
+            # its place in _connecting.
+            self._connect(conn)
+        else:
+            self._connect_failed(conn, OSError(code, os.strerror(code)))
+
+    def _expire_connects(self, now: float) -> None:
+        """End the connects whose deadline has passed (the oldest come first)."""
+        connecting = self._connecting
+        while connecting:
+            conn = next(iter(connecting.values()))
+            if conn.started + self.connect_timeout > now:
+                return
+            upstream = conn.upstream
+            assert upstream is not None
+            fd = upstream.fileno()
+            self._epoll.unregister(fd)
+            del self._connecting_fds[fd]
+            upstream.close()
+            conn.upstream = None
+            error = TimeoutError(
+                errno.ETIMEDOUT, f"no connection within {self.connect_timeout:g} s"
+            )
+            self._connect_failed(conn, error)
+
+    def _connect_failed(self, conn: _Connection, exc: OSError) -> None:
+        self._connecting.pop(conn.number, None)
+        conn.client.close()
+        self._end(conn, END_ERROR, f"connect to {self.target}: {_reason(exc)}")
+
+    def _proxy(self, conn: _Connection) -> None:
+        """The connect succeeded: hand both sockets to the pool."""
+        client, upstream = conn.client, conn.upstream
+        assert upstream is not None
+        try:
+            upstream.setblocking(True)
+            upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # a target that is gone already shows as an error of its relay
+        try:
+            relay = self.pool.proxy(client, upstream, idle_timeout=self.idle_timeout)
+        except RuntimeError as exc:
+            # No thread to spare (an engine with a thread per relay), or the
+            # pool shut down: the pool closed what it had taken; close the
+            # rest, and take a pause as for any shortage.
+            client.close()
+            upstream.close()
+            self._shortage(time.monotonic(), f"proxy: {_reason(exc)}")
+            self._end(conn, END_ERROR, f"proxy: {_reason(exc)}")
+            return
+        conn.relay = relay
+        # Runs at once, here, when the relay is done already.  A partial,
+        # not a closure over the relay: the relay holds its callbacks, and
+        # relay -> callback -> relay would wait for the cyclic collector
+        # (conn -> relay is cut when the connection ends).
+        relay.add_done_callback(functools.partial(self._relay_done, conn))
 
     def _relay_done(self, conn: _Connection, relay: Relay[tuple[int, int]]) -> None:
         """A proxy's done-callback: classify how it ended and log it."""
@@ -519,37 +692,40 @@ class Forwarder:
         *,
         up: int = 0,
         down: int = 0,
-        close: bool = False,
     ) -> None:
-        """Count and log a connection once, and free its slot."""
-        with self._lock:
-            if conn.state == _DONE:
-                return
-            conn.state = _DONE
-            del self._open[conn.number]
-            self.totals.count(end, up, down)
-        if close:
-            conn.client.close()
+        """Count and log a connection once, and free its slot (any thread)."""
+        if self._open.pop(conn.number, None) is None:
+            return
+        conn.relay = None
+        self.totals.count(end, up, down)
         if not self.quiet or end == END_ERROR:
             duration = time.monotonic() - conn.started
+            peer = conn.peer
             line = (
-                f"conn={conn.number} peer={conn.peer} end={end} up={up} down={down}"
-                f" duration={duration:.3f}s"
+                f"conn={conn.number} peer={format_address(str(peer[0]), int(peer[1]))}"
+                f" end={end} up={up} down={down} duration={duration:.3f}s"
             )
             if message is not None:
                 line += f" error={_quote(message)}"
             self.log(line)
-        self.wake()
+        # A paused listener wants every end (it may go on); stopping, only
+        # the last one (the loop waits for none to be left).
+        if self._wake_on_end and (self.listener is not None or not self._open):
+            self.wake()
 
     # -- shutdown ---------------------------------------------------------
 
     def stop_accepting(self) -> None:
         if self.listener is not None:
+            self._pause()
             self.listener.close()
             self.listener = None
 
     def drain(self, grace: float) -> bool:
         """Wait up to ``grace`` seconds for the open connections to end.
+
+        Connects in progress go on meanwhile, and are proxied if they get
+        through.
 
         Returns:
             True if none is left; False at the deadline or at a second signal.
@@ -557,36 +733,41 @@ class Forwarder:
         # Counted from the start, not from this call: a second signal that
         # came in while the first one was being logged counts too.
         deadline = time.monotonic() + grace
-        poller = select.poll()
-        poller.register(self._wake_r, select.POLLIN)
-        while self.open_count:
-            left = deadline - time.monotonic()
-            if left <= 0 or len(self.signals) >= 2:
+        self._wake_on_end = True
+        while self._open:
+            if time.monotonic() >= deadline or len(self.signals) >= 2:
                 return False
-            poller.poll(left * 1000)
-            self._drain_wake()
+            self._turn(deadline)
         return True
 
     def cancel_all(self) -> int:
         """Cancel every open connection; returns how many there were."""
-        with self._lock:
-            conns = list(self._open.values())
+        self._wake_on_end = True
+        conns = list(self._open.values())
         for conn in conns:
-            with self._lock:
-                relay = conn.relay if conn.state == _PROXYING else None
-                connecting = conn.state == _CONNECTING
-            if relay is not None:
+            if conn.number in self._connecting:
+                # Still connecting: only this thread touches it.
+                upstream = conn.upstream
+                assert upstream is not None
+                self._epoll.unregister(upstream.fileno())
+                del self._connecting_fds[upstream.fileno()]
+                del self._connecting[conn.number]
+                upstream.close()
+                conn.client.close()
+                self._end(conn, END_CANCELLED, None)
+            elif (relay := conn.relay) is not None:
                 # Returns once the copy stopped and the callback logged it.
                 relay.cancel()
-            elif connecting:
-                self._end(conn, END_CANCELLED, None, close=True)
+        # Only a surprise (a callback still on its way) gets here with some
+        # left: wait for them, within bounds.
         deadline = time.monotonic() + _CANCEL_WAIT
-        while self.open_count and time.monotonic() < deadline:
-            time.sleep(0.01)
+        while self._open and time.monotonic() < deadline:
+            self._turn(deadline)
         return len(conns)
 
     def close(self) -> None:
         self.stop_accepting()
+        self._epoll.close()
         self._wake_r.close()
         self._wake_w.close()
 
@@ -603,7 +784,7 @@ class Forwarder:
 
 
 class ListenError(Exception):
-    """LISTEN cannot be used: one line, exit status 1."""
+    """LISTEN cannot be used, or TARGET's host does not resolve: one line, exit status 1."""
 
 
 def open_listener(address: Address) -> socket.socket:
@@ -643,6 +824,24 @@ def open_listener(address: Address) -> socket.socket:
         raise ListenError(f"cannot listen on {address}: {reason}") from None
 
 
+def resolve_target(address: Address) -> list[tuple[int, Any]]:
+    """TARGET's addresses, as ``(family, sockaddr)`` pairs in the resolver's order.
+
+    Raises:
+        ListenError: the host does not resolve.
+    """
+    try:
+        infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ListenError(f"cannot resolve {address}: {reason}") from None
+    pairs: list[tuple[int, Any]] = []
+    for family, _, _, _, sockaddr in infos:
+        if (family, sockaddr) not in pairs:
+            pairs.append((family, sockaddr))
+    return pairs
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``fastpipe forward`` from parsed arguments; returns the exit status."""
     err = sys.stderr
@@ -661,7 +860,7 @@ def run(args: argparse.Namespace) -> int:
         err.write(f"{PROG}: error: {exc}\n")
         return 1
     except Exception as exc:  # the promise is one line, never a traceback
-        # Not expected (poll failing, out of memory, a bug): still one line.
+        # Not expected (epoll failing, out of memory, a bug): still one line.
         err.write(f"{PROG}: error: {_reason(exc)}\n")
         return 1
 
@@ -682,23 +881,29 @@ def forward(
     Must run in the main thread: it installs the signal handlers.
 
     Raises:
-        ListenError: LISTEN cannot be used.
+        ListenError: LISTEN cannot be used, or TARGET's host does not resolve.
     """
     from fastpipe import WorkerPool
 
     log = Log(err)
+    addresses = resolve_target(target)
     listener = open_listener(listen)
     pool = WorkerPool()
-    forwarder = Forwarder(
-        listener,
-        target,
-        pool,
-        log,
-        max_connections=max_connections,
-        idle_timeout=idle_timeout,
-        connect_timeout=connect_timeout,
-        quiet=quiet,
-    )
+    try:
+        forwarder = Forwarder(
+            listener,
+            target,
+            addresses,
+            pool,
+            log,
+            max_connections=max_connections,
+            idle_timeout=idle_timeout,
+            connect_timeout=connect_timeout,
+            quiet=quiet,
+        )
+    except BaseException:
+        listener.close()
+        raise
     handled = [signal.SIGTERM]
     # Python keeps SIGINT ignored when it starts with SIGINT ignored (a
     # background job of a non-interactive shell): Ctrl-C on that terminal
