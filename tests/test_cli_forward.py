@@ -44,6 +44,13 @@ SIGINT_PRELUDE = (
     "from fastpipe.__main__ import main; sys.exit(main())"
 )
 
+#: Runs the forwarder with RLIMIT_NOFILE lowered to {0} (set in the child
+#: itself: no preexec_fn in a test process that has threads).
+NOFILE_PRELUDE = (
+    "import resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, ({0}, {0})); "
+    "from fastpipe.__main__ import main; sys.exit(main())"
+)
+
 
 def read_to_eof(sock: socket.socket) -> bytes:
     chunks = []
@@ -60,8 +67,13 @@ def split_address(text: str) -> tuple[str, int]:
 class Forwarder:
     """A ``fastpipe forward`` subprocess; its stderr is collected by a thread."""
 
-    def __init__(self, *args: str, sigint_prelude: bool = False) -> None:
-        head = ["-c", SIGINT_PRELUDE] if sigint_prelude else ["-m", "fastpipe"]
+    def __init__(self, *args: str, sigint_prelude: bool = False, nofile: int | None = None) -> None:
+        if sigint_prelude:
+            head = ["-c", SIGINT_PRELUDE]
+        elif nofile is not None:
+            head = ["-c", NOFILE_PRELUDE.format(nofile)]
+        else:
+            head = ["-m", "fastpipe"]
         self.proc = subprocess.Popen(
             [sys.executable, *head, "forward", *args],
             stdin=subprocess.DEVNULL,
@@ -153,8 +165,8 @@ def forwarder() -> Iterator[Callable[..., Forwarder]]:
     """``start(*args)``: a started forwarder, killed at teardown whatever happened."""
     started: list[Forwarder] = []
 
-    def start(*args: str, sigint_prelude: bool = False) -> Forwarder:
-        fwd = Forwarder(*args, sigint_prelude=sigint_prelude)
+    def start(*args: str, sigint_prelude: bool = False, nofile: int | None = None) -> Forwarder:
+        fwd = Forwarder(*args, sigint_prelude=sigint_prelude, nofile=nofile)
         started.append(fwd)
         fwd.started()
         return fwd
@@ -937,3 +949,44 @@ def test_one_wake_up_accepts_every_waiting_client(limit: int | None) -> None:
         pool.shutdown()
         close_all(clients)
         hole.close()
+
+
+def test_out_of_fds_it_stops_polling_the_listener_and_recovers(
+    forwarder: Callable[..., Forwarder], black_hole: BlackHole
+) -> None:
+    # Each client holds two of the forwarder's fds (itself and its connect
+    # to the black hole) until the black hole is closed: 32 fds run out
+    # after a dozen, and the rest wait in the listen backlog.
+    fwd = forwarder(
+        "127.0.0.1:0", black_hole.target, "--connect-timeout", "120", "--grace", "0", nofile=32
+    )
+    assert fwd.address is not None
+    port = fwd.address[1]
+    listener_inode = listening_socket(port)[0]
+    assert listener_inode in epoll_watched_inodes(fwd.proc.pid)
+    clients = connect_all(fwd, 30)
+    try:
+        fwd.wait_for(r"cannot accept: .*Too many open files; \d+ open; accepting again when")
+        wait_until(
+            lambda: listening_socket(port)[1] + connects_in_progress(black_hole.port) == 30,
+            "every client accepted or in the backlog",
+        )
+        accepted = connects_in_progress(black_hole.port)
+        assert 0 < accepted < 30
+        # Backing off: the listener, which stays readable, is out of the
+        # epoll set (a level-triggered listener left in it would spin).
+        assert listener_inode not in epoll_watched_inodes(fwd.proc.pid)
+        # The black hole now refuses: each connect under way fails at its
+        # next SYN retransmission, fds come free, and the clients in the
+        # backlog are accepted in turn.  Every client gets its one line.
+        black_hole.close()
+        fwd.wait_for_count(r" end=error .*ConnectionRefusedError", 30)
+        for sock in clients:
+            assert read_to_eof(sock) == b""
+    finally:
+        close_all(clients)
+    wait_until(lambda: listener_inode in epoll_watched_inodes(fwd.proc.pid), "listener polled")
+    assert sorted(int(m.group(1)) for m in fwd.connection_lines()) == list(range(1, 31))
+    assert len([line for line in fwd.lines if "Too many open files" in line]) == 1
+    assert fwd.stop() == 0
+    fwd.wait_for(r"stopped: connections=30 ok=0 errors=30 ")

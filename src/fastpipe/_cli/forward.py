@@ -415,6 +415,7 @@ class Forwarder:
         self._retry_at = 0.0
         self._ended_at_shortage = 0
         self._shortage_logged = -_SHORTAGE_LOG_INTERVAL
+        self._next_upstream: socket.socket | None = None
         self._resume()
 
     # -- waking the main thread -----------------------------------------
@@ -519,6 +520,20 @@ class Forwarder:
         open_ = self._open
         self._short = False
         while limit is None or len(open_) < limit:
+            # The socket to TARGET is made before the client is accepted:
+            # out of fds, the client then stays in the backlog instead of
+            # being accepted only to be closed.  When the backlog turns out
+            # empty it is kept for the next client.
+            upstream = self._next_upstream
+            if upstream is None:
+                try:
+                    upstream = socket.socket(
+                        self.addresses[0][0], socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+                    )
+                except OSError as exc:
+                    self._shortage(now, f"cannot accept: socket(): {_reason(exc)}")
+                    return
+                self._next_upstream = upstream
             try:
                 client, peer = accept()
             except BlockingIOError:
@@ -534,10 +549,11 @@ class Forwarder:
                 # rather than in a loop.
                 self._shortage(now, f"cannot accept: {_reason(exc)}")
                 return
+            self._next_upstream = None
             self._numbers += 1
             conn = _Connection(self._numbers, client, peer, now, self.addresses)
             open_[conn.number] = conn
-            self._connect(conn)
+            self._connect(conn, upstream)
             if self._short:
                 return  # paused by _shortage()
         self._pause()  # at --max-connections
@@ -558,19 +574,26 @@ class Forwarder:
 
     # -- connecting -------------------------------------------------------
 
-    def _connect(self, conn: _Connection) -> None:
-        """Start connecting to the next address: proxied, waited for, or ended."""
+    def _connect(self, conn: _Connection, upstream: socket.socket | None = None) -> None:
+        """Start connecting to the next address: proxied, waited for, or ended.
+
+        ``upstream``, a new socket, is used if it has the family needed.
+        """
         error: OSError | None = None
         while conn.tried < len(conn.addresses):
             family, sockaddr = conn.addresses[conn.tried]
             conn.tried += 1
-            try:
-                upstream = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-            except OSError as exc:
-                if exc.errno in _SHORTAGES:
-                    self._shortage(time.monotonic(), f"connect: {_reason(exc)}")
-                error = exc
-                break
+            if upstream is not None and upstream.family != family:
+                upstream.close()
+                upstream = None
+            if upstream is None:
+                try:
+                    upstream = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+                except OSError as exc:
+                    if exc.errno in _SHORTAGES:
+                        self._shortage(time.monotonic(), f"connect: {_reason(exc)}")
+                    error = exc
+                    break
             code = upstream.connect_ex(sockaddr)
             if code == errno.EINPROGRESS:
                 conn.upstream = upstream
@@ -585,6 +608,7 @@ class Forwarder:
                 self._proxy(conn)
                 return
             upstream.close()
+            upstream = None
             error = OSError(code, os.strerror(code))
         assert error is not None
         self._connect_failed(conn, error)
@@ -720,6 +744,9 @@ class Forwarder:
             self._pause()
             self.listener.close()
             self.listener = None
+        if self._next_upstream is not None:
+            self._next_upstream.close()
+            self._next_upstream = None
 
     def drain(self, grace: float) -> bool:
         """Wait up to ``grace`` seconds for the open connections to end.
