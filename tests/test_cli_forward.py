@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import datetime
 import hashlib
 import io
 import os
@@ -990,3 +991,23 @@ def test_out_of_fds_it_stops_polling_the_listener_and_recovers(
     assert len([line for line in fwd.lines if "Too many open files" in line]) == 1
     assert fwd.stop() == 0
     fwd.wait_for(r"stopped: connections=30 ok=0 errors=30 ")
+
+
+# -- the log line ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("gmtoff", "text"),
+    [(0, "+00:00"), (19800, "+05:30"), (-12600, "-03:30"), (3661, "+01:01:01"), (-36000, "-10:00")],
+)
+def test_the_utc_offset_is_written_as_isoformat_writes_it(gmtoff: int, text: str) -> None:
+    fields = time.localtime(0)[:9]
+    local = time.struct_time(fields, {"tm_zone": "X", "tm_gmtoff": gmtoff})
+    assert forward_module._utc_offset(local) == text
+
+
+def test_the_log_stamp_is_the_local_time_with_its_offset() -> None:
+    stamp = forward_module.Log(io.StringIO()).stamp()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d(:\d\d)?", stamp)
+    parsed = datetime.datetime.fromisoformat(stamp)
+    assert parsed.utcoffset() == datetime.datetime.now().astimezone().utcoffset()

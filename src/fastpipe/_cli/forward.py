@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import errno
 import functools
 import os
@@ -255,6 +254,11 @@ def add_parser(commands: Any, summary: str) -> None:
 class Log:
     """Timestamped lines on a stream, whole lines from any thread.
 
+    The timestamp is ISO 8601 in local time with milliseconds and the UTC
+    offset, as ``datetime.now().astimezone().isoformat(timespec="milliseconds")``
+    writes it; its text up to the second is made once per second, since
+    that call costs more than the rest of a connection's line.
+
     A write that fails (standard error closed, a reader gone) is dropped: the
     forwarder's job is the connections, and a done-callback must never raise.
     """
@@ -262,13 +266,35 @@ class Log:
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
         self._lock = threading.Lock()
+        # (second, "YYYY-MM-DDTHH:MM:SS", "+HH:MM"), replaced whole: a
+        # thread reads one consistent tuple without the lock.
+        self._second: tuple[int, str, str] = (-1, "", "")
+
+    def stamp(self) -> str:
+        """Now, as the log writes it: ``2025-06-01T12:00:03.120+02:00``."""
+        second, ns = divmod(time.time_ns(), 1_000_000_000)
+        cached = self._second
+        if cached[0] != second:
+            local = time.localtime(second)
+            cached = (second, time.strftime("%Y-%m-%dT%H:%M:%S", local), _utc_offset(local))
+            self._second = cached
+        return f"{cached[1]}.{ns // 1_000_000:03d}{cached[2]}"
 
     def __call__(self, message: str) -> None:
-        stamp = datetime.datetime.now().astimezone().isoformat(timespec="milliseconds")
-        line = f"{stamp} {PROG}: {message}\n"
+        line = f"{self.stamp()} {PROG}: {message}\n"
         with self._lock, contextlib.suppress(OSError, ValueError):
             self._stream.write(line)
             self._stream.flush()
+
+
+def _utc_offset(local: time.struct_time) -> str:
+    """``+HH:MM`` (``+HH:MM:SS`` for an offset with seconds), as isoformat()."""
+    offset = local.tm_gmtoff or 0
+    sign = "-" if offset < 0 else "+"
+    hours, rest = divmod(abs(offset), 3600)
+    minutes, secs = divmod(rest, 60)
+    text = f"{sign}{hours:02d}:{minutes:02d}"
+    return f"{text}:{secs:02d}" if secs else text
 
 
 def _quote(text: str) -> str:
