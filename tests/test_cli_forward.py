@@ -993,6 +993,62 @@ def test_out_of_fds_it_stops_polling_the_listener_and_recovers(
     fwd.wait_for(r"stopped: connections=30 ok=0 errors=30 ")
 
 
+# -- threads, and stopping with many connections --------------------------------------
+
+
+def test_idle_workers_exit_after_a_burst(
+    forwarder: Callable[..., Forwarder], echo_server: EchoServer
+) -> None:
+    fwd = forwarder("127.0.0.1:0", echo_server.target)
+    clients = connect_all(fwd, 10)
+    try:
+        for sock in clients:
+            sock.sendall(b"x")
+        for sock in clients:
+            assert sock.recv(1) == b"x"
+        busy = thread_count(fwd.proc.pid)
+    finally:
+        close_all(clients)
+    fwd.wait_for_count(r" end=ok ", 10)
+    # The pool's workers go after IDLE_WORKER_TIMEOUT seconds without work;
+    # what stays is the main thread and the pool's own few.
+    wait_until(lambda: thread_count(fwd.proc.pid) <= 4, "idle workers gone", timeout=60)
+    assert busy > 4
+    assert fwd.stop() == 0
+
+
+def test_stopping_with_hundreds_open_and_hundreds_just_closed(
+    forwarder: Callable[..., Forwarder], echo_server: EchoServer
+) -> None:
+    fwd = forwarder("127.0.0.1:0", echo_server.target, "--grace", "0")
+
+    def proxied(count: int) -> list[socket.socket]:
+        clients = connect_all(fwd, count)
+        for sock in clients:
+            sock.sendall(b"x")
+        for sock in clients:
+            assert sock.recv(1) == b"x"
+        return clients
+
+    close_all(proxied(200))
+    fwd.wait_for_count(r" end=ok ", 200)
+    clients = proxied(200)
+    try:
+        start = time.monotonic()
+        assert fwd.stop() == 0
+        # A "does not hang" bound, not a benchmark: the stop path is one
+        # pass of Relay.cancel() over the open connections (well under a
+        # millisecond each), no wait for the pool's idle workers.
+        assert time.monotonic() - start < 20
+        for sock in clients:
+            sock.settimeout(10)
+            assert read_to_eof(sock) == b""
+    finally:
+        close_all(clients)
+    assert len([m for m in fwd.connection_lines() if m.group(3) == "cancelled"]) == 200
+    fwd.wait_for(r"stopped: connections=400 ok=200 errors=0 idle_timeouts=0 cancelled=200 ")
+
+
 # -- the log line ------------------------------------------------------------------
 
 

@@ -13,7 +13,9 @@ Threads, and why:
   need a thread per client again (``getaddrinfo`` blocks), and a forwarder
   sits in front of one service whose address rarely moves.
 - The copying runs in the forwarder's own ``WorkerPool``, with the GIL
-  released.  Each proxy's done-callback (in the pool's completion thread) writes the
+  released; an idle worker exits after ``IDLE_WORKER_TIMEOUT`` seconds, so
+  that after a burst the process goes back to its idle thread count.  Each
+  proxy's done-callback (in the pool's completion thread) writes the
   connection's log line and updates the totals; it wakes the main thread
   only when that waits for a connection to end (``--max-connections``
   reached, out of fds, or stopping).
@@ -41,7 +43,10 @@ a proxy gets ``Relay.cancel()``, which stops it within milliseconds even
 when it is blocked.  A second signal cancels at once.  Either way the exit
 status is 0: the contract says that SIGINT/SIGTERM stop the forwarder
 gracefully with 0, and cancelled connections are reported in their log
-lines and in the summary.
+lines and in the summary.  The pool is not shut down: by then no relay is
+left, and its idle workers (thousands after a burst, on an engine with a
+thread per waiting relay) are daemon threads that the process's exit
+reclaims at once, where waking each to retire costs a GIL hand-off.
 """
 
 from __future__ import annotations
@@ -71,6 +76,11 @@ PROG = "fastpipe forward"
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_GRACE = 10.0
+
+#: Seconds a pool worker may sit idle before it exits.  Long enough that a
+#: steady stream of connections reuses warm workers; short enough that a
+#: burst's threads are gone a few seconds after it.
+IDLE_WORKER_TIMEOUT = 3.0
 
 #: Out of fds, memory or threads: how long the listener stays out of the
 #: epoll set unless a connection ends first.  Clients wait in the backlog.
@@ -173,7 +183,8 @@ def add_parser(commands: Any, summary: str) -> None:
             Threads: the main thread accepts every waiting client at each wake-up
             and connects to TARGET without blocking, in one epoll loop: a slow or
             silent TARGET costs a socket while it is waited for, not a thread.
-            Both sockets then go to the pool whose workers copy.
+            Both sockets then go to the pool whose workers copy; a worker idle for
+            {IDLE_WORKER_TIMEOUT:g} s exits, so the thread count goes back down after a burst.
 
             Standard error gets one line per connection when it ends, with its
             peer, bytes each way (up: client to target, down: target to client),
@@ -895,6 +906,12 @@ def resolve_target(address: Address) -> list[tuple[int, Any]]:
     return pairs
 
 
+#: Pools of forwarders that have stopped, kept until the process exits: a
+#: dropped pool's finalizer wakes every idle worker to retire, one GIL
+#: hand-off each, which after a burst is seconds of exit time.
+_stopped_pools: list[WorkerPool] = []
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``fastpipe forward`` from parsed arguments; returns the exit status."""
     err = sys.stderr
@@ -941,7 +958,7 @@ def forward(
     log = Log(err)
     addresses = resolve_target(target)
     listener = open_listener(listen)
-    pool = WorkerPool()
+    pool = WorkerPool(idle_worker_timeout=IDLE_WORKER_TIMEOUT)
     try:
         forwarder = Forwarder(
             listener,
@@ -989,5 +1006,5 @@ def forward(
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         forwarder.close()
-        pool.shutdown(wait=False, cancel_relays=True)
+        _stopped_pools.append(pool)
     return 0
