@@ -8,10 +8,12 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 
 import fastpipe
+from fastpipe import _checks, _impl
 
 from conftest import Endpoints, close_quietly, open_fds
 
@@ -171,6 +173,50 @@ def test_relay_rejects_bad_keywords_at_once(kwargs, exc) -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+BAD_FDS = ["3", 3.0, None, True, -1, -(1 << 70), 1 << 31, 1 << 70]
+BAD_COUNTS = ["10", 2.5, True, -1, -(1 << 70), 1 << 63, 1 << 70]
+BAD_TIMEOUTS = ["1", True, b"1", 0, 0.0, -1, -1e300, float("nan"), float("-inf")]
+
+
+def raised(call: Callable[[], object]) -> tuple[type[BaseException], str]:
+    with pytest.raises((TypeError, ValueError)) as info:
+        call()
+    return type(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("fd", BAD_FDS, ids=repr)
+def test_fd_checks_say_the_same_in_both_twins_and_relay(fd: object) -> None:
+    """One set of messages: the Python side's checks (the twin, relay() and
+    proxy()) and the compiled core's own, for callers of copy_fd."""
+    ours = raised(lambda: _checks.check_fd(fd, "src_fd"))
+    assert raised(lambda: _impl.CopyJob(fd, 1)) == ours
+    assert raised(lambda: fastpipe.copy_fd(fd, 1)) == ours
+    assert raised(lambda: _impl.fd_ready(fd)) == (ours[0], ours[1].replace("src_fd", "fd"))
+    if isinstance(fd, int) and not isinstance(fd, bool):
+        # relay() and proxy() take objects too, so only an int's range and
+        # sign are the fd check's to report (a str is "no fileno()").
+        expected = (ours[0], ours[1].replace("src_fd", "src"))
+        assert raised(lambda: fastpipe.relay(fd, 1, close=False)) == expected
+        expected = (ours[0], ours[1].replace("src_fd", "b[0]"))
+        assert raised(lambda: fastpipe.proxy(0, (fd, 1), close=False)) == expected
+
+
+@pytest.mark.parametrize("count", BAD_COUNTS, ids=repr)
+def test_count_checks_say_the_same_in_both_twins_and_relay(count: object) -> None:
+    ours = raised(lambda: _checks.check_count(count))
+    assert raised(lambda: _impl.CopyJob(0, 1, count)) == ours
+    assert raised(lambda: fastpipe.copy_fd(0, 1, count)) == ours
+    assert raised(lambda: fastpipe.relay(0, 1, count=count, close=False)) == ours
+
+
+@pytest.mark.parametrize("seconds", BAD_TIMEOUTS, ids=repr)
+def test_idle_timeout_checks_say_the_same_in_both_twins_relay_and_proxy(seconds: object) -> None:
+    ours = raised(lambda: _checks.check_idle_timeout(seconds))
+    assert raised(lambda: _impl.CopyJob(0, 1, idle_timeout=seconds)) == ours
+    assert raised(lambda: fastpipe.relay(0, 1, idle_timeout=seconds, close=False)) == ours
+    assert raised(lambda: fastpipe.proxy(0, 1, idle_timeout=seconds, close=False)) == ours
 
 
 def test_relay_reports_os_errors_through_the_future_not_at_once() -> None:

@@ -25,6 +25,10 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError
 
+from fastpipe._checks import check_count as _check_count
+from fastpipe._checks import check_fd as _check_fd
+from fastpipe._checks import check_idle_timeout as _check_idle_timeout
+
 BUFFER_SIZE = 32768
 _MAX_IOV = 16
 _START_IOV = 2
@@ -190,43 +194,6 @@ def _pipes_after_fork_in_child() -> None:
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 os.register_at_fork(after_in_child=_pipes_after_fork_in_child)
-
-
-def _check_fd(fd: object, name: str) -> int:
-    if isinstance(fd, bool) or not isinstance(fd, int):
-        raise TypeError(f"{name} must be an int file descriptor, not {type(fd).__name__}")
-    if fd < 0:
-        raise ValueError(f"{name} must be a non-negative file descriptor, got {fd}")
-    if fd > 0x7FFFFFFF:
-        raise ValueError(f"{name} is out of range: {fd}")
-    return fd
-
-
-def _check_count(count: object) -> int:
-    if count is None:
-        return -1
-    if isinstance(count, bool) or not isinstance(count, int):
-        raise TypeError(f"count must be an int or None, not {type(count).__name__}")
-    if count < 0:
-        raise ValueError(f"count must be non-negative, got {count}")
-    if count > 0x7FFFFFFFFFFFFFFF:
-        # As the compiled core, whose count is a signed 64-bit int.
-        raise ValueError(f"count is out of range (at most 2**63-1): {count}")
-    return count
-
-
-def _check_idle_timeout(seconds: object) -> float | None:
-    if seconds is None:
-        return None
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-        raise TypeError(f"idle_timeout must be a number or None, not {type(seconds).__name__}")
-    if not seconds > 0:
-        raise ValueError(f"idle_timeout must be greater than 0, got {seconds}")
-    if seconds > 1e9:
-        # As the compiled core: 30 years is "never".  inf or 1e300 would
-        # overflow poll()'s and the clock's arithmetic in the worker.
-        return None
-    return float(seconds)
 
 
 def _check_access(fd: int, wrong_mode: int) -> None:

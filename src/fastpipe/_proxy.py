@@ -35,6 +35,7 @@ import time
 from concurrent.futures import CancelledError
 from typing import Any
 
+from fastpipe._checks import check_idle_timeout
 from fastpipe._relay import (
     Relay,
     cancel_future,
@@ -401,25 +402,11 @@ def build(
     """
     side_a = _Side(a, "a", deferred)
     side_b = _Side(b, "b", deferred)
-    if idle_timeout is not None:
-        # The same checks, and messages, as the core's.
-        idle_timeout = _check_idle_timeout(idle_timeout)
+    # The core's clock never sees a proxy's timeout: the watchdog's does.
+    idle_timeout = check_idle_timeout(idle_timeout)
     if deferred:
         return [side_a.reader, side_a.writer, side_b.reader, side_b.writer] if close else []
     return ProxyTask(relay, side_a, side_b, bool(close), idle_timeout, core, live)
-
-
-def _check_idle_timeout(seconds: object) -> float | None:
-    # The core's checks and messages, for a timeout the core never sees.
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-        raise TypeError(f"idle_timeout must be a number or None, not {type(seconds).__name__}")
-    if not seconds > 0:
-        raise ValueError(f"idle_timeout must be greater than 0, got {seconds}")
-    if seconds > 1e9:
-        # As the core: 30 years is "never".  inf or 1e300 in the watchdog's
-        # Condition.wait() raised OverflowError and killed its thread.
-        return None
-    return float(seconds)
 
 
 def _after_fork_in_child() -> None:

@@ -20,6 +20,7 @@ from concurrent.futures import Future, InvalidStateError, _base, wait
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from fastpipe import _impl
+from fastpipe._checks import check_fd
 
 
 @runtime_checkable
@@ -423,9 +424,7 @@ def fd_of(obj: object, name: str, deferred: list[OSError] | None = None) -> int:
     if isinstance(obj, bool):
         raise TypeError(f"{name} must be an int fd or an object with fileno(), not bool")
     if isinstance(obj, int):
-        if obj < 0:
-            raise ValueError(f"{name} must be a non-negative file descriptor, got {obj}")
-        return _check_fd_range(obj, name)
+        return check_fd(obj, name)
     if isinstance(obj, io.TextIOBase):
         raise TypeError(f"{name} is a text-mode file; open it in binary mode ('rb'/'wb')")
     fileno = getattr(obj, "fileno", None)
@@ -448,15 +447,9 @@ def fd_of(obj: object, name: str, deferred: list[OSError] | None = None) -> int:
     if fd < 0:
         # A closed socket reports -1.
         raise ValueError(f"{name} is closed (fileno() returned {fd})")
-    return _check_fd_range(fd, name)
-
-
-def _check_fd_range(fd: int, name: str) -> int:
-    # The core says the same for relay(); proxy() calls os.fstat() on the
+    # Checked here, not only by the core: proxy() calls os.fstat() on the
     # fd before any core sees it, which raised OverflowError.
-    if fd > 0x7FFFFFFF:
-        raise ValueError(f"{name} is out of range: {fd}")
-    return fd
+    return check_fd(fd, name)
 
 
 def _drain_readahead(obj: Any, src_fd: int, limit: int | None) -> bytes:
