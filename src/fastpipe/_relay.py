@@ -13,6 +13,7 @@ import collections
 import io
 import os
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Generator
@@ -40,10 +41,6 @@ _CANCEL_REPOKE = 0.005
 
 # How long a main thread waiting in result() waits between signal checks.
 _MAIN_THREAD_SLICE = 0.05
-
-# How much read-ahead a buffered reader can hold is its buffer size; asking
-# for more than any sane buffer gets all of it in one read1().
-_READAHEAD_MAX = 1 << 24
 
 
 class Relay(Future[_T]):
@@ -452,30 +449,108 @@ def fd_of(obj: object, name: str, deferred: list[OSError] | None = None) -> int:
     return check_fd(fd, name)
 
 
-def _drain_readahead(obj: Any, src_fd: int, limit: int | None) -> bytes:
-    """Take the bytes a buffered reader (make_job chose it) has read past its fd.
+def _take_readahead(obj: Any, src_fd: int, limit: int | None) -> bytes:
+    """Take the bytes a buffered reader (make_job chose it) holds past its fd.
 
-    Nothing here may block: read1() returns buffered bytes without touching
-    the fd, and when the buffer is empty it does one raw read, which we only
-    allow when poll says the fd is ready, or with O_NONBLOCK set for the
-    duration of that one call (and restored).
+    Exactly the bytes the object holds, and no more: the rest of the source
+    is the core's to copy, by its kernel path where the fd pair has one.
+
+    * Over a regular file or block device the object knows its position
+      (``tell()``) and the fd knows its own: the difference is what it has
+      read ahead.  That many bytes come out of its buffer with ``read1()``,
+      which never reads the fd while it holds as many as asked for.  An
+      object that holds nothing is not asked at all.  A ``BufferedRandom``
+      is flushed first, which writes its pending bytes and moves the fd back
+      to the object's position (it drops its read-ahead), so it holds
+      nothing left to take.
+    * Over a pipe, socket or tty the object cannot say how much it holds
+      without reading: ``peek()`` returns its whole buffer, and reads the fd
+      (once, at most the object's own buffer size, into its own buffer) only
+      when that is empty.  That read may only take what is already there:
+      it is made only when poll says the fd is ready, or with O_NONBLOCK set
+      for the duration of that one call (and restored).  ``read1()`` then
+      takes the peeked bytes out of the buffer, up to ``count``, so that
+      anything left stays the object's.  A socket with a timeout polls
+      before it reads, whatever its fd's flag: its timeout is 0 for that
+      call instead.
     """
     if limit == 0:
         return b""
-    want = _READAHEAD_MAX if limit is None else min(limit, _READAHEAD_MAX)
+    held = _seekable_readahead(obj, src_fd)
+    if held is not None:
+        if held <= 0:
+            return b""
+        return bytes(obj.read1(held if limit is None else min(held, limit)))
+    sock = _timed_socket(obj)
+    if sock is not None:
+        timeout = sock.gettimeout()
+        # Its fd is O_NONBLOCK already (any socket with a timeout has it):
+        # neither call changes the fd's flags.
+        sock.settimeout(0.0)
+        try:
+            return _take_held(obj, limit)
+        finally:
+            sock.settimeout(timeout)
     if _impl.fd_ready(src_fd):
-        return bytes(obj.read1(want))
+        return _take_held(obj, limit)
     was_blocking = os.get_blocking(src_fd)
     if was_blocking:
         os.set_blocking(src_fd, False)
     try:
-        data = obj.read1(want)
+        return _take_held(obj, limit)
     except BlockingIOError:
-        data = b""
+        return b""
     finally:
         if was_blocking:
             os.set_blocking(src_fd, True)
-    return bytes(data or b"")
+
+
+def _seekable_readahead(obj: Any, src_fd: int) -> int | None:
+    """How many bytes a buffered reader over a file holds past its fd's
+    offset; None where the object and the fd cannot tell (not a file, or a
+    reader whose ``tell()`` may count something else, as a decompressor's
+    does)."""
+    if not isinstance(obj, (io.BufferedReader, io.BufferedRandom)):
+        return None
+    try:
+        mode = os.fstat(src_fd).st_mode
+    except OSError:
+        return None  # the copy's first syscall reports it
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        return None
+    try:
+        if isinstance(obj, io.BufferedRandom):
+            obj.flush()
+        return os.lseek(src_fd, 0, os.SEEK_CUR) - int(obj.tell())
+    except (OSError, ValueError):
+        return None
+
+
+def _timed_socket(obj: Any) -> socket.socket | None:
+    """The socket under a ``makefile()`` reader, if it has a timeout."""
+    raw = getattr(obj, "raw", None)
+    if not isinstance(raw, socket.SocketIO):
+        return None
+    # SocketIO's reference to its socket is the only way to it.
+    sock = getattr(raw, "_sock", None)
+    if isinstance(sock, socket.socket) and sock.gettimeout():
+        return sock
+    return None
+
+
+def _take_held(obj: Any, limit: int | None) -> bytes:
+    """What a buffered reader over a pipe, socket or tty holds, up to limit."""
+    peek = getattr(obj, "peek", None)
+    if callable(peek):
+        n = len(peek())
+        if limit is not None:
+            n = min(n, limit)
+        return bytes(obj.read1(n) or b"") if n else b""
+    # A BufferedIOBase without peek(): one read1() of a default buffer's
+    # size at most, which a well-behaved one serves from its buffer alone
+    # when it holds anything.
+    n = io.DEFAULT_BUFFER_SIZE if limit is None else min(limit, io.DEFAULT_BUFFER_SIZE)
+    return bytes(obj.read1(n) or b"")
 
 
 def make_job(
@@ -511,7 +586,7 @@ def make_job(
             if flush is not None and not flush.closed:
                 flush.flush()
             if drain is not None:
-                prefix = _drain_readahead(drain, src_fd, job.remaining)
+                prefix = _take_readahead(drain, src_fd, job.remaining)
                 if prefix:
                     job.prepend(prefix)
 
