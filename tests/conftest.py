@@ -341,7 +341,9 @@ def is_closed(fd: int) -> bool:
     return False
 
 
-def run_job(src: int, dst: int, count: int | None = None, zerocopy: bool = True) -> tuple[int, str]:
+def run_job(
+    src: int, dst: int, count: int | None = None, zerocopy: bool = True
+) -> tuple[int, str | None]:
     """copy_fd, but also returns the path that was used."""
     job = _impl.CopyJob(src, dst, count, zerocopy=zerocopy)
     n = job.run()

@@ -676,7 +676,13 @@ def test_a_signal_handler_that_raises_stops_copy_fd_cleanly(
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0, 0)
         signal.signal(signal.SIGALRM, old)
-    assert job.method == method
+    if fastpipe.IMPLEMENTATION == "c" or job.bytes_copied:
+        assert job.method == method
+    else:
+        # The twin's handler can raise between a syscall's return and the
+        # bookkeeping after it (see the count below): with nothing counted,
+        # the path that moved the bytes may not be named either.
+        assert job.method in (method, None)
     if src_kind != "file":
         assert sink.received() == data
     else:

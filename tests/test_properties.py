@@ -138,6 +138,13 @@ def moved_something(case: Case) -> bool:
     return len(case.expected) > 0
 
 
+def named(case: Case, *methods: str) -> set[str | None]:
+    """What ``Relay.method`` may say after ``case``: one of ``methods``, or
+    None for ``count=0``, which takes nothing from the source (not even its
+    end of file), so no path was ever used."""
+    return {None} if case.count == 0 else set(methods)
+
+
 @SETTINGS
 @given(
     case=cases(),
@@ -145,7 +152,7 @@ def moved_something(case: Case) -> bool:
     dst_kind=st.sampled_from(["file", "pipe", "unix", "tcp"]),
 )
 def test_readwrite_path(tmp_path: Path, case: Case, src_kind: str, dst_kind: str) -> None:
-    assert run_case(tmp_path, src_kind, dst_kind, case, zerocopy=False) == "readwrite"
+    assert run_case(tmp_path, src_kind, dst_kind, case, zerocopy=False) in named(case, "readwrite")
 
 
 @SETTINGS
@@ -155,7 +162,7 @@ def test_readwrite_path(tmp_path: Path, case: Case, src_kind: str, dst_kind: str
 )
 def test_splice_with_a_pipe_end(tmp_path: Path, case: Case, kinds: tuple[str, str]) -> None:
     """A pipe at one end: splice straight between the two fds."""
-    assert run_case(tmp_path, *kinds, case) == "splice"
+    assert run_case(tmp_path, *kinds, case) in named(case, "splice")
 
 
 @SETTINGS
@@ -174,13 +181,13 @@ def test_splice_through_the_pooled_pipe(
     """
     with splice_min_read(0 if at_once else None):
         method = run_case(tmp_path, *kinds, case)
-    assert method in ({"splice"} if at_once else {"readwrite", "splice"})
+    assert method in (named(case, "splice") if at_once else named(case, "readwrite", "splice"))
 
 
 @SETTINGS
 @given(case=cases())
 def test_splice_pipe_to_file_through_the_pooled_pipe(tmp_path: Path, case: Case) -> None:
-    assert run_case(tmp_path, "pipe", "file", case) == "splice"
+    assert run_case(tmp_path, "pipe", "file", case) in named(case, "splice")
 
 
 @SETTINGS
@@ -195,7 +202,7 @@ def test_sendfile_file_to_socket(tmp_path: Path, case: Case, dst_kind: str, offs
     if moved_something(case):
         assert method == "sendfile"
     else:
-        assert method in ("sendfile", "readwrite")
+        assert method in named(case, "sendfile", "readwrite")
 
 
 @SETTINGS
@@ -208,7 +215,7 @@ def test_copy_file_range_file_to_file(tmp_path: Path, case: Case, offset: int) -
     else:
         # copy_file_range moving nothing is also what procfs does: read()
         # has the last word (docs/design.md: "The kernel paths").
-        assert method in ("copy_file_range", "readwrite")
+        assert method in named(case, "copy_file_range", "readwrite")
 
 
 def skip_start_of_file(case: Case, offset: int) -> Case:

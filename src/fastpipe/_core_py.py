@@ -286,6 +286,7 @@ class CopyJob:
         self._deadline: float | None = None
         self._prefix = b""
         self._started = False
+        self._in_worker = False  # a worker has taken it (as _core's in_worker)
         self._close_src = False
         self._close_dst = False
         self._shut_wr = False
@@ -298,6 +299,9 @@ class CopyJob:
         self._cancel_req = False
         self._dst_nowait = False
         self._method = "readwrite"
+        # The path that last took bytes (or the end of file) from src, for
+        # ``method``: a path chosen and then refused is never reported.
+        self._used: str | None = None
         self._via_pipe = False
         self._splice_later = False
         self._kmoved = False
@@ -313,7 +317,9 @@ class CopyJob:
 
     @property
     def started(self) -> bool:
-        return self._started
+        """True once the copy has begun, in this thread or a worker (from
+        the moment a worker takes it, prologue included, as in ``_core``)."""
+        return self._started or self._in_worker
 
     @property
     def finished(self) -> bool:
@@ -353,6 +359,7 @@ class CopyJob:
 
     def run_in_worker(self) -> None:
         """What PoolCore's worker does with a job: never raises."""
+        self._in_worker = True
         try:
             if self.prologue is not None and not self._cancel_req:
                 self.prologue(self)
@@ -369,8 +376,8 @@ class CopyJob:
                 _close_quietly(self._dst)
 
     @property
-    def method(self) -> str:
-        return self._method
+    def method(self) -> str | None:
+        return self._used
 
     @property
     def src_fd(self) -> int:
@@ -580,6 +587,7 @@ class CopyJob:
                     _give(bufs)
                     self._wait(self._src, select.POLLIN)
                     continue
+                self._used = "readwrite"
                 if n == 0:
                     break
                 self._progress()
@@ -675,6 +683,7 @@ class CopyJob:
 
     def _moved(self, n: int, written: bool) -> None:
         self._kmoved = True
+        self._used = self._method
         if self._limit > 0:
             self._limit -= n
         if written:
@@ -776,6 +785,7 @@ class CopyJob:
                 if not self._kmoved and self._method != "splice":
                     self._method = "readwrite"  # procfs, sysfs: let read() decide
                     return False
+                self._used = self._method
                 self._release_pipe()
                 return True
             self._splice_retried = False

@@ -106,16 +106,19 @@ class Relay(Future[_T]):
 
     @property
     def method(self) -> str | None:
-        """The copy path in use, or None before the copy has started.
+        """The copy path in use, or None until a path has taken bytes from
+        the source.
 
         One of ``"copy_file_range"``, ``"sendfile"``, ``"splice"`` or
         ``"readwrite"``; for a proxy, the path of its ``a`` to ``b``
-        direction.
+        direction.  A path is named only once it moves bytes (or reads the
+        end of file): one that the fd pair refuses is never reported.
         """
         jobs = self._jobs
-        if not jobs or not jobs[0].started:
+        if not jobs:
             return None
-        return str(jobs[0].method)
+        method = jobs[0].method
+        return None if method is None else str(method)
 
     def result(self, timeout: float | None = None) -> _T:
         """Wait for the relay to end and return its result.

@@ -26,6 +26,7 @@ cdef class CopyJob:
         memset(&self.st, 0, sizeof(CopyState))
         pthread_mutex_init(&self.st.wake_lock, NULL)
         self.st.status = STEP_AGAIN
+        self.st.used = -1
 
     def __init__(self, src_fd, dst_fd, count=None, *, zerocopy=True, idle_timeout=None):
         self.st.src = _check_fd(src_fd, "src_fd")
@@ -49,15 +50,17 @@ cdef class CopyJob:
     @property
     def method(self):
         """The path in use: ``"copy_file_range"``, ``"sendfile"``, ``"splice"``
-        or ``"readwrite"``.
+        or ``"readwrite"``; None until one has taken bytes from the source.
 
-        Before the copy starts this is the path it would start with only for
-        ``zerocopy=False`` (``"readwrite"``); the choice is made when it
-        starts, and a fallback can change it once, before any byte has moved.
-        A socket source starts on ``"readwrite"`` and moves to ``"splice"``
-        once the data comes in bulk.
+        Only a path that has moved bytes (or read the end of file) is named:
+        a kernel path that the fd pair refuses falls back before it moves a
+        byte, and is never reported.  A prefix (a buffered reader's
+        read-ahead) is written first and is no path.  A socket source starts
+        on ``"readwrite"`` and moves to ``"splice"`` once the data comes in
+        bulk.
         """
-        return _METHOD_NAMES[self.st.method]
+        cdef int used = self.st.used
+        return None if used < 0 else _METHOD_NAMES[used]
 
     @property
     def src_fd(self):

@@ -56,6 +56,7 @@ cdef inline bint _kernel_gives_up(int method, int err) noexcept nogil:
 
 cdef inline void _moved(CopyState *st, ssize_t n, bint written) noexcept nogil:
     st.kmoved = True
+    st.used = st.method
     if st.limit > 0:
         st.limit -= n
     if written:
@@ -237,6 +238,7 @@ cdef int _kernel_step(CopyState *st) noexcept nogil:
                 # really is the end.
                 st.method = M_READWRITE
                 return STEP_FALLBACK
+            st.used = st.method
             _release_pipe(st)
             return STEP_DONE
         st.splice_retried = False

@@ -176,6 +176,7 @@ cdef int _copy_step(CopyState *st) noexcept nogil:
                 continue
             st.err = err
             return STEP_ERROR
+        st.used = M_READWRITE
         if n == 0:
             _release(st)
             return STEP_DONE

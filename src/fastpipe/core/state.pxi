@@ -60,10 +60,14 @@ cdef struct CopyState:
     const char *pre_ptr
     Py_ssize_t pre_len
     int err
-    # The kernel paths.  method is the path in use (a Method); it only ever
-    # moves towards M_READWRITE, and only while kmoved is false, so a
+    # The kernel paths.  method is the path to take next (a Method); it only
+    # ever moves towards M_READWRITE, and only while kmoved is false, so a
     # fallback can neither lose nor repeat a byte.
     int method
+    # The path that last took bytes (or the end of file) from src, for
+    # CopyJob.method; -1 until one has: a path chosen and then refused is
+    # never reported.
+    int used
     bint kmoved             # the kernel path has taken bytes from src
     bint via_pipe           # splice src -> pipe -> dst (neither end a pipe)
     bint splice_later       # read/write first; splice once reads are large
