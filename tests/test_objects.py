@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import json
 import os
@@ -12,6 +13,7 @@ import sys
 import textwrap
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -420,3 +422,35 @@ def test_eight_relays_from_buffered_readers_cost_no_memory_per_byte(tmp_path: Pa
                     assert got.read(len(chunk)) == chunk
                 assert got.read(1) == b""
             os.unlink(out / f"dst{i}")
+
+
+def bytes_held_by(job: object) -> list[bytes]:
+    """The non-empty bytes objects a job references (its own fields, or for
+    the twin those of its __dict__)."""
+    found = []
+    for ref in gc.get_referents(job):
+        for obj in [ref, *gc.get_referents(ref)] if isinstance(ref, dict) else [ref]:
+            if isinstance(obj, bytes) and obj:
+                found.append(obj)
+    return found
+
+
+def test_a_finished_relay_keeps_neither_its_ends_nor_their_bytes(tmp_path: Path) -> None:
+    """A finished Relay keeps its job, for bytes_copied and method; the job
+    keeps no reader or writer object, and none of the read-ahead it wrote."""
+    data = os.urandom(100_000)
+    (tmp_path / "src").write_bytes(data)
+    src = open(tmp_path / "src", "rb")  # noqa: SIM115
+    assert src.read(10) == data[:10]
+    dst = open(tmp_path / "dst", "wb")  # noqa: SIM115
+    dst.write(b"head")
+    ends = [weakref.ref(src), weakref.ref(dst)]
+    relay = fastpipe.relay(src, dst)
+    del src, dst
+    assert relay.result(timeout=30) == len(data) - 10
+    # The completer lets go of the relay's task just after completing it.
+    wait_for(lambda: all(end() is None for end in ends))
+    (job,) = relay._jobs
+    assert bytes_held_by(job) == []
+    assert (relay.bytes_copied, relay.method) == (len(data) - 10, "copy_file_range")
+    assert (tmp_path / "dst").read_bytes() == b"head" + data[10:]

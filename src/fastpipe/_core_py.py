@@ -351,6 +351,8 @@ class CopyJob:
         self._shut_wr = bool(on)
 
     def result(self) -> int:
+        if self.finished:
+            self._prefix = b""  # written, or dropped with the error (see _core)
         if self._error is not None:
             raise self._error
         if self._result is None:

@@ -406,6 +406,10 @@ def retire(task: Any) -> None:
     """
     task.relay._task = None
     task.live.discard(task)
+    for job in task.jobs:
+        # The prologue's closure holds the ends' objects (and their buffers):
+        # a finished relay, which keeps its jobs, must not keep those too.
+        job.prologue = None
 
 
 def fd_of(obj: object, name: str, deferred: list[OSError] | None = None) -> int:

@@ -158,11 +158,17 @@ cdef class CopyJob:
         return 0
 
     def result(self):
-        """After a pool ran the job: the byte count, or raise its error."""
+        """After a pool ran the job: the byte count, or raise its error.
+
+        The completer asks this first of every finished job, so the prefix,
+        written or dropped with the error by now, is let go here: a finished
+        relay keeps its job, and the job none of the bytes.
+        """
+        if self.st.status == STEP_AGAIN:
+            raise RuntimeError("the job has not finished")
+        self._prefix = None
         if self.st.status == STEP_DONE:
             return fp_load_ll(&self.st.copied)
-        if self.st.status != STEP_ERROR:
-            raise RuntimeError("the job has not finished")
         if self._error is not None:
             raise self._error
         self._raise_error()
