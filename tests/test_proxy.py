@@ -22,9 +22,9 @@ from collections.abc import Iterator
 import pytest
 
 import fastpipe
-from fastpipe import WorkerPool
+from fastpipe import WorkerPool, _proxy
 
-from conftest import tcp_pair
+from conftest import tcp_pair, wait_for
 
 FAMILIES = ["tcp", "unix"]
 
@@ -528,6 +528,33 @@ def test_idle_timeout_of_a_proxy_still_queued() -> None:
         for a, b in pairs:
             a.close()
             b.close()
+
+
+def test_ended_proxies_leave_the_idle_watchdog_at_once() -> None:
+    """A proxy with a long idle_timeout that ends is not kept (task, jobs and
+    ends) until the watchdog's next look at it, a quarter of the timeout
+    later: with many short connections that held every one of them.  The
+    watchdog holds at most twice the entries of the proxies still live."""
+
+    def watched() -> int:
+        return len(_proxy.watchdog._heap)
+
+    keep_pairs = [socket.socketpair() for _ in range(2)]
+    keeper = fastpipe.proxy(keep_pairs[0][0], keep_pairs[1][0], idle_timeout=3600)
+    try:
+        for _ in range(100):
+            pairs = [socket.socketpair() for _ in range(2)]
+            relay = fastpipe.proxy(pairs[0][0], pairs[1][0], idle_timeout=3600)
+            assert relay.cancel()
+            for _, far in pairs:
+                far.close()
+            # The completer forgets it just after completing the future.
+            wait_for(lambda: watched() <= 3)
+    finally:
+        keeper.cancel()
+        for _, far in keep_pairs:
+            far.close()
+    wait_for(lambda: watched() <= 1)
 
 
 def test_bytes_each_way_is_there_however_the_proxy_ends() -> None:

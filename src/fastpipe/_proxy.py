@@ -116,6 +116,7 @@ class ProxyTask:
         self.error: BaseException | None = None
         self.cancel_requested = False
         self.timed_out = False
+        self.watched = False  # in the watchdog's heap (under its lock)
         # The written end of each job: (object, fd, is_socket).
         self.dst = (
             (b.writer, b.write_fd, b.write_is_socket),
@@ -307,6 +308,8 @@ class ProxyTask:
         else:
             relay.set_result((self.jobs[0].result(), self.jobs[1].result()))
         retire(self)
+        if self.watched:
+            watchdog.forget(self)
         del error
 
 
@@ -320,6 +323,14 @@ class _Watchdog:
     fails between ``T`` and ``1.25 T`` after its last byte.  The thread
     exits when it has nothing to watch and is started again on demand; it is
     a daemon for the same reason as the workers (it must never delay exit).
+
+    A proxy that ends is forgotten at once, not at its next sample: with a
+    long timeout and many short connections, the heap would otherwise hold
+    every connection of the last ``T / 4`` seconds, ends and all.  Its entry
+    stays in the heap, counted in ``_dead``, until the dead are more than
+    half of it; then the heap is rebuilt without them.  So it never holds
+    more than twice the live proxies' entries, at a cost per ended proxy
+    that stays constant on average.
     """
 
     def __init__(self) -> None:
@@ -328,6 +339,7 @@ class _Watchdog:
     def _reset(self) -> None:
         self._cond = threading.Condition(threading.Lock())
         self._heap: list[tuple[float, int, ProxyTask, int, float]] = []
+        self._dead = 0  # entries whose task was forgotten
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
 
@@ -335,6 +347,7 @@ class _Watchdog:
         assert task.idle_timeout is not None
         now = time.monotonic()
         with self._cond:
+            task.watched = True
             self._push(task, now, 0, now)
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -343,6 +356,18 @@ class _Watchdog:
                 self._thread.start()
             else:
                 self._cond.notify()
+
+    def forget(self, task: ProxyTask) -> None:
+        """The proxy has ended: its entry no longer counts."""
+        with self._cond:
+            if not task.watched:
+                return  # the thread dropped it already
+            task.watched = False
+            self._dead += 1
+            if self._dead > len(self._heap) // 2:
+                self._heap = [entry for entry in self._heap if entry[2].watched]
+                heapq.heapify(self._heap)
+                self._dead = 0
 
     def _push(self, task: ProxyTask, now: float, seen: int, since: float) -> None:
         assert task.idle_timeout is not None
@@ -363,7 +388,11 @@ class _Watchdog:
                         break
                     cond.wait(self._heap[0][0] - now)
                 _, _, task, seen, since = heapq.heappop(self._heap)
+                if not task.watched:
+                    self._dead -= 1
+                    continue
                 if task.relay.done():
+                    task.watched = False
                     continue
                 assert task.idle_timeout is not None
                 moved = task.bytes_moved()
@@ -372,6 +401,7 @@ class _Watchdog:
                 if now - since < task.idle_timeout:
                     self._push(task, now, seen, since)
                     continue
+                task.watched = False  # off the heap for good
             # Outside the lock: cancelling takes each job's own lock.
             task.expire()
 
