@@ -16,15 +16,17 @@ import subprocess
 import sys
 import threading
 import time
+import tty
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import pytest
 
 import fastpipe
 from fastpipe import WorkerPool, _proxy
 
-from conftest import tcp_pair, wait_for
+from conftest import tcp_pair, wait_for, write_all
 
 FAMILIES = ["tcp", "unix"]
 
@@ -352,10 +354,14 @@ def test_subprocess_pipes_to_socket_with_half_close() -> None:
         proc.wait()
 
 
-def test_same_object_both_sides_is_closed_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """proxy(x, x) echoes; x closes once (a second close could hit a reused fd)."""
+def test_an_fd_both_sides_share_is_closed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """a = (r, x), b = (x, w): x is written by b -> a and read by it too (an
+    echo, one direction); x closes once (a second close could hit a reused
+    fd)."""
     client, x = tcp_pair()
     fd = x.detach()
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
     closes: list[int] = []
     real_close = os.close
 
@@ -365,29 +371,22 @@ def test_same_object_both_sides_is_closed_once(monkeypatch: pytest.MonkeyPatch) 
 
     monkeypatch.setattr(os, "close", counting_close)
     try:
-        relay = fastpipe.proxy(fd, fd)
+        relay = fastpipe.proxy((r1, fd), (fd, w2))
         client.sendall(b"echo me")
         assert client.recv(100) == b"echo me"
         client.shutdown(socket.SHUT_WR)
+        os.write(w1, b"through")
+        real_close(w1)
+        assert read_fd_to_eof(r2) == b"through"
+        assert relay.result(timeout=10) == (len(b"through"), len(b"echo me"))
         assert read_to_eof(client) == b""
-        assert sum(relay.result(timeout=10)) == len(b"echo me")
     finally:
         client.close()
+        real_close(r2)
     assert closes.count(fd) <= 1
-    with pytest.raises(OSError):
-        os.fstat(fd)
-
-
-def test_socket_and_its_own_fd_are_closed_once() -> None:
-    client, x = tcp_pair()
-    try:
-        relay = fastpipe.proxy(x, x.fileno())
-        client.shutdown(socket.SHUT_WR)
-        assert read_to_eof(client) == b""
-        assert relay.result(timeout=10) == (0, 0)
-        assert x.fileno() == -1
-    finally:
-        client.close()
+    for end in (fd, r1, w2):
+        with pytest.raises(OSError):
+            os.fstat(end)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -454,6 +453,228 @@ def test_bad_arguments_raise_at_once() -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+# -- one stream, one direction -------------------------------------------------
+
+
+def refused(a: object, b: object) -> str:
+    """proxy(a, b) raises ValueError at once, whatever ``close=`` says."""
+    with pytest.raises(ValueError) as info:
+        fastpipe.proxy(a, b)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        fastpipe.proxy(a, b, close=False)  # type: ignore[arg-type]
+    return str(info.value)
+
+
+@dataclass
+class Echoable:
+    """One stream read and written both ways (``x``), and its far end."""
+
+    x: object
+    fd: int
+    write_far: Callable[[bytes], None]
+    read_far: Callable[[int], bytes]
+    end_far: Callable[[], None]
+    # A tty has no end of file to give: its echo relay is cancelled instead.
+    has_eof: bool
+    closing: list[Callable[[], None]] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def echoable(kind: str) -> Iterator[Echoable]:
+    if kind == "pty":
+        master, slave = os.openpty()
+        tty.setraw(slave)  # bytes as they are: no echo, no line editing
+
+        def read_far(n: int) -> bytes:
+            return os.read(master, n)
+
+        stream = Echoable(
+            slave,
+            slave,
+            lambda data: write_all(master, data),
+            read_far,
+            lambda: None,
+            has_eof=False,
+            closing=[lambda: os.close(master)],
+        )
+    else:
+        far, x = stream_pair(kind)
+
+        def end_far() -> None:
+            far.shutdown(socket.SHUT_WR)
+
+        stream = Echoable(x, x.fileno(), far.sendall, far.recv, end_far, True, [far.close])
+    try:
+        yield stream
+    finally:
+        for close in stream.closing:
+            close()
+
+
+def forms_of_one_stream(stream: Echoable, form: str) -> tuple[object, object]:
+    """proxy() arguments that make both directions read (and write) ``stream``."""
+    x, fd = stream.x, stream.fd
+    if form == "same":
+        return x, x
+    if form == "fd-and-object":
+        return fd, x
+    if form == "dup":
+        other = os.dup(fd)
+        stream.closing.append(lambda: os.close(other))
+        return x, other
+    if form == "two-opens":
+        # A second open file description of the same socket or tty.
+        other = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_NOCTTY)
+        stream.closing.append(lambda: os.close(other))
+        return x, other
+    r, w = os.pipe()
+    stream.closing += [lambda: os.close(r), lambda: os.close(w)]
+    if form == "shares-its-reader":
+        return x, (x, w)
+    assert form == "shares-its-writer"
+    return x, (r, x)
+
+
+ONE_STREAM_FORMS = ["same", "fd-and-object", "dup", "shares-its-reader", "shares-its-writer"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "form"),
+    # A socket cannot be opened again through /proc; a tty can.
+    [(k, f) for k in ("unix", "tcp", "pty") for f in ONE_STREAM_FORMS] + [("pty", "two-opens")],
+)
+def test_both_directions_on_one_stream_are_refused(kind: str, form: str) -> None:
+    """proxy(x, x) and its kin raise ValueError, pointing to relay(x, x), and
+    touch nothing: the bytes waiting in x, and a bulk stream after them,
+    then echo byte for byte through relay(x, x)."""
+    waiting = os.urandom(1000)
+    bulk = os.urandom((256 << 10) if kind == "pty" else (4 << 20))
+    with echoable(kind) as stream:
+        stream.write_far(waiting)
+        a, b = forms_of_one_stream(stream, form)
+        message = refused(a, b)
+        assert "relay(x, x)" in message
+        assert "same stream" in message
+        relay = fastpipe.relay(stream.x, stream.x, close=False)
+
+        def feed() -> None:
+            stream.write_far(bulk)
+            stream.end_far()
+
+        feeder = threading.Thread(target=feed)
+        feeder.start()
+        got = bytearray()
+        while len(got) < len(waiting) + len(bulk):
+            chunk = stream.read_far(1 << 20)
+            assert chunk, "the echo ended early"
+            got += chunk
+        feeder.join(30)
+        assert bytes(got) == waiting + bulk
+        if stream.has_eof:
+            assert relay.result(timeout=30) == len(got)
+        else:
+            assert relay.cancel()
+        if isinstance(stream.x, socket.socket):
+            stream.x.close()
+        else:
+            os.close(stream.fd)
+
+
+@pytest.mark.parametrize(
+    "form", ["same-pair", "shares-a-reader", "shares-a-writer", "dup-reader", "reopened-reader"]
+)
+def test_pipe_pairs_on_one_stream_are_refused(form: str) -> None:
+    """Two directions reading one pipe (or writing one) are refused, and the
+    pipe keeps every byte written into it."""
+    r, w = os.pipe()
+    r2, w2 = os.pipe()
+    extra: list[int] = []
+    if form == "same-pair":
+        a, b = (r, w), (r, w)
+        names = "a[0] and b[0] read"
+    elif form == "shares-a-reader":
+        a, b = (r, w2), (r, os.dup(w2))
+        extra.append(b[1])
+        names = "a[0] and b[0] read"
+    elif form == "shares-a-writer":
+        r3, w3 = os.pipe()
+        a, b = (r2, w), (r3, w)
+        extra += (r3, w3)
+        names = "a[1] and b[1] write"
+    elif form == "dup-reader":
+        a, b = (r, w2), (os.dup(r), os.dup(w2))
+        extra += b
+        names = "a[0] and b[0] read"
+    else:
+        other = os.open(f"/proc/self/fd/{r}", os.O_RDONLY)
+        a, b = (r, w2), (other, os.dup(w2))
+        extra += b
+        names = "a[0] and b[0] read"
+    data = os.urandom(1 << 20)
+    writer = threading.Thread(target=write_all, args=(w, data, True))
+    writer.start()
+    try:
+        assert names in refused(a, b)
+        assert read_fd_to_eof(r) == data
+    finally:
+        writer.join(30)
+        for fd in (r, r2, w2, *extra):
+            os.close(fd)
+
+
+def test_a_regular_file_read_by_both_directions(tmp_path) -> None:
+    """One open file description (one fd, or dup'd) shares its offset: two
+    readers would split the file, so that is refused, and the offset is left
+    where it was.  Two opens of the file each read all of it: both
+    directions send the whole file."""
+    data = os.urandom(3 << 20)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    dup = os.dup(fd)
+    os.lseek(fd, 100, os.SEEK_SET)
+    client_a, a = tcp_pair()
+    client_b, b = tcp_pair()
+    try:
+        for other in (fd, dup):
+            assert "read the same stream" in refused((fd, a), (other, b))
+            assert os.lseek(fd, 0, os.SEEK_CUR) == 100
+        again = os.open(path, os.O_RDONLY)
+        relay = fastpipe.proxy((again, a), (os.open(path, os.O_RDONLY), b))
+        got = {}
+        readers = [
+            threading.Thread(target=lambda c=c: got.__setitem__(c, read_to_eof(c)))
+            for c in (client_a, client_b)
+        ]
+        for t in readers:
+            t.start()
+        for t in readers:
+            t.join(30)
+        assert got == {client_a: data, client_b: data}
+        assert relay.result(timeout=30) == (len(data), len(data))
+    finally:
+        for end in (client_a, client_b, a, b):
+            end.close()
+        os.close(fd)
+        os.close(dup)
+
+
+def test_a_regular_file_written_by_both_directions_is_refused(tmp_path) -> None:
+    """Two opens of one file, written by both directions, would overwrite
+    each other's bytes."""
+    path = tmp_path / "f"
+    path.write_bytes(b"")
+    w1 = os.open(path, os.O_WRONLY)
+    w2 = os.open(path, os.O_WRONLY)
+    r1, x1 = os.pipe()
+    r2, x2 = os.pipe()
+    try:
+        assert "a[1] and b[1] write to the same stream" in refused((r1, w1), (r2, w2))
+    finally:
+        for fd in (w1, w2, r1, x1, r2, x2):
+            os.close(fd)
 
 
 # -- idle_timeout ----------------------------------------------------------------

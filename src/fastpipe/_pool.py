@@ -319,6 +319,16 @@ class WorkerPool:
         is not a socket (a tty) cannot be half-closed.  An error in either
         direction stops the other one at once.
 
+        No two directions may read the same stream, or write the same one:
+        two workers would each forward part of it, out of order, or
+        interleave their writes.  So ``proxy(x, x)``, dup'd fds, an object
+        and its own fd, and pairs that share a reader or a writer (such as
+        ``proxy((r, w), (r2, w))``) raise ``ValueError`` at once; to echo a
+        socket or a tty back to its peer, use ``relay(x, x)``.  Streams are
+        compared, not fd numbers: two opens of one pipe or tty are one
+        stream, two opens of one regular file are not (each has its own
+        offset), when both are read.
+
         Args:
             a: one side: an end read and written both ways (a socket, an
                 int fd, a tty), or a ``(reader, writer)`` pair such as
@@ -345,8 +355,9 @@ class WorkerPool:
                 ``fileno()``, is a text-mode file, or ``idle_timeout`` is
                 not a number.
             ValueError: a negative fd, an ``idle_timeout`` that is not
-                above 0, a closed file or socket, or a pool with
-                ``max_workers=1`` (a proxy needs two workers).
+                above 0, a closed file or socket, two directions on one
+                stream (see above), or a pool with ``max_workers=1`` (a
+                proxy needs two workers).
             RuntimeError: the pool has been shut down, or no thread could
                 be started for a new worker.
         """

@@ -14,7 +14,9 @@ waiting in ``result()``):
 * a direction that fails stops the other one with ``CopyJob.cancel()``, which
   wakes a worker blocked on an idle fd without closing anything under it.
 * once both are done, the ends are closed (``close=True``): each fd once,
-  even when ``a`` and ``b`` are the same object or share an fd.
+  even when the sides share an fd (one side's writer is the other's reader).
+* no two directions read one stream, or write one: that is refused at once
+  (``proxy(x, x)`` among others; ``relay(x, x)`` echoes one stream).
 
 ``idle_timeout`` means "no byte either way for that long": a download keeps
 the upload direction idle for as long as it lasts, so a per-direction
@@ -25,6 +27,7 @@ proxy's is a watchdog thread that samples both jobs' ``bytes_copied``.
 from __future__ import annotations
 
 import errno
+import fcntl
 import heapq
 import itertools
 import os
@@ -56,17 +59,27 @@ class _Side:
     a ``(reader, writer)`` pair such as ``(proc.stdout, proc.stdin)``.
     """
 
-    __slots__ = ("reader", "writer", "read_fd", "write_fd", "write_is_socket")
+    __slots__ = (
+        "reader",
+        "writer",
+        "read_fd",
+        "write_fd",
+        "write_is_socket",
+        "read_name",
+        "write_name",
+    )
 
     def __init__(self, side: object, name: str, deferred: list[OSError]) -> None:
         if isinstance(side, tuple):
             if len(side) != 2:
                 raise TypeError(f"{name} must be one end or a (reader, writer) pair")
             self.reader, self.writer = side
-            self.read_fd = fd_of(self.reader, f"{name}[0]", deferred)
-            self.write_fd = fd_of(self.writer, f"{name}[1]", deferred)
+            self.read_name, self.write_name = f"{name}[0]", f"{name}[1]"
+            self.read_fd = fd_of(self.reader, self.read_name, deferred)
+            self.write_fd = fd_of(self.writer, self.write_name, deferred)
         else:
             self.reader = self.writer = side
+            self.read_name = self.write_name = name
             self.read_fd = self.write_fd = fd_of(side, name, deferred)
         if type(self.writer) is socket.socket:
             self.write_is_socket = True
@@ -434,9 +447,105 @@ def build(
     side_b = _Side(b, "b", deferred)
     # The core's clock never sees a proxy's timeout: the watchdog's does.
     idle_timeout = check_idle_timeout(idle_timeout)
+    _check_one_direction_per_stream(side_a, side_b)
     if deferred:
         return [side_a.reader, side_a.writer, side_b.reader, side_b.writer] if close else []
     return ProxyTask(relay, side_a, side_b, bool(close), idle_timeout, core, live)
+
+
+# -- one stream, one direction ---------------------------------------------------
+
+
+def _check_one_direction_per_stream(a: _Side, b: _Side) -> None:
+    """ValueError if both directions would read one stream, or write one.
+
+    Two workers reading one stream take turns at its bytes: each forwards
+    the part it happened to read, out of order, and the first to see end of
+    file half-closes a side the other is still writing.  Two writing one
+    stream interleave their bytes in it.  ``proxy(x, x)`` does both; so do
+    dup'd fds, an object and its own fd, and pairs that share an end.  One
+    socket or tty echoed back to its peer is one direction: ``relay(x, x)``.
+    """
+    stats: dict[int, os.stat_result | None] = {}
+    if _same_stream(a.read_fd, b.read_fd, True, stats):
+        raise ValueError(
+            f"{a.read_name} and {b.read_name} read the same stream: two directions would "
+            "each take part of its bytes and reorder them; to echo a socket or a tty "
+            "back to its peer, use relay(x, x)"
+        )
+    if _same_stream(a.write_fd, b.write_fd, False, stats):
+        raise ValueError(
+            f"{a.write_name} and {b.write_name} write to the same stream: two directions "
+            "would interleave their bytes in it; to echo a socket or a tty back to its "
+            "peer, use relay(x, x)"
+        )
+
+
+def _same_stream(
+    fd1: int, fd2: int, reading: bool, stats: dict[int, os.stat_result | None]
+) -> bool:
+    """Whether two fds lead to one stream, for two readers or two writers.
+
+    Not the fd numbers: dup'd fds share one open file description, and even
+    two descriptions of one pipe or tty (a second open through
+    ``/proc/self/fd/N``) share its bytes.  The same device and inode is the same stream, with two
+    exceptions: two descriptions of one regular file each have their own
+    offset, so two readers each read all of it (writers would still write
+    over each other); and a pipe's two ends share an inode, but only one of
+    them can be read (the other direction fails with EBADF).
+    """
+    if fd1 < 0 or fd2 < 0:
+        return False  # a fileno() that failed: the proxy fails with it
+    if fd1 == fd2:
+        return True
+    st1, st2 = _stat(fd1, stats), _stat(fd2, stats)
+    if st1 is None or st2 is None:
+        return False  # a bad fd: the proxy fails with EBADF
+    if (st1.st_dev, st1.st_ino) != (st2.st_dev, st2.st_ino):
+        return False
+    if reading and (stat.S_ISREG(st1.st_mode) or stat.S_ISBLK(st1.st_mode)):
+        return _share_offset(fd1, fd2)
+    if stat.S_ISFIFO(st1.st_mode):
+        wrong = os.O_WRONLY if reading else os.O_RDONLY
+        try:
+            modes = [fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE for fd in (fd1, fd2)]
+        except OSError:
+            return False  # a bad fd: the proxy fails with EBADF
+        return wrong not in modes
+    return True
+
+
+def _stat(fd: int, stats: dict[int, os.stat_result | None]) -> os.stat_result | None:
+    if fd not in stats:
+        try:
+            stats[fd] = os.fstat(fd)
+        except OSError:
+            stats[fd] = None
+    return stats[fd]
+
+
+def _share_offset(fd1: int, fd2: int) -> bool:
+    """Whether two fds of one file share one open file description.
+
+    Told by moving the first one's offset and looking at the second's, then
+    moving it back, in the caller's thread before any worker has the fds.
+    Linux's kcmp(KCMP_FILE) would say it without touching them, but needs
+    a syscall number per architecture through ctypes, and container
+    seccomp profiles (Docker's default) refuse it.
+    """
+    try:
+        pos = os.lseek(fd1, 0, os.SEEK_CUR)
+        if os.lseek(fd2, 0, os.SEEK_CUR) != pos:
+            return False
+        # Backwards where it can: a block device refuses an offset past its end.
+        probe = pos - 1 if pos > 0 else 1
+        os.lseek(fd1, probe, os.SEEK_SET)
+        try:
+            return os.lseek(fd2, 0, os.SEEK_CUR) == probe
+        finally:
+            os.lseek(fd1, pos, os.SEEK_SET)
+    except OSError:
+        return True  # cannot tell them apart: one stream, to be safe
 
 
 def _after_fork_in_child() -> None:
