@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import socket
 import subprocess
 import sys
@@ -21,6 +22,11 @@ from fastpipe import _impl
 
 KINDS = ["file", "pipe", "unix", "tcp"]
 
+# How long the leak checks below give a relay ending in another thread (one
+# that a failed test left running, or whose completion is still on its way):
+# long enough for a busy machine, where a thread may wait a while to run.
+SETTLE = 10.0
+
 
 @pytest.fixture(autouse=True)
 def no_fd_leaked() -> Iterator[None]:
@@ -32,7 +38,7 @@ def no_fd_leaked() -> Iterator[None]:
     fastpipe.trim_pipes()
     before = open_fds()
     yield
-    deadline = time.monotonic() + 2.0
+    deadline = time.monotonic() + SETTLE
     while True:
         fastpipe.trim_pipes()
         if not open_fds() - before or time.monotonic() >= deadline:
@@ -56,7 +62,7 @@ def no_buffer_left_in_use() -> Iterator[None]:
     yield
     # A relay completes its future only after its buffers are back, but a
     # test that failed half-way may leave one finishing: give it a moment.
-    deadline = time.monotonic() + 2.0
+    deadline = time.monotonic() + SETTLE
     while fastpipe.buffer_stats()["in_use"] and time.monotonic() < deadline:
         time.sleep(0.01)
     assert fastpipe.buffer_stats()["in_use"] == 0, fastpipe.buffer_stats()
@@ -66,7 +72,7 @@ def no_buffer_left_in_use() -> Iterator[None]:
 def no_pipe_left_in_use() -> Iterator[None]:
     """Every copy must give its intermediate pipe back (or close it)."""
     yield
-    deadline = time.monotonic() + 2.0
+    deadline = time.monotonic() + SETTLE
     while fastpipe.pipe_stats()["in_use"] and time.monotonic() < deadline:
         time.sleep(0.01)
     assert fastpipe.pipe_stats()["in_use"] == 0, fastpipe.pipe_stats()
@@ -325,12 +331,72 @@ def close_quietly(fd: int) -> None:
         os.close(fd)
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 10.0) -> None:
-    """Wait until ``predicate()`` is true; fail the test after ``timeout`` seconds."""
+def wait_for(predicate: Callable[[], object], timeout: float = 30.0) -> None:
+    """Wait until ``predicate()`` is true; fail the test after ``timeout`` seconds.
+
+    The conditions waited for come true in milliseconds; the timeout only
+    says how long a broken one takes to fail, so it is long enough for any
+    machine, however busy.
+    """
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.005)
+
+
+# futex(2): where a thread waits for a lock (the GIL, a semaphore), not for
+# an fd.  Per architecture; elsewhere any syscall counts as blocked.
+_FUTEX = {"x86_64": 202, "aarch64": 98}.get(platform.machine())
+
+
+def blocked_in_syscall(tid: int) -> bool:
+    """Whether thread ``tid`` of this process sleeps in a syscall other than
+    futex: a poll, a read, a write, a splice...
+
+    Asleep (state S in ``/proc/self/task/TID/stat``), not merely inside a
+    syscall: a thread that the scheduler preempted there is still running
+    it.  ``/proc/self/task/TID/syscall`` names the call.
+    """
+    try:
+        with open(f"/proc/self/task/{tid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+        with open(f"/proc/self/task/{tid}/syscall") as f:
+            first = f.read().split(maxsplit=1)[0]
+    except (OSError, IndexError):
+        return False
+    if state != "S" or not first.isdigit():
+        return False  # running, or "-1": not in a syscall
+    return int(first) != _FUTEX
+
+
+def wait_until_blocked(*threads: threading.Thread | int, timeout: float = 30.0) -> None:
+    """Wait until one of ``threads`` (or native thread ids) blocks in a
+    syscall: a copy parked on an idle or full fd.
+
+    For tests that act on a parked copy (cancel it, count its CPU time).
+    What they check holds whenever they act; this makes them act on the
+    parked state they are about, on a machine of any speed.
+    """
+    tids = [t if isinstance(t, int) else t.native_id for t in threads]
+    wait_for(lambda: any(tid is not None and blocked_in_syscall(tid) for tid in tids), timeout)
+
+
+def pool_workers(pool: object | None = None) -> list[threading.Thread]:
+    """The worker threads of ``pool`` (default: of every pool)."""
+    threads = threading.enumerate() if pool is None else list(pool._threads)  # type: ignore[attr-defined]
+    return [t for t in threads if t.name.startswith("fastpipe-worker-")]
+
+
+def wait_until_a_worker_blocks(pool: object | None = None, timeout: float = 30.0) -> None:
+    """Wait until a worker of ``pool`` (default: of any pool) is parked in a
+    syscall, as a relay on an idle or full fd is (see ``wait_until_blocked``).
+    Idle workers wait on a semaphore (futex), which does not count."""
+    wait_for(
+        lambda: any(
+            t.native_id is not None and blocked_in_syscall(t.native_id) for t in pool_workers(pool)
+        ),
+        timeout,
+    )
 
 
 def is_closed(fd: int) -> bool:
