@@ -22,11 +22,14 @@ import pytest
 
 from fastpipe import _impl
 
-from conftest import close_quietly, socket_pair
+from conftest import close_quietly, socket_pair, wait_until_blocked
 
-# The contract asks for 100 ms; the machine is shared, so the test allows
-# more, and the measured figure is printed for -s runs.
-STOP_WITHIN = 1.0
+# The contract asks for 100 ms, a latency, which a busy machine stretches
+# (bench/test_bench_latency.py measures it).  What a test can check on any
+# machine is that the copy stops, where without cancel() it would wait for
+# the idle fd for ever: the bound is that, generous.  The measured figure is
+# printed for -s runs.
+STOP_WITHIN = 10.0
 
 
 class Runner:
@@ -56,7 +59,7 @@ class Runner:
         return elapsed
 
 
-def wait_until(pred: Callable[[], bool], timeout: float = 5.0) -> None:
+def wait_until(pred: Callable[[], bool], timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not pred():
         assert time.monotonic() < deadline, "timed out"
@@ -90,7 +93,7 @@ def test_cancel_while_blocked_on_an_idle_source(
         job = _impl.CopyJob(src_r, out_w)
         runner = Runner(job)
         wait_until(lambda: job.bytes_copied == 11)
-        time.sleep(0.05)  # now parked in poll on the idle source
+        wait_until_blocked(runner.thread)  # parked in poll on the idle source
         elapsed = runner.cancel_and_join()
         print(f"{kind}: stopped in {elapsed * 1000:.1f} ms")
         assert isinstance(runner.result, CancelledError)
@@ -133,7 +136,7 @@ def test_cancel_while_blocked_on_a_stalled_sink(dst_kind: str) -> None:
         job = _impl.CopyJob(src_r, dst_fd)
         runner = Runner(job)
         wait_until(lambda: job.bytes_copied > 0)
-        time.sleep(0.1)  # the sink's buffers fill up and the copy blocks
+        wait_until_blocked(runner.thread)  # the sink's buffers are full
         stalled_at = job.bytes_copied
         assert stalled_at < len(data)
         elapsed = runner.cancel_and_join()

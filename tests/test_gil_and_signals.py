@@ -13,7 +13,14 @@ import pytest
 
 import fastpipe
 
-from conftest import compiled_only
+from conftest import compiled_only, wait_for, wait_until_blocked
+
+# The contract: a signal handler, or KeyboardInterrupt, reaches a copy_fd in
+# the main thread within about 100 ms, even while it is blocked.  That is a
+# latency, which a busy machine stretches (bench/test_bench_latency.py
+# measures it); what a test can check on any machine is that it arrives at
+# all, where a copy blocked in the kernel would otherwise wait for ever.
+ARRIVES_WITHIN = 10.0
 
 
 def spin_until(predicate, seconds: float) -> bool:
@@ -61,9 +68,10 @@ def test_main_thread_keeps_running_while_copy_fd_blocks() -> None:
     t = threading.Thread(target=lambda: result.append(fastpipe.copy_fd(r, devnull)))
     t.start()
     try:
-        time.sleep(0.05)
+        wait_until_blocked(t)  # in poll on the idle pipe
         # The blocked copy holds no GIL: this loop runs at full speed, which
-        # we see as many switch intervals' worth of iterations done.
+        # we see as many switch intervals' worth of iterations done (ten
+        # thousand in 0.3 s is a few per cent of one core's speed).
         n = 0
         deadline = time.monotonic() + 0.3
         while time.monotonic() < deadline:
@@ -96,7 +104,7 @@ def test_signal_handler_interrupts_copy_fd_blocked_in_main_thread() -> None:
         start = time.monotonic()
         with pytest.raises(Interrupted):
             fastpipe.copy_fd(r, devnull)
-        assert time.monotonic() - start < 2.0
+        assert time.monotonic() - start < ARRIVES_WITHIN
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
@@ -105,7 +113,10 @@ def test_signal_handler_interrupts_copy_fd_blocked_in_main_thread() -> None:
 
 
 def test_signal_handler_that_returns_lets_the_copy_go_on() -> None:
-    # PEP 475: the handler runs, the copy retries and finishes intact.
+    """PEP 475: the handler runs, the copy retries and finishes intact.
+
+    The feeder waits for handler calls, not for time: three while the copy
+    waits for its first byte, and more between the two writes."""
     r, w = os.pipe()
     out_r, out_w = os.pipe()
     calls: list[int] = []
@@ -117,9 +128,10 @@ def test_signal_handler_that_returns_lets_the_copy_go_on() -> None:
     reader.start()
 
     def feed() -> None:
-        time.sleep(0.35)
+        wait_for(lambda: len(calls) >= 3)
         os.write(w, data[:1000])
-        time.sleep(0.1)
+        seen = len(calls)
+        wait_for(lambda: len(calls) > seen)
         os.write(w, data[1000:])
         os.close(w)
 
@@ -150,7 +162,7 @@ def test_keyboard_interrupt_reaches_copy_fd_in_main_thread() -> None:
         start = time.monotonic()
         with pytest.raises(KeyboardInterrupt):
             fastpipe.copy_fd(r, devnull)
-        assert time.monotonic() - start < 2.0
+        assert time.monotonic() - start < ARRIVES_WITHIN
     finally:
         timer.cancel()
         for fd in (r, w, devnull):
@@ -161,21 +173,28 @@ def test_idle_timeout_fails_with_timeout_error() -> None:
     r, w = os.pipe()
     devnull = os.open(os.devnull, os.O_WRONLY)
     relay = fastpipe.relay(r, devnull, idle_timeout=0.2)
-    os.write(w, b"abc")
+    # Before the write: the last byte moves after it, so the timeout cannot
+    # fire sooner than 0.2 s from here, however this thread is scheduled.
     start = time.monotonic()
-    exc = relay.exception(timeout=10)
+    os.write(w, b"abc")
+    exc = relay.exception(timeout=30)
     assert isinstance(exc, TimeoutError)
-    assert 0.15 < time.monotonic() - start < 5
+    # Not early (the core rounds the deadline to whole milliseconds), and
+    # not for ever: the upper bound only says it fired.
+    assert 0.19 < time.monotonic() - start < 30
     assert relay.bytes_copied == 3
     os.close(w)
 
 
 def test_idle_timeout_is_reset_by_each_byte() -> None:
+    """A byte every 0.1 s for 1.5 s keeps a 1 s idle_timeout off.  Generous:
+    only a gap of 1 s between two writes, ten times the nominal, would let it
+    fire; a timeout that counted from the start would fire at 1 s."""
     r, w = os.pipe()
     devnull = os.open(os.devnull, os.O_WRONLY)
-    relay = fastpipe.relay(r, devnull, idle_timeout=0.5)
-    for _ in range(8):
-        time.sleep(0.1)
+    relay = fastpipe.relay(r, devnull, idle_timeout=1.0)
+    for _ in range(15):
+        time.sleep(0.1)  # the gap between bytes, which is what is tested
         os.write(w, b"x")
     os.close(w)
-    assert relay.result(timeout=10) == 8
+    assert relay.result(timeout=30) == 15

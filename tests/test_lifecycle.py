@@ -14,11 +14,13 @@ import pytest
 import fastpipe
 from fastpipe import Relay, WorkerPool
 
-from conftest import is_closed, tcp_pair, wait_for
+from conftest import is_closed, tcp_pair, wait_for, wait_until_a_worker_blocks
 
-# A cancel must stop a copy within 100 ms; the test bound is generous
-# because the machine is shared (the report has the measured figures).
-CANCEL_BOUND = 1.0
+# The contract asks a cancel to stop a copy within 100 ms: a latency, which
+# a busy machine stretches (bench/test_bench_latency.py measures it).  What
+# a test can check on any machine is that cancel() stops the copy, where it
+# would otherwise wait for the idle fd for ever: the bound is that, generous.
+CANCEL_BOUND = 10.0
 
 
 def drain_in_thread(fd: int) -> tuple[threading.Thread, list[bytes]]:
@@ -88,7 +90,7 @@ def test_cancel_relay_blocked_on_an_idle_socket(family: str) -> None:
     drainer, received = drain_in_thread(out_r)
     relay = fastpipe.relay(sock, out_w)
     wait_for(relay.running)
-    time.sleep(0.05)  # let the worker block in poll
+    wait_until_a_worker_blocks()  # in poll on the idle socket
     assert timed_cancel(relay) < CANCEL_BOUND
     check_cancelled(relay)
     assert sock.fileno() == -1
@@ -104,7 +106,7 @@ def test_cancel_relay_blocked_writing_to_a_full_socket() -> None:
     src = os.open("/dev/zero", os.O_RDONLY)
     relay = fastpipe.relay(src, sock)
     wait_for(lambda: relay.bytes_copied > 0)
-    time.sleep(0.1)  # the socket buffers fill up: the worker blocks on write
+    wait_until_a_worker_blocks()  # the socket buffers are full: blocked on write
     elapsed: list[float] = []
     canceller = threading.Thread(target=lambda: elapsed.append(timed_cancel(relay)))
     canceller.start()
@@ -194,7 +196,7 @@ def test_cancel_a_proxy() -> None:
     relay = fastpipe.proxy(a, b)
     client.sendall(b"half a request")
     assert server.recv(100) == b"half a request"
-    time.sleep(0.05)
+    wait_until_a_worker_blocks()  # parked on the idle connection
     assert timed_cancel(relay) < CANCEL_BOUND
     check_cancelled(relay)
     assert relay.bytes_copied == 14
@@ -503,7 +505,7 @@ def test_idle_workers_exit_after_proxies() -> None:
         for _, peer in pairs:
             peer.close()
         assert [r.result(timeout=10) for r in relays] == [(0, 0), (0, 0)]
-        wait_for(lambda: pool.stats()["workers"] == 0, timeout=5)
+        wait_for(lambda: pool.stats()["workers"] == 0)
 
 
 def test_shutdown_cancel_relays_cancels_a_queued_proxy() -> None:

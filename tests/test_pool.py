@@ -159,7 +159,7 @@ def test_idle_worker_timeout_lets_workers_exit() -> None:
         finish([w for _, w in wave])
         for r, _ in wave:
             r.result(timeout=10)
-        wait_for(lambda: pool.stats()["workers"] == 0, timeout=5)
+        wait_for(lambda: pool.stats()["workers"] == 0)
         assert pool.stats()["idle"] == 0
         # And the pool still works afterwards.
         relay, w = idle_relay(pool)
@@ -212,7 +212,9 @@ def test_shutdown_cancel_relays_cancels_queued_and_running_ones() -> None:
     wait_for(lambda: running.bytes_copied == 10)
     start = time.monotonic()
     pool.shutdown(wait=True, cancel_relays=True)  # the running one is parked on an idle pipe
-    assert time.monotonic() - start < 5
+    # It returns, where waiting for the parked relay would never end; how
+    # fast is a latency, for bench/ (a busy machine stretches it).
+    assert time.monotonic() - start < 30
     assert queued.cancelled() and running.cancelled()
     assert running.bytes_copied == 10
     assert pool.stats()["workers"] == 0
@@ -312,7 +314,10 @@ def test_ctrl_c_reaches_the_main_thread_waiting_in_result() -> None:
         try:
             with pytest.raises(KeyboardInterrupt):
                 relay.result()
-            assert time.monotonic() - start < 2.0
+            # It arrives (result() waits in slices of 50 ms), where a wait
+            # without them would last until the relay ends; how soon is a
+            # latency, which a busy machine stretches.
+            assert time.monotonic() - start < 10
         finally:
             timer.cancel()
             finish([w])
