@@ -136,15 +136,26 @@ def test_stdin_from_a_file_starts_at_its_offset(tmp_path: Path, src: Path, data:
 
 
 def feed_fifo(
-    path: Path, data: bytes, chunk: int = 1 << 16, delay: float = 0.0
+    path: Path,
+    data: bytes,
+    chunk: int = 1 << 16,
+    delay: float = 0.0,
+    hold: threading.Event | None = None,
 ) -> threading.Thread:
-    """Write ``data`` into the FIFO at ``path`` in a thread, ``chunk`` bytes every ``delay`` s."""
+    """Write ``data`` into the FIFO at ``path`` in a thread, ``chunk`` bytes every ``delay`` s.
+
+    With ``hold``, the rest waits after the first chunk until it is set: a
+    copy interrupted meanwhile is partial whatever the machine's speed, and
+    the rest then finds no reader (a BrokenPipeError, ignored).
+    """
 
     def run() -> None:
         fd = os.open(path, os.O_WRONLY)  # waits for the reader, as a real writer would
         try:
             for i in range(0, len(data), chunk):
                 os.write(fd, data[i : i + chunk])
+                if hold is not None and i == 0:
+                    hold.wait(60)
                 time.sleep(delay)
         except BrokenPipeError:
             pass  # the reader was interrupted on purpose
@@ -350,7 +361,8 @@ def test_sigint_without_a_terminal_exits_130_and_removes_the_partial_file(
     os.mkfifo(fifo)
     dst = tmp_path / "copy.bin"
     data = os.urandom(1 << 20)
-    feeder = feed_fifo(fifo, data, chunk=1 << 14, delay=0.05)
+    hold = threading.Event()
+    feeder = feed_fifo(fifo, data, chunk=1 << 14, hold=hold)
     with subprocess.Popen(
         [*cp_command(), str(fifo), str(dst)], stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
     ) as proc:
@@ -359,6 +371,7 @@ def test_sigint_without_a_terminal_exits_130_and_removes_the_partial_file(
         assert proc.stderr is not None
         err = proc.stderr.read()
         status = proc.wait(20)
+    hold.set()  # the rest finds no reader
     feeder.join(10)
     assert status == 130
     assert err == b"fastpipe: interrupted\n"
@@ -376,7 +389,8 @@ def test_sigterm_or_sighup_interrupts_like_ctrl_c(
     os.mkfifo(fifo)
     dst = tmp_path / "copy.bin"
     data = os.urandom(1 << 20)
-    feeder = feed_fifo(fifo, data, chunk=1 << 14, delay=0.05)
+    hold = threading.Event()
+    feeder = feed_fifo(fifo, data, chunk=1 << 14, hold=hold)
     extra = ["--keep-partial"] if keep else []
     with subprocess.Popen(
         [*cp_command(), *extra, str(fifo), str(dst)],
@@ -388,6 +402,7 @@ def test_sigterm_or_sighup_interrupts_like_ctrl_c(
         assert proc.stderr is not None
         err = proc.stderr.read()
         status = proc.wait(20)
+    hold.set()  # the rest finds no reader
     feeder.join(10)
     assert status == 128 + signum
     assert err == f"fastpipe: stopped by {signum.name}\n".encode()
@@ -475,12 +490,14 @@ def test_ctrl_c_on_a_terminal(tmp_path: Path, display: list[str], spawn: Spawn) 
     os.mkfifo(fifo)
     dst = tmp_path / "copy.bin"
     data = os.urandom(1 << 20)
-    feeder = feed_fifo(fifo, data, chunk=1 << 14, delay=0.05)
+    hold = threading.Event()
+    feeder = feed_fifo(fifo, data, chunk=1 << 14, hold=hold)
     child = spawn([*display, str(fifo), str(dst)])
     child.expect(RATE)
     child.sendintr()
     child.expect(pexpect.EOF)
     child.close()
+    hold.set()  # the rest finds no reader
     feeder.join(10)
     assert child.exitstatus == 130
     assert b"fastpipe: interrupted" in child.before

@@ -406,7 +406,7 @@ def test_sigterm_lets_transfers_finish_within_the_grace_period(
 ) -> None:
     server = slow_server(8, 64 * 1024, 0.1)  # about 0.8 s per download
     server.serve(3)
-    fwd = forwarder("127.0.0.1:0", server.target, "--grace", "20")
+    fwd = forwarder("127.0.0.1:0", server.target, "--grace", "60")
     got: list[bytes] = [b""] * 3
     events = [threading.Event() for _ in range(3)]
     clients = [threading.Thread(target=_download, args=(fwd, got, i, events[i])) for i in range(3)]
@@ -416,14 +416,15 @@ def test_sigterm_lets_transfers_finish_within_the_grace_period(
         assert e.wait(10)
     start = time.monotonic()
     fwd.proc.send_signal(signal.SIGTERM)
-    fwd.wait_for(r"SIGTERM: stopped accepting; \d+ open, grace 20 s")
+    fwd.wait_for(r"SIGTERM: stopped accepting; \d+ open, grace 60 s")
     # The listener is closed at once: a new client is refused.
     assert fwd.address is not None
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(fwd.address, timeout=5).close()
-    assert fwd.wait(20) == 0
-    # It left as soon as the downloads were done, not at the end of the grace.
-    assert time.monotonic() - start < 15
+    assert fwd.wait(60) == 0
+    # It left as soon as the downloads were done (about 0.8 s), not at the
+    # end of the grace: generous, for a busy machine.
+    assert time.monotonic() - start < 50
     for t in clients:
         t.join(10)
     assert sorted(got) == sorted(server.sent)

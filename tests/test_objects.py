@@ -66,7 +66,7 @@ def test_socket_makefile_readahead_is_delivered_first() -> None:
     received: list[bytes] = []
     t = threading.Thread(target=lambda: received.append(read_all(out_b)))
     t.start()
-    time.sleep(0.05)
+    wait_for(relay.running)  # the rest comes once the relay has its reader
     client.sendall(body[1000:])
     client.shutdown(socket.SHUT_WR)
     assert relay.result(timeout=10) == len(body)
@@ -78,21 +78,39 @@ def test_socket_makefile_readahead_is_delivered_first() -> None:
 
 
 def test_buffered_reader_on_idle_pipe_does_not_block_the_caller() -> None:
+    """relay() returns while the pipe is idle: the child writes the rest only
+    once told, and it is told after relay() has returned (or, should
+    relay() block, by a timer 30 s on, which the test then reports)."""
     proc = subprocess.Popen(
         [
             sys.executable,
             "-c",
-            "import sys, time; sys.stdout.buffer.write(b'A' * 10); "
-            "sys.stdout.flush(); time.sleep(0.3); sys.stdout.buffer.write(b'B' * 70000)",
+            "import sys; sys.stdout.buffer.write(b'A' * 10); sys.stdout.flush(); "
+            "sys.stdin.readline(); sys.stdout.buffer.write(b'B' * 70000)",
         ],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )
-    assert proc.stdout is not None
+    assert proc.stdin is not None and proc.stdout is not None
     assert proc.stdout.read(1) == b"A"  # the rest of the A's sit in its buffer
+    told: list[str] = []
+    lock = threading.Lock()
+
+    def tell(who: str) -> None:
+        with lock:
+            if not told:
+                told.append(who)
+                assert proc.stdin is not None
+                proc.stdin.write(b"go\n")
+                proc.stdin.close()
+
+    timer = threading.Timer(30, tell, ("timer",))
+    timer.start()
     r, w = os.pipe()
-    start = time.monotonic()
     relay = fastpipe.relay(proc.stdout, w)
-    assert time.monotonic() - start < 0.2
+    tell("test")
+    timer.cancel()
+    assert told == ["test"], "relay() waited for the idle pipe"
     got = b"".join(iter(lambda: os.read(r, 1 << 16), b""))
     assert relay.result(timeout=10) == 9 + 70000
     assert got == b"A" * 9 + b"B" * 70000
@@ -169,21 +187,26 @@ def test_await_relay_in_asyncio() -> None:
     async def main() -> int:
         r, w = os.pipe()
         devnull = os.open(os.devnull, os.O_WRONLY)
-        relay = fastpipe.relay(r, devnull)
-        loop = asyncio.get_running_loop()
-        loop.call_later(0.05, lambda: (os.write(w, b"x" * 100), os.close(w)))
+        # A loop blocked in the await would never feed it: the idle_timeout
+        # then fails the test instead of hanging it.
+        relay = fastpipe.relay(r, devnull, idle_timeout=30)
         ticks = 0
 
         async def ticker() -> None:
+            # The relay's source gets its bytes from the loop, after three
+            # turns of it: only a loop that runs while we await ends it.
             nonlocal ticks
-            while True:
+            while ticks < 3:
                 ticks += 1
-                await asyncio.sleep(0.005)
+                await asyncio.sleep(0)
+            assert not relay.done()
+            os.write(w, b"x" * 100)
+            os.close(w)
 
         t = asyncio.ensure_future(ticker())
         n = await relay
-        t.cancel()
-        assert ticks >= 3  # the loop kept running while we awaited
+        await t
+        assert ticks == 3
         return n
 
     assert asyncio.run(main()) == 100
