@@ -149,8 +149,30 @@ def test_a_short_bench_prints_the_table_and_writes_json(tmp_path) -> None:
     assert 0 < doc["idle_memory"]["rss_kib_per_relay"] < 64
 
 
-def _scratch_dirs(root: str) -> set[str]:
-    return {name for name in os.listdir(root) if name.startswith("fastpipe-bench-")}
+def _scratch_dirs_in_use(pids: list[int], root: str) -> dict[str, int]:
+    """The scratch directories under ``root`` in which these processes hold a
+    file open, each with one such pid.
+
+    Other benches on a shared machine (another user's, another test run's)
+    make and remove their own ``fastpipe-bench-*`` directories meanwhile:
+    a directory is told to be ours by the processes that use it, not by its
+    name or by when it appeared.
+    """
+    found = {}
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            head, _, rest = target.partition(root + os.sep)
+            if not head and rest.startswith("fastpipe-bench-"):
+                found[rest.split(os.sep)[0]] = pid
+    return found
 
 
 def _marked_processes(mark: str) -> list[int]:
@@ -178,7 +200,16 @@ def test_sigterm_stops_the_bench_and_leaves_nothing_behind(phase: str) -> None:
         pytest.skip("no other twin to measure")
     size = 8
     root = host.scratch_root(host.scratch_room(size * common.MiB))
-    before = _scratch_dirs(root)
+    ours: dict[str, int] = {}  # our scratch directories, each with a pid using it
+
+    def at_work() -> bool:
+        # Files open in a scratch directory: the run (or the twin's child)
+        # is at work, its clean-up in place.
+        ours.update(_scratch_dirs_in_use(_marked_processes(mark), root))
+        if phase == "twin":
+            return any(_is_twin_child(pid) for pid in ours.values())
+        return bool(ours)
+
     mark = f"fastpipe-test-{uuid.uuid4()}"
     env = dict(os.environ, FASTPIPE_TEST_MARK=mark)
     with subprocess.Popen(
@@ -200,9 +231,7 @@ def test_sigterm_stops_the_bench_and_leaves_nothing_behind(phase: str) -> None:
         env=env,
     ) as proc:
         try:
-            if phase == "twin":
-                wait_for(lambda: any(_is_twin_child(pid) for pid in _marked_processes(mark)), 60)
-            wait_for(lambda: _scratch_dirs(root) - before, 60)
+            wait_for(at_work, 60)
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=60)
         finally:
@@ -210,7 +239,7 @@ def test_sigterm_stops_the_bench_and_leaves_nothing_behind(phase: str) -> None:
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert err.endswith("fastpipe: stopped by SIGTERM\n"), err
     wait_for(lambda: not _marked_processes(mark))
-    assert _scratch_dirs(root) - before == set()
+    assert [name for name in ours if os.path.exists(os.path.join(root, name))] == []
 
 
 def _is_twin_child(pid: int) -> bool:
