@@ -883,14 +883,14 @@ def test_a_source_closed_by_another_thread_ends_the_copy_exactly(
 # case runs in a child process where nothing opens an fd in that window:
 # - pipe -> pipe only: the compiled core splices directly or uses read/write,
 #   taking no pooled pipe;
-# - the twin makes its cancel eventfd when it first waits, so the child waits
-#   for that eventfd to exist before closing;
+# - a pool opens its poller (an epoll set and an eventfd) when a relay first
+#   parks, so the child waits for the relay to be parked before closing;
 # - close=False: with close=True the relay would close the number a second
 #   time when it ends, which in a real program closes someone else's fd.
-# A close() does not wake a syscall blocked on the file (the kernel holds its
-# own reference): the child wakes it through the other end of the pipe, and
-# the relay's next syscall on the number must fail with EBADF.  A hang is
-# caught by the child's timeout, a crash by its exit status.
+# A close() takes a parked relay's fd out of the poller without a word; the
+# poller's sweep finds the number closed and ends the relay with EBADF (the
+# child also writes into the pipe, which wakes nothing once its reader is
+# gone).  A hang is caught by the child's timeout, a crash by its exit status.
 _OWN_FD_SCRIPT = r"""
 import os, sys, threading, time
 import fastpipe
@@ -899,21 +899,12 @@ which, zerocopy = sys.argv[1], sys.argv[2] == "1"
 deadline = time.monotonic() + 30
 
 
-def eventfds():
-    n = 0
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            n += os.readlink("/proc/self/fd/" + name) == "anon_inode:[eventfd]"
-        except OSError:
-            pass
-    return n
-
-
 def parked():
-    if fastpipe.IMPLEMENTATION == "py":
-        while not eventfds():
-            assert time.monotonic() < deadline, "the twin never waited"
-            time.sleep(0.005)
+    # Parking opens the pool's poller (its fds) on first use: the number is
+    # closed only once that is done and the relay waits in it.
+    while fastpipe.default_pool().stats()["parked"] < 1:
+        assert time.monotonic() < deadline, "the relay never parked"
+        time.sleep(0.005)
 
 
 def feed(fd, data):

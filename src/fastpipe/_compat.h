@@ -6,6 +6,7 @@
 #define FASTPIPE_COMPAT_H
 
 #include <errno.h>
+#include <stdint.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
@@ -13,6 +14,8 @@
 #include <signal.h>
 #include <string.h>
 #include <time.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/sendfile.h>
 #include <sys/socket.h>
@@ -134,6 +137,43 @@ static inline int fp_alarm_arm(fp_alarm *a, int sig, long long ms) {
     (void)ms;
     return -1;
 #endif
+}
+
+/* The same timer, firing every ms milliseconds until disarmed: a pool
+ * worker's stall alarm.  A worker writing into a blocking socket with
+ * sendfile or splice (which no per-call flag makes non-blocking) arms it; if
+ * the peer stalls, the call returns EINTR (or a short count) within ms, and
+ * the copy parks until the socket is writable instead of holding the thread. */
+static inline int fp_alarm_arm_interval(fp_alarm *a, int sig, long long ms) {
+#ifdef SIGEV_THREAD_ID
+    struct itimerspec its;
+    if (fp_alarm_arm(a, sig, ms) < 0)
+        return -1;
+    memset(&its, 0, sizeof(its));
+    its.it_value.tv_sec = its.it_interval.tv_sec = ms / 1000;
+    its.it_value.tv_nsec = its.it_interval.tv_nsec = (ms % 1000) * 1000000L;
+    return timer_settime(a->id, 0, &its, NULL);
+#else
+    (void)a;
+    (void)sig;
+    (void)ms;
+    return -1;
+#endif
+}
+
+/* Wake the poller's leader: one write to its eventfd.  Keeps errno. */
+static inline void fp_eventfd_poke(int fd) {
+    uint64_t one = 1;
+    int saved = errno;
+    ssize_t r = write(fd, &one, sizeof(one));
+    (void)r; /* EAGAIN: already at the counter's limit, still readable */
+    errno = saved;
+}
+
+static inline void fp_eventfd_drain(int fd) {
+    uint64_t n;
+    ssize_t r = read(fd, &n, sizeof(n));
+    (void)r;
 }
 
 /* Keeps errno: it runs between a syscall and the check of its errno. */

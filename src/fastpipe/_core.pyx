@@ -19,16 +19,20 @@ of ``core/`` that this file includes, in this order:
 * ``consts.pxi``: sizes, and the Method, FdKind and Step enums.
 * ``buffers.pxi``: the buffer free-list.
 * ``pipes.pxi``: the pipe pool, intermediate pipes for splice.
-* ``state.pxi``: ``CopyState``, the clock and the waits.
+* ``state.pxi``: ``CopyState``, the clock and the waits (a pool copy's
+  wait parks it instead).
+* ``poller.pxi``: where parked copies wait: the epoll set, its fd table and
+  the deadline heap.
 * ``kernel.pxi``: the kernel step (copy_file_range, sendfile, splice).
 * ``readwrite.pxi``: the copy loop and its read/write step.
 * ``prepare.pxi``: path choice, and the start and end of a copy.
 * ``checks.pxi``: errno to ``OSError``, and the argument checks.
 * ``copyjob.pxi``: ``CopyJob``, ``copy_fd`` and ``fd_ready``.
-* ``poolcore.pxi``: the worker pool's GIL-free half, ``PoolCore``.
+* ``poolcore.pxi``: the worker pool's GIL-free half, ``PoolCore``: workers,
+  the leader that polls for parked copies, the queue.
 """
 
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memset
 from libc.errno cimport (
     errno, EINTR, EAGAIN, ENOMEM, EBADF, ETIMEDOUT, EINVAL, EOPNOTSUPP,
@@ -58,6 +62,12 @@ from fastpipe._syscalls cimport (
     pthread_setname_np, pthread_t, pwritev2, readv, recvmsg, sem_destroy, sem_init, sem_post,
     sem_t, sem_wait, sendfile, sendmsg, shutdown, sigset_t, splice, stat, writev,
 )
+from fastpipe._syscalls cimport (
+    EBUSY, EEXIST, EFD_CLOEXEC, EFD_NONBLOCK, ENOENT, EPOLL_CLOEXEC, EPOLL_CTL_ADD,
+    EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLONESHOT, EPOLLOUT,
+    epoll_create1, epoll_ctl, epoll_event, epoll_wait, eventfd, fp_alarm_arm_interval,
+    fp_eventfd_drain, fp_eventfd_poke,
+)
 
 
 # An include is textual: a struct or enum must stand above the first
@@ -66,6 +76,7 @@ include "core/consts.pxi"
 include "core/buffers.pxi"
 include "core/pipes.pxi"
 include "core/state.pxi"
+include "core/poller.pxi"
 include "core/kernel.pxi"
 include "core/readwrite.pxi"
 include "core/prepare.pxi"

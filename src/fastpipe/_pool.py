@@ -1,22 +1,25 @@
-"""WorkerPool: persistent worker threads, each parked until handed a relay.
+"""WorkerPool: persistent worker threads that run relays; waiting ones park.
 
 The policy lives here; the mechanism is the core's ``PoolCore``.  Each worker
-is a daemon ``threading.Thread`` whose whole body is ``PoolCore.worker_main``:
-it parks on its own semaphore, copies, files the finished job and parks again,
-all without the GIL.  ``relay()`` hands a job straight to the most recently
-parked worker (its stack is still warm), or starts a new worker when none is
-idle.  So the pool grows to the peak number of simultaneous relays and keeps
-it, as in the Go design this follows, unless ``max_workers`` or
-``idle_worker_timeout`` says otherwise.
+is a daemon ``threading.Thread`` whose whole body is ``PoolCore.worker_main``,
+all without the GIL.  A relay that must wait (nothing to read, or its sink
+full) is *parked* in the pool's epoll set and holds no thread, no buffer and
+no pipe; when its fd is ready a worker resumes it.  So the threads are the
+relays that *run* at once: ``relay()`` hands a job to an idle worker, or
+starts a new worker when none is idle, and the pool grows to the peak number
+of running relays and keeps it, as in the Go design this follows, unless
+``max_workers`` or ``idle_worker_timeout`` says otherwise.
 
 Completion is batched: one completer thread per pool takes every job that
 finished meanwhile in one GIL acquisition, closes object ends through their
 ``close()``, and sets the futures.  Workers close int fds themselves, in C.
+The completer also starts the threads the core asks for when relays that
+became ready find every worker busy with a long copy.
 
-Workers and the completer are daemon threads.  A worker spends its life
-blocked in ``poll`` or a copy syscall on fds the application owns; joining
-it at interpreter exit would hang on any relay whose peer is idle, which is
-the normal state of a proxy.  The OS reclaims their fds and buffers at exit.
+Workers and the completer are daemon threads.  A worker may be blocked in a
+copy syscall on fds the application owns (a slow disk, a blocking device);
+joining it at interpreter exit could hang.  The OS reclaims their fds and
+buffers at exit.
 """
 
 from __future__ import annotations
@@ -132,13 +135,28 @@ class _Task:
         del error
 
 
-def _completer_main(core: Any) -> None:
+def _completer_main(core: Any, pool_ref: weakref.ref[WorkerPool]) -> None:
     if hasattr(core, "name_this_thread"):
         core.name_this_thread(b"fastpipe-done")
     mark_completer_thread()
     # One GIL acquisition per batch of finished jobs, however many.
-    while (jobs := core.take_done()) is not None:
+    while (batch := core.take_done()) is not None:
+        jobs, handles = batch
+        if handles:
+            _start_workers(core, pool_ref(), handles)
         complete_all(jobs)
+
+
+def _start_workers(core: Any, pool: WorkerPool | None, handles: list[Any]) -> None:
+    """Start the threads the core asked for; a handle whose thread cannot
+    start (no thread to spare, or the pool is gone) is given back."""
+    for handle in handles:
+        try:
+            if pool is None:
+                raise RuntimeError("the pool is gone")
+            pool._start_thread(core.worker_main, (handle,), "worker")
+        except Exception:  # noqa: BLE001 - the workers there are go on
+            core.abandon(handle)
 
 
 class WorkerPool:
@@ -146,24 +164,29 @@ class WorkerPool:
 
     Each worker is a daemon thread named ``fastpipe-worker-N`` (with the
     compiled core it also shows as ``fastpipe-worker`` in ``top -H``,
-    ``perf`` and ``gdb``).  A relay goes to an idle worker, the one that
-    went idle last; a new worker is started only when none is idle.  So
-    with ``max_workers=None`` the pool grows to the peak number of
-    simultaneous relays and keeps that many workers.
+    ``perf`` and ``gdb``).  A relay runs in a worker while bytes move; one
+    that waits (nothing to read, or its sink full) is *parked* in the pool's
+    poller and holds no thread, no buffer and no pipe until its fd is ready,
+    then resumes in a worker.  Regular files never wait.  A relay goes to an
+    idle worker; a new worker is started only when none is idle.  So with
+    ``max_workers=None`` the pool grows to the peak number of relays
+    *running* at once, however many are parked, and keeps that many workers.
 
     The pool is a context manager: ``with WorkerPool() as pool:`` calls
     ``shutdown()`` on exit.  It keeps working in a child after
     ``os.fork()``, which starts with no workers.  Workers are daemon
-    threads: at interpreter exit they are not joined (a worker blocked on
-    an idle peer would hang the exit), and the OS reclaims them.
+    threads: at interpreter exit they are not joined (a worker may be
+    blocked in a copy on a slow device), and the OS reclaims them.
 
     Args:
-        max_workers: the most worker threads at once.  Relays past it wait
-            in a queue, in order; a proxy waits as one entry that needs two
-            workers.  None (the default) means no limit; a value above
+        max_workers: the most worker threads at once.  Relays that are ready
+            to run past it wait in a queue, in order; parked relays do not
+            count.  None (the default) means no limit; a value above
             ``2**31 - 1`` is the same.
         idle_worker_timeout: seconds a worker may sit idle before it exits;
             None (the default) keeps idle workers for the life of the pool.
+            The worker that polls for parked relays stays while any are
+            parked.
 
     Raises:
         TypeError: ``max_workers`` is not an int (a ``bool`` is not), or
@@ -302,13 +325,13 @@ class WorkerPool:
         close: bool = True,
         idle_timeout: float | None = None,
     ) -> Relay[tuple[int, int]]:
-        """Copy ``a`` to ``b`` and ``b`` to ``a`` at once, in two pool workers.
+        """Copy ``a`` to ``b`` and ``b`` to ``a`` at once.
 
         ``fastpipe.proxy()`` runs it in the default pool
-        (``default_pool()``), ``WorkerPool.proxy()`` in that pool.  Both
-        directions start together, or wait in the queue together for two
-        free workers: one direction running without the other would forward
-        a request whose reply has no worker.
+        (``default_pool()``), ``WorkerPool.proxy()`` in that pool.  Each
+        direction runs in a worker while bytes move and parks while it
+        waits, so a proxy holds no thread while its connection is idle, and
+        even ``max_workers=1`` serves both directions (taking turns).
 
         When one direction reaches end of file, the side it was writing to
         is half-closed so that its peer sees end of file too, and the other
@@ -355,14 +378,11 @@ class WorkerPool:
                 ``fileno()``, is a text-mode file, or ``idle_timeout`` is
                 not a number.
             ValueError: a negative fd, an ``idle_timeout`` that is not
-                above 0, a closed file or socket, two directions on one
-                stream (see above), or a pool with ``max_workers=1`` (a
-                proxy needs two workers).
+                above 0, a closed file or socket, or two directions on one
+                stream (see above).
             RuntimeError: the pool has been shut down, or no thread could
                 be started for a new worker.
         """
-        if self._max_workers == 1:
-            raise ValueError("a proxy needs two workers; this pool has max_workers=1")
         relay: Relay[tuple[int, int]] = Relay(directions=2)
         deferred: list[OSError] = []
         task = _proxy.build(relay, a, b, close, idle_timeout, self._core, self._live, deferred)
@@ -379,10 +399,14 @@ class WorkerPool:
         """Return the pool's counts, a snapshot.
 
         Returns:
-            A dict with ``workers`` (worker threads that exist now),
-            ``idle``, ``busy``, ``queued`` (copies waiting for a worker)
-            and ``peak`` (the most copies that ran at once in this pool).
-            A proxy counts as two copies, one per direction.
+            A dict with ``workers`` (worker threads that exist now), ``idle``
+            (workers waiting for work; one of them polls for parked relays),
+            ``busy`` (workers running a copy), ``queued`` (copies ready to
+            run that wait for a worker: under ``max_workers``, or for a
+            moment while one is woken or started), ``parked`` (copies
+            waiting for their fds, holding no thread) and ``peak`` (the
+            most copies that ran at once in this pool).  A proxy counts as
+            two copies, one per direction.
         """
         return dict(self._core.stats())
 
@@ -455,21 +479,21 @@ class WorkerPool:
                 self._check_open()
                 if self._completer is None:
                     self._completer = self._start_thread(
-                        _completer_main, (self._core,), "completer"
+                        _completer_main, (self._core, weakref.ref(self)), "completer"
                     )
         # Raises RuntimeError after shutdown, before anything is handed out.
         handed: tuple[Any, ...]
         if isinstance(task, _proxy.ProxyTask):
-            # Both directions start together or wait together: half a proxy
-            # running under max_workers would deadlock a request/reply.
+            # Both directions or neither: no memory for one must not leave
+            # the other running alone.
             handed = self._core.submit_pair(*task.jobs)
         else:
             one = self._core.submit(task.jobs[0])
             if one is True or one is False:
                 return  # the common case: an idle worker took it, or queued
             handed = (one,)
-        # True: an idle worker took it; False or None: queued, or no spare.
-        # The rest are new workers (their C half) whose threads start here.
+        # True: an idle worker took it; False: queued.  The rest are new
+        # workers (their C half) whose threads start here.
         try:
             for handle in handed:
                 if handle is not True and handle is not False and handle is not None:

@@ -148,3 +148,38 @@ cdef extern from "_compat.h" nogil:
     pthread_t pthread_self()
     int pthread_setname_np(pthread_t thread, const char *name)
     int pthread_kill(pthread_t thread, int sig)
+
+    # The poller: one epoll set per pool, and an eventfd to wake its leader.
+    ctypedef union epoll_data_t:
+        void *ptr
+        int fd
+        unsigned int u32
+        unsigned long long u64
+    struct epoll_event:
+        unsigned int events
+        epoll_data_t data
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
+    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
+    enum:
+        EPOLL_CLOEXEC
+        EPOLL_CTL_ADD
+        EPOLL_CTL_MOD
+        EPOLL_CTL_DEL
+        EPOLLIN
+        EPOLLOUT
+        EPOLLERR
+        EPOLLHUP
+        EPOLLONESHOT
+    int eventfd(unsigned int initval, int flags)
+    enum:
+        EFD_CLOEXEC
+        EFD_NONBLOCK
+    void fp_eventfd_poke(int fd)
+    void fp_eventfd_drain(int fd)
+    int fp_alarm_arm_interval(fp_alarm *a, int sig, long long ms)
+    enum:
+        ENOENT
+        EEXIST
+        ENOSPC
+        EBUSY

@@ -27,6 +27,22 @@ cdef enum:
     # st.err for a copy of a file onto itself that would read back its own
     # writes: EINVAL, with a message that says why (not an errno).
     ERR_SAME_FILE = -1
+    # A pool copy that keeps moving bytes looks at its pool once per this
+    # many bytes: to hand the poller to another worker, to ask for a thread
+    # for copies that wait in the queue, or to let one of them run.  A copy
+    # never holds the poller or a waiting copy back for longer than it takes
+    # to move this much (about 0.1-0.5 ms).
+    SLICE_BYTES = 1 << 20
+    # A pool worker's sendfile or splice into a blocking socket, which no
+    # per-call flag makes non-blocking, is interrupted after this long
+    # without room in the socket; the copy then parks until it is writable.
+    STALL_MS = 20
+    # Events taken per epoll_wait.
+    POLL_EVENTS = 64
+    # The poller checks this many of its fds per look for one closed under
+    # a parked copy (see poller.pxi), one look every SWEEP_MS.
+    SWEEP_SLOTS = 1024
+    SWEEP_MS = 250
 
 cdef enum Method:
     M_READWRITE = 0
@@ -51,5 +67,26 @@ cdef enum Step:
     # A kernel path cannot serve this fd pair and has moved nothing: go on
     # with st.method, which the step has set to the next path.
     STEP_FALLBACK = 5
+    # Pool copies only.  STEP_PARK: nothing to do until st.park_fd is ready
+    # for st.park_events; the worker parks the copy in the poller and moves
+    # on.  STEP_YIELD: SLICE_BYTES moved since the copy last looked at its
+    # pool, and nothing is pending.
+    STEP_PARK = 6
+    STEP_YIELD = 7
+
+cdef enum:
+    # CopyState.kdst_stall: whether a pool copy's socket sink blocks (and so
+    # needs the stall alarm), asked the first time a kernel path writes to it.
+    STALL_NO = 0
+    STALL_YES = 1
+    STALL_ASK = 2
+
+cdef enum JobState:
+    # Where a pool copy is; changed only under the pool's lock.
+    J_NEW = 0           # not handed to the pool yet
+    J_QUEUED = 1        # ready, waiting in the queue for a worker
+    J_RUNNING = 2       # a worker runs it
+    J_PARKED = 3        # waiting in the poller, held by no thread
+    J_DONE = 4
 
 BUFFER_SIZE = BUF_SIZE

@@ -21,12 +21,16 @@ cdef class CopyJob:
     cdef public object task
     cdef object _prologue
     cdef object _error        # a Python exception from the prologue
+    cdef object _pool         # the PoolCore that owns it, while it does
 
     def __cinit__(self):
         memset(&self.st, 0, sizeof(CopyState))
         pthread_mutex_init(&self.st.wake_lock, NULL)
         self.st.status = STEP_AGAIN
         self.st.used = -1
+        # fd 0 is an fd: "none" is -1.
+        self.st.park_fd = self.st.pass_fd = self.st.lost_fd = -1
+        self.st.heap_idx = -1
 
     def __init__(self, src_fd, dst_fd, count=None, *, zerocopy=True, idle_timeout=None):
         self.st.src = _check_fd(src_fd, "src_fd")
@@ -93,10 +97,11 @@ cdef class CopyJob:
     def cancel(self):
         """Ask the copy to stop, from any thread; True if it had not ended.
 
-        A queued job stops before it copies a byte; a running one stops at
-        its next syscall, and one blocked in a syscall (a wait on an idle
-        fd, or a splice into a stalled socket) is knocked out of it with a
-        signal.  The signal can land just before the syscall starts, so a
+        A queued job stops before it copies a byte; a parked one (a pool
+        copy waiting in the poller) is queued to stop at once; a running one
+        stops at its next syscall, and one blocked in a syscall (a wait on
+        an idle fd, or a splice into a stalled socket) is knocked out of it
+        with a signal.  The signal can land just before the syscall starts, so a
         caller waiting for the job calls ``cancel()`` again every few
         milliseconds until ``finished``.  Afterwards ``bytes_copied`` is
         exact (bytes read but not yet written are dropped) and ``result()``
@@ -106,6 +111,8 @@ cdef class CopyJob:
         if self.st.status != STEP_AGAIN:
             return False
         fp_store_int(&self.st.cancel_req, 1)
+        if self._pool is not None:
+            _pool_kick(self._pool, &self.st)
         with nogil:
             pthread_mutex_lock(&self.st.wake_lock)
             if self.st.in_thread and _wake_signal > 0:

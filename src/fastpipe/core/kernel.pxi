@@ -104,6 +104,42 @@ cdef inline void _disarm_idle_alarm(CopyState *st) noexcept nogil:
         fp_alarm_disarm(&st.idle_alarm)
 
 
+cdef inline void _arm_stall(CopyState *st) noexcept nogil:
+    """Before a pool copy's sendfile or splice into a blocking socket.
+
+    Neither call honours a per-call non-blocking flag there, and the
+    caller's fd is not ours to switch to O_NONBLOCK: a stalled peer would
+    hold the worker's thread for as long as it stalls.  The worker's stall
+    alarm (armed once per run, disarmed by the worker when the copy leaves
+    it) interrupts such a call every STALL_MS; _sink_stalled then parks the
+    copy until the socket is writable.  Where the alarm cannot be made, the
+    call blocks as it does in a caller's thread.
+    """
+    cdef bint nb = False
+    cdef int err = 0
+    if st.kdst_stall == STALL_ASK:
+        st.kdst_stall = STALL_NO
+        if _is_nonblocking(st.dst, &nb, &err) == 0 and not nb:
+            st.kdst_stall = STALL_YES
+    if (
+        st.kdst_stall == STALL_YES and not st.stall_armed and st.stall != NULL
+        and _wake_signal > 0
+    ):
+        st.stall_armed = fp_alarm_arm_interval(st.stall, _wake_signal, STALL_MS) == 0
+
+
+cdef inline int _sink_stalled(CopyState *st) noexcept nogil:
+    """EINTR from a call that writes to dst: the stall alarm, or a signal.
+
+    A pool copy whose stall alarm is armed parks until dst is writable (or
+    stops, if the signal was a cancel); anything else is PEP 475's retry.
+    """
+    if st.stall_armed:
+        return _wait_step(st, st.dst, POLLOUT)
+    st.err = EINTR
+    return STEP_SIGNALS
+
+
 cdef int _kernel_step(CopyState *st) noexcept nogil:
     """Copy with copy_file_range, sendfile or splice until the end.
 
@@ -116,6 +152,8 @@ cdef int _kernel_step(CopyState *st) noexcept nogil:
     while True:
         if FP_CANCELLABLE and fp_load_int(&st.cancel_req):
             return STEP_CANCELLED
+        if st.pooled and st.pipe_len == 0 and st.copied >= st.slice_end:
+            return STEP_YIELD
         if st.pipe_len > 0 and (
             st.draining or not st.fill_pipe or st.pipe_len >= st.pipe.size or st.limit == 0
         ):
@@ -125,13 +163,16 @@ cdef int _kernel_step(CopyState *st) noexcept nogil:
                 if r != STEP_AGAIN:
                     return r
             _arm_idle_alarm(st)
+            _arm_stall(st)
             n = splice(st.pipe.rfd, NULL, st.dst, NULL, <size_t>st.pipe_len, SPLICE_F_NONBLOCK)
             _disarm_idle_alarm(st)
             if n < 0:
                 err = errno
                 if err == EINTR:
-                    st.err = EINTR
-                    return STEP_SIGNALS
+                    r = _sink_stalled(st)
+                    if r != STEP_AGAIN:
+                        return r
+                    continue
                 if err == EAGAIN:
                     r = _wait_step(st, st.dst, POLLOUT)
                     if r != STEP_AGAIN:
@@ -165,14 +206,20 @@ cdef int _kernel_step(CopyState *st) noexcept nogil:
                 if r != STEP_AGAIN:
                     return r
             _arm_idle_alarm(st)
+            _arm_stall(st)
             n = sendfile(st.dst, st.src, NULL, chunk)
             _disarm_idle_alarm(st)
         else:
             if st.ksrc_wait_first:
                 # A blocking TCP socket ignores SPLICE_F_NONBLOCK: only
-                # splice once it has bytes, so that ticks and timeouts run.
-                _release_pipe(st)
-                r = _wait_step(st, st.src, POLLIN)
+                # splice once it has bytes, so that ticks and timeouts run,
+                # and a pool copy parks instead of blocking its worker (a
+                # parked copy gives an empty pipe back; see _park).
+                if st.pooled:
+                    r = _wait_ready(st, st.src, POLLIN)
+                else:
+                    _release_pipe(st)
+                    r = _wait_step(st, st.src, POLLIN)
                 if r != STEP_AGAIN:
                     return r
             if st.via_pipe:
@@ -193,11 +240,17 @@ cdef int _kernel_step(CopyState *st) noexcept nogil:
                     if r != STEP_AGAIN:
                         return r
                 _arm_idle_alarm(st)
+                _arm_stall(st)
                 n = splice(st.src, NULL, st.dst, NULL, chunk, SPLICE_F_NONBLOCK)
                 _disarm_idle_alarm(st)
         if n < 0:
             err = errno
             if err == EINTR:
+                if st.method == M_SENDFILE or (st.method == M_SPLICE and not st.via_pipe):
+                    r = _sink_stalled(st)
+                    if r != STEP_AGAIN:
+                        return r
+                    continue
                 st.err = EINTR
                 return STEP_SIGNALS
             if err == EAGAIN:

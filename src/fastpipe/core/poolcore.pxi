@@ -1,28 +1,54 @@
 # The worker pool's GIL-free half: CWorker, WorkerHandle and PoolCore (the
-# policy lives in _pool.py).
+# policy on the Python side lives in _pool.py).
 #
-# A worker thread spends its whole life in PoolCore.worker_main with the GIL
-# released: parked on its own semaphore, copying, or handing the finished job
-# to the completer.  The hand-off (submit) and the completion (take_done)
-# are the only steps that need the GIL, and completion happens in batches:
-# one GIL acquisition finishes every job that ended meanwhile.
+# Workers are the threads that run copies.  A copy that must wait (nothing
+# to read, or its sink full) is parked in the pool's poller (poller.pxi) and
+# holds no thread; when its fd is ready it goes back to the queue and a
+# worker resumes it where it stopped.  So the pool has as many threads as
+# copies *run* at once, however many wait.
+#
+# A worker spends its whole life in PoolCore.worker_main with the GIL
+# released.  With no copy to run it is either the leader, waiting in
+# epoll_wait for parked copies (at most one worker is), or a follower,
+# waiting on its own semaphore to be handed a copy: leader/followers, as in
+# ACE, and as Go's scheduler polls the network from whichever thread is
+# idle.  The leader runs the first copy it wakes itself, so one connection
+# becoming readable costs no hand-off between threads; further copies woken
+# at once go to followers.  While the former leader runs its copy nobody
+# polls, but only for as long as the copy moves less than SLICE_BYTES: at
+# each slice a running copy looks at the pool (_yield) and hands the poller
+# to a follower, or asks for a thread, if copies are left waiting.
+#
+# Threads are started by Python (_pool.py): submit() returns a WorkerHandle
+# when it finds no idle worker, and a worker that needs another thread asks
+# the completer, whose take_done() returns the handles to start.  The
+# hand-off and the completion are the only steps that need the GIL, and
+# completion happens in batches: one GIL acquisition finishes every copy
+# that ended meanwhile.
+
+cdef enum:
+    # What _park does with a copy.
+    PARK_RETRY = 0          # not parked: run it again (cancelled, or wait in the thread)
+    PARK_DONE = 1           # parked: the worker moves on
+    PARK_FAILED = 2         # the poller refused with an errno: the copy ends with it
+    # Copies may wait this long in the queue, while every worker runs a copy,
+    # before the pool asks for another thread; and it asks for at most one
+    # per this long.  A backlog of short copies drains without new threads.
+    SPAWN_AFTER_MS = 2
+
 
 cdef struct CWorker:
     sem_t wake
-    CWorker *prev           # idle list links, valid while idle is true
-    CWorker *next
+    CWorker *prev           # idle list links, valid while idle is true;
+    CWorker *next           # next also chains the workers to post or start
     CopyState *job          # set by whoever posts wake; read by the worker
-    bint idle
+    bint idle               # a follower, on the idle list
     bint exit_flag
-    # A spare from submit_pair(), idle before its thread runs.  It takes a
-    # job only after the post that comes with it, like any parked worker:
-    # posts come after the unlock, and the poster must find the worker
-    # still there (not run, relinked or freed on a job it took unposted).
-    bint born_idle
+    fp_alarm alarm          # this thread's stall alarm (see _arm_stall)
 
 
 cdef class WorkerHandle:
-    """A new worker's C half, handed from submit() to its thread once."""
+    """A new worker's C half, handed to the thread that will run it, once."""
 
     cdef CWorker *w
 
@@ -35,102 +61,111 @@ cdef class WorkerHandle:
 
 
 cdef class PoolCore:
-    """Idle workers, the FIFO of waiting jobs, and the finished jobs.
+    """The workers, the FIFO of ready copies, the poller of parked ones, and
+    the finished copies.
 
-    All of it lives under one mutex that is only ever held for a few pointer
-    moves, so workers take it without the GIL.
-
-    The queue holds single jobs and pairs (a proxy's two directions, the
-    first marked pair_head), in order.  A pair starts whole or not at all:
-    half a proxy running under max_workers would forward a request whose
-    reply has no worker.  So an idle worker may wait while a pair at the head
-    needs one more; it neither times out nor leaves meanwhile.  Invariant:
-    while the queue is not empty the pool has no room to start a worker.
+    All of it lives under one mutex, held for a few pointer moves (and one
+    epoll_ctl when a copy parks), so workers take it without the GIL.
     """
 
     cdef pthread_mutex_t lock
     cdef pthread_cond_t done_cond
-    cdef CWorker *idle_head
-    cdef CopyState *queue_head
+    cdef CWorker *idle_head       # followers, the most recently idle first
+    cdef CWorker *leader          # the idle worker in epoll_wait, or NULL
+    cdef bint polling             # a worker is in epoll_wait (the leader, or
+                                  # a busy one looking without waiting)
+    cdef CWorker *spawn_head      # made for the completer to start
+    cdef CopyState *queue_head    # ready copies: new, woken, or yielding
     cdef CopyState *queue_tail
     cdef CopyState *done_head
     cdef CopyState *done_tail
     cdef int n_workers, n_idle, n_busy, n_queued, peak
-    cdef int max_workers      # -1: no limit
-    cdef long long idle_ms    # -1: idle workers never exit
+    cdef int max_workers          # -1: no limit
+    cdef long long idle_ms        # -1: idle workers never exit
+    cdef long long spawn_ms       # when a thread was last asked for
     cdef bint shutting_down
     cdef bint completer_waiting
     # Threads blocked in Relay.result() that finish jobs themselves: a
     # finished job wakes one of them before it wakes the completer thread.
     cdef pthread_cond_t helper_cond
     cdef int helpers_waiting
+    cdef Poller poller
 
     def __cinit__(self, max_workers=None, idle_worker_timeout=None):
         pthread_mutex_init(&self.lock, NULL)
         pthread_cond_init(&self.done_cond, NULL)
         fp_cond_init_monotonic(&self.helper_cond)
+        _poller_init(&self.poller)
         self.max_workers = -1 if max_workers is None else max_workers
         self.idle_ms = _check_idle_timeout(idle_worker_timeout)
+
+    def __dealloc__(self):
+        # No worker is left: each holds a reference to this object.
+        _poller_close(&self.poller)
 
     def reset_after_fork(self):
         # The child has none of the parent's threads.  Their CWorker structs
         # and the jobs they ran are unreachable here; dropping them without
         # freeing is the only safe choice (another thread may have been in
-        # the middle of using them at fork time).
+        # the middle of using them at fork time).  The poller's fds are the
+        # parent's epoll set: this process's copies of them are closed.
         pthread_mutex_init(&self.lock, NULL)
         pthread_cond_init(&self.done_cond, NULL)
         fp_cond_init_monotonic(&self.helper_cond)
         self.helpers_waiting = 0
-        self.idle_head = NULL
+        self.idle_head = self.leader = self.spawn_head = NULL
+        self.polling = False
         self.queue_head = self.queue_tail = NULL
         self.done_head = self.done_tail = NULL
         self.n_workers = self.n_idle = self.n_busy = self.n_queued = 0
         self.completer_waiting = False
+        _poller_close(&self.poller)
 
     def stats(self):
-        cdef int workers, idle, busy, queued, peak
+        cdef int workers, idle, busy, queued, peak, parked
         with nogil:
             pthread_mutex_lock(&self.lock)
             workers = self.n_workers
-            idle = self.n_idle
+            idle = self.n_idle + (1 if self.leader != NULL else 0)
             busy = self.n_busy
             queued = self.n_queued
             peak = self.peak
+            parked = self.poller.n_parked
             pthread_mutex_unlock(&self.lock)
-        return {"workers": workers, "idle": idle, "busy": busy, "queued": queued, "peak": peak}
+        return {
+            "workers": workers, "idle": idle, "busy": busy, "queued": queued, "peak": peak,
+            "parked": parked,
+        }
+
+    def poller_fds(self):
+        """The fds the poller holds (its epoll set and eventfd), if open."""
+        cdef int epfd, evfd
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+            epfd = self.poller.epfd
+            evfd = self.poller.evfd
+            pthread_mutex_unlock(&self.lock)
+        return () if epfd < 0 else (epfd, evfd)
+
+    # -- the queue and the workers, all under the lock ---------------------
 
     cdef inline void _note_busy(self) noexcept nogil:
         self.n_busy += 1
         if self.n_busy > self.peak:
             self.peak = self.n_busy
 
-    cdef int _check_submit(self, CopyJob job) except -1:
-        cdef CopyState *st = &job.st
-        if job._started or st.status != STEP_AGAIN or st.owner != NULL:
-            raise RuntimeError("a CopyJob runs only once")
-        return 0
+    cdef inline bint _unpolled(self) noexcept nogil:
+        # Copies are parked and nobody polls for them.
+        return self.poller.n_parked > 0 and not self.polling
 
-    cdef bint _has_room(self, int n) noexcept nogil:
-        return self.max_workers < 0 or self.n_idle + self.max_workers - self.n_workers >= n
-
-    cdef object _hand(self, CopyState *st, CWorker *fresh, CWorker **wake):
-        """Under the lock: give st to an idle worker (True; it joins the
-        ``wake`` chain, for the caller to post once it has unlocked), else
-        to ``fresh``, a new worker made by the caller (its WorkerHandle, for
-        the caller to start a thread for)."""
-        cdef WorkerHandle handle
-        self._note_busy()
-        if self.idle_head != NULL:
-            self._claim_idle(st, wake)
-            return True
-        fresh.job = st
-        handle = WorkerHandle.__new__(WorkerHandle)
-        handle.w = fresh
-        return handle
+    cdef bint _has_room(self) noexcept nogil:
+        return self.max_workers < 0 or self.n_workers < self.max_workers
 
     cdef CWorker *_new_worker(self, CopyState *st) noexcept nogil:
+        return self._count_worker(<CWorker *>malloc(sizeof(CWorker)), st)
+
+    cdef CWorker *_count_worker(self, CWorker *w, CopyState *st) noexcept nogil:
         # Counted at once, so that the room it takes is taken.
-        cdef CWorker *w = <CWorker *>malloc(sizeof(CWorker))
         if w == NULL:
             return NULL
         memset(w, 0, sizeof(CWorker))
@@ -138,293 +173,6 @@ cdef class PoolCore:
         w.job = st
         self.n_workers += 1
         return w
-
-    cdef void _free_worker(self, CWorker *w) noexcept nogil:
-        # Under the lock: a worker made by _new_worker that never got a job
-        # or a thread.
-        if w != NULL:
-            self.n_workers -= 1
-            sem_destroy(&w.wake)
-            free(w)
-
-    cdef void _claim_idle(self, CopyState *st, CWorker **wake) noexcept nogil:
-        # Under the lock, with an idle worker: it gets st, and is no longer
-        # idle, so nothing else posts to it or lets it leave; it stays parked
-        # until _post_all() posts it, after the unlock.  Off the idle list,
-        # its `next` link chains the workers to post.
-        cdef CWorker *w = self.idle_head
-        self._unlink_idle(w)
-        w.job = st
-        w.next = wake[0]
-        wake[0] = w
-
-    cdef void _post_all(self, CWorker *w) noexcept nogil:
-        # After the unlock: a worker posted under the lock would block at
-        # once on the lock it needs to take its job.  `next` is read before
-        # the post: once posted, the worker may run, go idle and relink.
-        cdef CWorker *nxt
-        while w != NULL:
-            nxt = w.next
-            sem_post(&w.wake)
-            w = nxt
-
-    cdef void _enqueue(self, CopyState *st) noexcept nogil:
-        st.link = NULL
-        if self.queue_tail == NULL:
-            self.queue_head = st
-        else:
-            self.queue_tail.link = st
-        self.queue_tail = st
-        self.n_queued += 1
-
-    cdef CopyState *_pop_queue(self) noexcept nogil:
-        cdef CopyState *st = self.queue_head
-        self.queue_head = st.link
-        if self.queue_head == NULL:
-            self.queue_tail = NULL
-        st.link = NULL
-        st.pair_head = False
-        self.n_queued -= 1
-        return st
-
-    cdef CopyState *_dispatch(self, bint spare, CWorker **wake) noexcept nogil:
-        """Under the lock: hand out queued entries while the head can start
-        whole, to idle workers put on the ``wake`` chain.  With ``spare`` (a
-        worker that just finished a job and is still counted busy), the
-        first job handed out is returned for it."""
-        cdef CopyState *mine = NULL
-        cdef int need
-        while self.queue_head != NULL:
-            need = 2 if self.queue_head.pair_head else 1
-            if self.n_idle + (1 if spare and mine == NULL else 0) < need:
-                break
-            while need:
-                need -= 1
-                if spare and mine == NULL:
-                    mine = self._pop_queue()
-                else:
-                    self._note_busy()
-                    self._claim_idle(self._pop_queue(), wake)
-        if self.shutting_down and self.queue_head == NULL:
-            self._release_idle()
-        return mine
-
-    cdef void _release_idle(self) noexcept nogil:
-        # Under the lock: idle workers leave (shutdown, once nothing waits).
-        cdef CWorker *w
-        while self.idle_head != NULL:
-            w = self.idle_head
-            self._unlink_idle(w)
-            self.n_workers -= 1
-            w.exit_flag = True
-            sem_post(&w.wake)
-        if self.n_workers == 0 and self.completer_waiting:
-            pthread_cond_signal(&self.done_cond)
-
-    cdef void _own(self, CopyJob job) noexcept:
-        # The pool owns a reference from here until take_done().
-        Py_INCREF(job)
-        job.st.owner = <PyObject *>job
-        job.st.link = NULL
-
-    cdef void _disown(self, CopyJob job) noexcept:
-        job.st.owner = NULL
-        Py_DECREF(job)
-
-    def submit(self, CopyJob job not None):
-        """Hand a job to an idle worker, or queue it.
-
-        Returns:
-            True when an idle worker took the job, False when it was queued,
-            or a WorkerHandle when a new worker must be started for it (the
-            caller starts a thread running ``worker_main(handle)``).
-
-        Raises:
-            RuntimeError: after shutdown().
-        """
-        cdef object handed = False
-        cdef CWorker *fresh = NULL
-        cdef CWorker *wake = NULL
-        self._check_submit(job)
-        self._lock_with_gil()
-        if self.shutting_down:
-            pthread_mutex_unlock(&self.lock)
-            raise RuntimeError("cannot start a relay after shutdown")
-        if self.queue_head == NULL and self._has_room(1):
-            if self.idle_head == NULL:
-                fresh = self._new_worker(NULL)
-                if fresh == NULL:
-                    pthread_mutex_unlock(&self.lock)
-                    raise MemoryError()
-            self._own(job)
-            handed = self._hand(&job.st, fresh, &wake)
-        else:
-            self._own(job)
-            self._enqueue(&job.st)
-        pthread_mutex_unlock(&self.lock)
-        self._post_all(wake)
-        return handed
-
-    cdef void _lock_with_gil(self):
-        # Most calls find the lock free: taking it without letting the GIL
-        # go spares the caller a GIL hand-over to the completer (which then
-        # runs a whole batch of completions before the caller gets it back).
-        if pthread_mutex_trylock(&self.lock) != 0:
-            with nogil:
-                pthread_mutex_lock(&self.lock)
-
-    def submit_pair(self, CopyJob a not None, CopyJob b not None):
-        """Start both jobs, or queue them to start together.
-
-        Returns:
-            ``(for_a, for_b, spare)``: what ``submit()`` returns for each job,
-            and a WorkerHandle for a new idle worker (or None) for the caller
-            to start.  When the pair must wait for a second worker, a free
-            place in the pool is filled now: only a running worker can later
-            hand the pair out.
-
-        Raises:
-            RuntimeError: after shutdown().
-        """
-        cdef object for_a = False
-        cdef object for_b = False
-        cdef CWorker *fresh_a = NULL
-        cdef CWorker *fresh_b = NULL
-        cdef CWorker *wake = NULL
-        cdef CWorker *w
-        cdef WorkerHandle spare = None
-        self._check_submit(a)
-        self._check_submit(b)
-        if a is b:
-            raise RuntimeError("a CopyJob runs only once")
-        self._lock_with_gil()
-        if self.shutting_down:
-            pthread_mutex_unlock(&self.lock)
-            raise RuntimeError("cannot start a relay after shutdown")
-        if self.queue_head == NULL and self._has_room(2):
-            # Every new worker is made before either job is handed out, so
-            # that running out of memory leaves nothing half started.
-            if self.n_idle < 2:
-                fresh_b = self._new_worker(NULL)
-                if self.n_idle < 1 and fresh_b != NULL:
-                    fresh_a = self._new_worker(NULL)
-                    if fresh_a == NULL:
-                        self._free_worker(fresh_b)
-                        fresh_b = NULL
-                if fresh_b == NULL:
-                    pthread_mutex_unlock(&self.lock)
-                    raise MemoryError()
-            self._own(a)
-            self._own(b)
-            for_a = self._hand(&a.st, fresh_a, &wake)
-            for_b = self._hand(&b.st, fresh_b, &wake)
-        else:
-            self._own(a)
-            self._own(b)
-            self._enqueue(&a.st)
-            a.st.pair_head = True
-            self._enqueue(&b.st)
-            if self.max_workers >= 0 and self.n_workers < self.max_workers:
-                w = self._new_worker(NULL)
-                if w != NULL:
-                    # Idle from birth: a finishing worker may hand it the
-                    # pair's other job before its thread is even running.
-                    w.born_idle = True
-                    self._link_idle(w)
-                    spare = WorkerHandle.__new__(WorkerHandle)
-                    spare.w = w
-                # Without memory for it the pair waits for running workers.
-        pthread_mutex_unlock(&self.lock)
-        self._post_all(wake)
-        return for_a, for_b, spare
-
-    def unqueue(self, CopyJob job not None):
-        """Take a job off the queue if no worker has it yet; True if taken.
-
-        The other half of a queued pair stays queued as a single job (and may
-        start at once)."""
-        cdef CopyState *st = &job.st
-        cdef CopyState *prev = NULL
-        cdef CopyState *cur
-        cdef bint found = False
-        cdef CWorker *wake = NULL
-        with nogil:
-            pthread_mutex_lock(&self.lock)
-            cur = self.queue_head
-            while cur != NULL:
-                if cur == st:
-                    if prev == NULL:
-                        self.queue_head = cur.link
-                    else:
-                        prev.link = cur.link
-                        prev.pair_head = False
-                    if self.queue_tail == cur:
-                        self.queue_tail = prev
-                    cur.pair_head = False
-                    self.n_queued -= 1
-                    found = True
-                    break
-                prev = cur
-                cur = cur.link
-            if found:
-                self._dispatch(False, &wake)
-            pthread_mutex_unlock(&self.lock)
-            self._post_all(wake)
-        if found:
-            st.link = NULL
-            self._disown(job)  # the pool's reference
-        return found
-
-    def abandon(self, WorkerHandle handle not None):
-        """The thread for a new worker could not start: undo its submit.
-
-        Safe on a handle whose thread did start (then it does nothing), and
-        on one abandoned before.
-
-        Returns:
-            The job it was carrying, or had been handed meanwhile (a spare
-            from ``submit_pair``), to be failed by the caller; or None.
-        """
-        cdef CWorker *w = handle.w
-        cdef CopyState *st
-        cdef object job = None
-        cdef bint wake_completer
-        handle.w = NULL
-        if w == NULL:
-            # Its thread did start and took the worker (the exception came
-            # after, e.g. Ctrl-C in Thread.start()'s wait), or this handle was
-            # abandoned already: the caller cancels the relay instead.
-            return None
-        with nogil:
-            pthread_mutex_lock(&self.lock)
-            if w.idle:
-                self._unlink_idle(w)
-            st = w.job
-            w.job = NULL
-            if not w.exit_flag:
-                # Else shutdown's _release_idle let this spare go, and
-                # counted it out, before its thread failed to start.
-                self.n_workers -= 1
-            if st != NULL:
-                self.n_busy -= 1
-            # The completer of a pool that shuts down waits for the last
-            # worker to leave; this may have been it.
-            wake_completer = self.n_workers == 0 and self.completer_waiting
-            pthread_mutex_unlock(&self.lock)
-            if wake_completer:
-                pthread_cond_signal(&self.done_cond)
-            if st != NULL and w.born_idle:
-                # A spare handed a job: its post comes after the hand-out's
-                # unlock, maybe not yet.  Take it before freeing the worker.
-                while sem_wait(&w.wake) < 0 and errno == EINTR:
-                    pass
-        sem_destroy(&w.wake)
-        free(w)
-        if st != NULL:
-            job = <object>st.owner
-            st.owner = NULL
-            Py_DECREF(job)  # the pool's reference; `job` still holds one
-        return job
 
     cdef inline void _link_idle(self, CWorker *w) noexcept nogil:
         # From here on only a hand-out may write w.job, and only after taking
@@ -448,131 +196,332 @@ cdef class PoolCore:
         w.idle = False
         self.n_idle -= 1
 
-    cdef bint _park(self, CWorker *w) noexcept nogil:
-        """Wait for the next job; True when the worker must exit instead."""
-        cdef int r
-        while True:
-            if self.idle_ms >= 0:
-                r = fp_sem_wait_ms(&w.wake, self.idle_ms)
-            else:
-                r = sem_wait(&w.wake)
-                if r < 0 and errno == EINTR:
-                    continue
-            if r == 0:
-                return w.exit_flag
-            # Timed out: leave the pool, unless a job or the exit sentinel
-            # was handed over just now (then w is no longer on the idle list
-            # and the post is on its way), or a pair waiting at the head of
-            # the queue counts on this worker.
-            pthread_mutex_lock(&self.lock)
-            if w.idle and self.queue_head == NULL:
-                self._unlink_idle(w)
-                self.n_workers -= 1
-                pthread_mutex_unlock(&self.lock)
-                return True
-            pthread_mutex_unlock(&self.lock)
+    cdef CWorker *_claim_idle(self, CopyState *st, CWorker **wake) noexcept nogil:
+        # An idle follower gets st (or, with st NULL, is woken to look at the
+        # pool); off the idle list, nothing else posts to it or lets it
+        # leave, and it stays asleep until _post_all() posts it after the
+        # unlock.  Its `next` link chains the workers to post.
+        cdef CWorker *w = self.idle_head
+        self._unlink_idle(w)
+        w.job = st
+        w.next = wake[0]
+        wake[0] = w
+        return w
 
-    cdef CopyState *_finish(self, CWorker *w, CopyState *st, bint *leave) noexcept nogil:
-        """File a finished job; return the next queued one, or go idle.
+    cdef void _post_all(self, CWorker *w) noexcept nogil:
+        # After the unlock: a worker posted under the lock would block at
+        # once on the lock it needs to take its job.  `next` is read before
+        # the post: once posted, the worker may run, go idle and relink.
+        cdef CWorker *nxt
+        while w != NULL:
+            nxt = w.next
+            sem_post(&w.wake)
+            w = nxt
 
-        Sets leave when the worker must exit (the pool is shutting down).
-        """
-        cdef CopyState *nxt = NULL
-        cdef CWorker *wake = NULL
-        cdef bint wake_helper, wake_completer
-        pthread_mutex_lock(&self.lock)
-        if self.done_tail == NULL:
-            self.done_head = st
-        else:
-            self.done_tail.link = st
-        self.done_tail = st
+    cdef void _enqueue(self, CopyState *st) noexcept nogil:
         st.link = NULL
-        nxt = self._dispatch(True, &wake)
-        if nxt == NULL:
-            self.n_busy -= 1
-            if self.shutting_down and self.queue_head == NULL:
-                self.n_workers -= 1
-                leave[0] = True
-            else:
-                self._link_idle(w)
-        # Posted and signalled after the unlock, so that the woken threads
-        # do not block at once on the lock still held here.  The pool
-        # outlives its workers, and a waiter re-checks under the lock.
-        wake_helper = self.helpers_waiting
-        wake_completer = self.completer_waiting and (not wake_helper or leave[0])
-        pthread_mutex_unlock(&self.lock)
-        self._post_all(wake)
-        if wake_helper:
-            pthread_cond_signal(&self.helper_cond)
-        if wake_completer:
-            # With leave: the last worker leaving a pool that shuts down is
-            # what lets the completer exit; a helper in result() may take the
-            # job (and its wake-up), so the completer is woken to look too.
-            pthread_cond_signal(&self.done_cond)
-        return nxt
+        st.jstate = J_QUEUED
+        st.queued_ms = _now_ms()
+        if self.queue_tail == NULL:
+            self.queue_head = st
+        else:
+            self.queue_tail.link = st
+        self.queue_tail = st
+        self.n_queued += 1
 
-    cdef CopyState *_take_job(self, CWorker *w) noexcept nogil:
-        cdef CopyState *st
-        pthread_mutex_lock(&self.lock)
-        st = w.job
-        w.job = NULL
-        pthread_mutex_unlock(&self.lock)
+    cdef CopyState *_pop_queue(self) noexcept nogil:
+        cdef CopyState *st = self.queue_head
+        self.queue_head = st.link
+        if self.queue_head == NULL:
+            self.queue_tail = NULL
+        st.link = NULL
+        st.jstate = J_RUNNING
+        self.n_queued -= 1
+        self._note_busy()
         return st
 
-    def worker_main(self, WorkerHandle handle not None):
-        """The body of a worker thread: returns when the worker exits."""
+    cdef void _dispatch(self, CWorker **wake) noexcept nogil:
+        """Hand queued copies to idle followers; if copies are still left,
+        wake the leader to run one, or ask for a thread when they have
+        waited too long."""
+        while self.queue_head != NULL and self.idle_head != NULL:
+            self._claim_idle(self._pop_queue(), wake)
+        if self.queue_head != NULL:
+            if self.leader != NULL:
+                _poller_poke(&self.poller)
+            else:
+                self._maybe_spawn(False)
+
+    cdef void _maybe_spawn(self, bint now_please) noexcept nogil:
+        """Ask the completer for one more thread, if copies are stranded.
+
+        Copies are stranded when they wait in the queue, or in the poller
+        with no leader to poll for them, while every worker runs a copy.
+        Unless now_please (a worker is about to block), they must have waited
+        SPAWN_AFTER_MS, and the last thread must have been asked for as long
+        ago: a backlog of short copies is drained by the threads there are.
+        """
+        cdef long long now
+        cdef CWorker *w
+        if self.shutting_down or not self._has_room() or self.spawn_head != NULL:
+            return
+        if self.queue_head == NULL and not self._unpolled():
+            return
+        if not now_please:
+            now = _now_ms()
+            if now - self.spawn_ms < SPAWN_AFTER_MS:
+                return
+            if self.queue_head != NULL and now - self.queue_head.queued_ms < SPAWN_AFTER_MS:
+                if not self._unpolled():
+                    return
+            self.spawn_ms = now
+        w = self._new_worker(NULL)
+        if w == NULL:
+            return  # no memory: the copies wait for the workers there are
+        w.next = self.spawn_head
+        self.spawn_head = w
+        if self.completer_waiting:
+            pthread_cond_signal(&self.done_cond)
+
+    cdef void _release_idle(self) noexcept nogil:
+        # Idle followers leave (shutdown).
+        cdef CWorker *w
+        while self.idle_head != NULL:
+            w = self.idle_head
+            self._unlink_idle(w)
+            self.n_workers -= 1
+            w.exit_flag = True
+            sem_post(&w.wake)
+        if self.n_workers == 0 and self.completer_waiting:
+            pthread_cond_signal(&self.done_cond)
+
+    # -- the Python side's calls ------------------------------------------
+
+    cdef int _check_submit(self, CopyJob job) except -1:
+        cdef CopyState *st = &job.st
+        if job._started or st.status != STEP_AGAIN or st.owner != NULL:
+            raise RuntimeError("a CopyJob runs only once")
+        return 0
+
+    cdef void _own(self, CopyJob job) noexcept:
+        # The pool owns a reference from here until take_done(), and the job
+        # one to the pool, for cancel() to reach a parked copy.
+        Py_INCREF(job)
+        job.st.owner = <PyObject *>job
+        job.st.link = NULL
+        job.st.pooled = True
+        job._pool = self
+
+    cdef void _disown(self, CopyJob job) noexcept:
+        job.st.owner = NULL
+        job._pool = None
+        Py_DECREF(job)
+
+    cdef void _lock_with_gil(self):
+        # Most calls find the lock free: taking it without letting the GIL
+        # go spares the caller a GIL hand-over to the completer (which then
+        # runs a whole batch of completions before the caller gets it back).
+        if pthread_mutex_trylock(&self.lock) != 0:
+            with nogil:
+                pthread_mutex_lock(&self.lock)
+
+    cdef object _place(self, CopyJob job, CWorker **spare, CWorker **wake):
+        """Under the lock: give job to an idle follower (True), queue it for
+        the leader or a running worker (False), or to a new worker made from
+        spare[0] (its WorkerHandle; spare[0] becomes NULL).  Raises
+        MemoryError, with nothing changed, if it needs a worker and spare[0]
+        is NULL and malloc fails."""
+        cdef CopyState *st = &job.st
+        cdef WorkerHandle handle
+        if self.queue_head == NULL and self.idle_head != NULL:
+            self._own(job)
+            st.jstate = J_RUNNING
+            self._note_busy()
+            self._claim_idle(st, wake)
+            return True
+        if self.leader == NULL and self._has_room():
+            if spare[0] == NULL:
+                spare[0] = <CWorker *>malloc(sizeof(CWorker))
+                if spare[0] == NULL:
+                    raise MemoryError()
+            handle = WorkerHandle.__new__(WorkerHandle)
+            handle.w = self._count_worker(spare[0], st)
+            spare[0] = NULL
+            self._own(job)
+            st.jstate = J_RUNNING
+            self._note_busy()
+            return handle
+        # The leader (poked here) or a worker finishing its copy takes it.
+        self._own(job)
+        self._enqueue(st)
+        self._dispatch(wake)
+        return False
+
+    def submit(self, CopyJob job not None):
+        """Hand a job to an idle worker, or queue it.
+
+        Returns:
+            True when an idle worker took the job, False when it was queued
+            (the leader or a running worker takes it), or a WorkerHandle
+            when a new worker must be started for it (the caller starts a
+            thread running ``worker_main(handle)``).
+
+        Raises:
+            RuntimeError: after shutdown().
+            MemoryError: no memory for a new worker.
+        """
+        cdef CWorker *wake = NULL
+        cdef CWorker *spare = NULL
+        self._check_submit(job)
+        self._lock_with_gil()
+        try:
+            if self.shutting_down:
+                raise RuntimeError("cannot start a relay after shutdown")
+            return self._place(job, &spare, &wake)
+        finally:
+            pthread_mutex_unlock(&self.lock)
+            self._post_all(wake)
+
+    def submit_pair(self, CopyJob a not None, CopyJob b not None):
+        """Submit both jobs of a proxy, or neither (MemoryError, RuntimeError).
+
+        Returns:
+            What ``submit()`` returns, for each.
+        """
+        cdef CWorker *wake = NULL
+        cdef CWorker *spares[2]
+        cdef object for_a, for_b
+        self._check_submit(a)
+        self._check_submit(b)
+        if a is b:
+            raise RuntimeError("a CopyJob runs only once")
+        # Made first, so that running out of memory leaves nothing half done.
+        spares[0] = <CWorker *>malloc(sizeof(CWorker))
+        spares[1] = <CWorker *>malloc(sizeof(CWorker))
+        if spares[0] == NULL or spares[1] == NULL:
+            free(spares[0])
+            free(spares[1])
+            raise MemoryError()
+        self._lock_with_gil()
+        try:
+            if self.shutting_down:
+                raise RuntimeError("cannot start a relay after shutdown")
+            for_a = self._place(a, &spares[0], &wake)
+            for_b = self._place(b, &spares[1], &wake)
+            return for_a, for_b
+        finally:
+            pthread_mutex_unlock(&self.lock)
+            self._post_all(wake)
+            free(spares[0])
+            free(spares[1])
+
+    def unqueue(self, CopyJob job not None):
+        """Take a job off the queue if no worker has ever run it; True if
+        taken (it will never run)."""
+        cdef CopyState *st = &job.st
+        cdef CopyState *prev = NULL
+        cdef CopyState *cur
+        cdef bint found = False
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+            if st.jstate == J_QUEUED and not st.in_worker:
+                cur = self.queue_head
+                while cur != NULL:
+                    if cur == st:
+                        if prev == NULL:
+                            self.queue_head = cur.link
+                        else:
+                            prev.link = cur.link
+                        if self.queue_tail == cur:
+                            self.queue_tail = prev
+                        self.n_queued -= 1
+                        st.jstate = J_DONE
+                        found = True
+                        break
+                    prev = cur
+                    cur = cur.link
+            pthread_mutex_unlock(&self.lock)
+        if found:
+            st.link = NULL
+            self._disown(job)  # the pool's reference
+        return found
+
+    cdef void _kick(self, CopyState *st) noexcept nogil:
+        """CopyJob.cancel() on a pool copy: a parked one goes back to the
+        queue at once, to stop there.  A running one is signalled by cancel()
+        itself, and a queued one sees the flag when it starts."""
+        cdef CWorker *wake = NULL
+        pthread_mutex_lock(&self.lock)
+        if st.jstate == J_PARKED:
+            _poller_unpark(&self.poller, st, 0)
+            self._enqueue(st)
+            self._dispatch(&wake)
+        pthread_mutex_unlock(&self.lock)
+        self._post_all(wake)
+
+    def abandon(self, WorkerHandle handle not None):
+        """The thread for a new worker could not start: undo it.
+
+        Safe on a handle whose thread did start (then it does nothing), and
+        on one abandoned before.
+
+        Returns:
+            The job it was to run first, to be failed by the caller; or None.
+        """
         cdef CWorker *w = handle.w
         cdef CopyState *st
-        cdef bint leave = False
-        cdef sigset_t oldmask
-        # Taken with the GIL, as abandon() takes it: exactly one of the two
-        # gets it.  abandon() won if an exception hit the starting thread
-        # (Ctrl-C in Thread.start()) before this ran: nothing is ours.
-        handle.w = NULL  # this thread owns it now
+        cdef object job = None
+        cdef CWorker *wake = NULL
+        handle.w = NULL
         if w == NULL:
-            return
-        # The OS-level name shows in top -H, ps -L, perf and gdb.
-        pthread_setname_np(pthread_self(), b"fastpipe-worker")
+            # Its thread did start and took the worker (the exception came
+            # after, e.g. Ctrl-C in Thread.start()'s wait), or this handle was
+            # abandoned already: the caller cancels the relay instead.
+            return None
         with nogil:
-            fp_block_sigpipe(&oldmask)  # for the thread's life (see _compat.h)
-            # The first job was stored before this thread started, unless it
-            # is a spare from submit_pair(), idle from birth, which parks
-            # first: a job is handed to it with a post, as to any idle worker.
-            st = NULL if w.born_idle else self._take_job(w)
-            while True:
-                if st == NULL:
-                    if self._park(w):
-                        break
-                    st = self._take_job(w)
-                    if st == NULL:
-                        continue
-                _copy_in_worker(st)
-                if st.status == STEP_ERROR and st.err == EPIPE:
-                    fp_discard_sigpipe()
-                st = self._finish(w, st, &leave)
-                if leave:
-                    break
-            sem_destroy(&w.wake)
-            free(w)
+            pthread_mutex_lock(&self.lock)
+            st = w.job
+            w.job = NULL
+            self.n_workers -= 1
+            if st != NULL:
+                self.n_busy -= 1
+                st.jstate = J_DONE
+            # Copies the missing thread was to run are the others' now.
+            self._dispatch(&wake)
+            if self.n_workers == 0 and self.completer_waiting:
+                pthread_cond_signal(&self.done_cond)
+            pthread_mutex_unlock(&self.lock)
+            self._post_all(wake)
+        sem_destroy(&w.wake)
+        free(w)
+        if st != NULL:
+            job = <object>st.owner
+            self._disown(<CopyJob>job)  # `job` still holds a reference
+        return job
 
     def name_this_thread(self, bytes name not None):
         """Give the calling thread an OS-level name (at most 15 bytes)."""
         pthread_setname_np(pthread_self(), name[:15])
 
     def take_done(self):
-        """Wait for finished jobs and take them all, in the order they ended.
+        """Wait for finished jobs, or threads to start, and take them all.
 
         The completer thread's loop; it waits without the GIL.
 
         Returns:
-            A list of CopyJobs; None once the pool is shut down and has no
-            worker and no finished job left, which tells the completer to
-            exit.
+            ``(jobs, handles)``: the CopyJobs that finished, in the order
+            they ended, and WorkerHandles of new workers to start a thread
+            for; None once the pool is shut down and has no worker and no
+            finished job left, which tells the completer to exit.
         """
         cdef CopyState *head
+        cdef CWorker *spawn
+        cdef CWorker *nxt
+        cdef WorkerHandle handle
+        cdef list handles = []
         with nogil:
             pthread_mutex_lock(&self.lock)
-            while self.done_head == NULL and not (
+            while self.done_head == NULL and self.spawn_head == NULL and not (
                 self.shutting_down and self.n_workers == 0 and self.queue_head == NULL
             ):
                 self.completer_waiting = True
@@ -580,10 +529,19 @@ cdef class PoolCore:
                 self.completer_waiting = False
             head = self.done_head
             self.done_head = self.done_tail = NULL
+            spawn = self.spawn_head
+            self.spawn_head = NULL
             pthread_mutex_unlock(&self.lock)
-        if head == NULL:
+        if head == NULL and spawn == NULL:
             return None
-        return self._adopt(head)
+        while spawn != NULL:
+            nxt = spawn.next
+            spawn.next = NULL
+            handle = WorkerHandle.__new__(WorkerHandle)
+            handle.w = spawn
+            handles.append(handle)
+            spawn = nxt
+        return self._adopt(head), handles
 
     def help_done(self, CopyJob job not None, double timeout):
         """Wait up to ``timeout`` seconds for ``job`` to finish, taking over
@@ -631,38 +589,398 @@ cdef class PoolCore:
             head.link = NULL
             owner = head.owner
             head.owner = NULL
+            (<CopyJob>owner)._pool = None
             jobs.append(<object>owner)
             Py_DECREF(<object>owner)  # the reference submit() took
             head = nxt
         return jobs
 
     def shutdown(self, bint cancel_queued):
-        """Refuse new jobs and let idle workers exit.
+        """Refuse new jobs and let idle workers exit; parked and running
+        copies go on to their end.
 
         Returns:
-            The queued jobs taken off the queue when ``cancel_queued``.
+            With ``cancel_queued``, the jobs taken off the queue that never
+            ran (copies that ran and wait to resume stay queued).
         """
-        cdef CopyState *queued = NULL
+        cdef CopyState *taken = NULL
+        cdef CopyState *prev = NULL
+        cdef CopyState *cur
         cdef CopyState *nxt
         cdef list jobs = []
+        cdef CopyJob job
         with nogil:
             pthread_mutex_lock(&self.lock)
             self.shutting_down = True
             if cancel_queued:
-                queued = self.queue_head
-                self.queue_head = self.queue_tail = NULL
-                self.n_queued = 0
-            # Idle workers stay while a pair waits for one more of them.
-            if self.queue_head == NULL:
-                self._release_idle()
+                cur = self.queue_head
+                while cur != NULL:
+                    nxt = cur.link
+                    if cur.in_worker:
+                        prev = cur
+                    else:
+                        if prev == NULL:
+                            self.queue_head = nxt
+                        else:
+                            prev.link = nxt
+                        if self.queue_tail == cur:
+                            self.queue_tail = prev
+                        self.n_queued -= 1
+                        cur.jstate = J_DONE
+                        cur.link = taken
+                        taken = cur
+                    cur = nxt
+                taken = _reversed(taken)
+            self._release_idle()
+            _poller_poke(&self.poller)
             pthread_cond_signal(&self.done_cond)
             pthread_mutex_unlock(&self.lock)
-        while queued != NULL:
-            nxt = queued.link
-            queued.link = NULL
-            queued.pair_head = False
-            jobs.append(<object>queued.owner)
-            Py_DECREF(<object>queued.owner)
-            queued.owner = NULL
-            queued = nxt
+        while taken != NULL:
+            nxt = taken.link
+            taken.link = NULL
+            job = <object>taken.owner
+            jobs.append(job)
+            self._disown(job)
+            taken = nxt
         return jobs
+
+    # -- the worker's side, without the GIL --------------------------------
+
+    def worker_main(self, WorkerHandle handle not None):
+        """The body of a worker thread: returns when the worker exits."""
+        cdef CWorker *w = handle.w
+        cdef CopyState *st
+        cdef int r
+        cdef sigset_t oldmask
+        # Taken with the GIL, as abandon() takes it: exactly one of the two
+        # gets it.  abandon() won if an exception hit the starting thread
+        # (Ctrl-C in Thread.start()) before this ran: nothing is ours.
+        handle.w = NULL  # this thread owns it now
+        if w == NULL:
+            return
+        # The OS-level name shows in top -H, ps -L, perf and gdb.
+        pthread_setname_np(pthread_self(), b"fastpipe-worker")
+        with nogil:
+            fp_block_sigpipe(&oldmask)  # for the thread's life (see _compat.h)
+            # A worker made by submit() has its first copy already.
+            st = self._take_job(w)
+            if st == NULL:
+                st = self._next_job(w, NULL)
+            while st != NULL:
+                r = self._run(w, st)
+                if r == STEP_PARK:
+                    r = self._park(w, st)
+                    if r == PARK_RETRY:
+                        continue
+                    if r == PARK_DONE:
+                        st = self._next_job(w, NULL)
+                        continue
+                elif r == STEP_YIELD:
+                    st = self._yield(w, st)
+                    continue
+                self._end(st)
+                st = self._next_job(w, st)
+            fp_alarm_free(&w.alarm)
+            sem_destroy(&w.wake)
+            free(w)
+
+    cdef CopyState *_take_job(self, CWorker *w) noexcept nogil:
+        cdef CopyState *st
+        pthread_mutex_lock(&self.lock)
+        st = w.job
+        w.job = NULL
+        pthread_mutex_unlock(&self.lock)
+        return st
+
+    cdef int _run(self, CWorker *w, CopyState *st) noexcept nogil:
+        """Run st until it ends (STEP_DONE, with st.status set), must wait
+        (STEP_PARK) or has moved a slice (STEP_YIELD)."""
+        cdef int r
+        if not st.in_worker:
+            st.in_worker = True
+            if st.needs_prologue and not fp_load_int(&st.cancel_req):
+                # Python code that may wait for the GIL, or block in a flush:
+                # copies must not be left stranded meanwhile.
+                self._before_blocking()
+                with gil:
+                    r = (<CopyJob>st.owner)._run_prologue()
+                if r < 0:
+                    st.status = STEP_ERROR
+                    st.err = 0  # the error is a Python exception on the job
+                    return STEP_DONE
+            if _prepare(st, False, st.zerocopy) < 0:
+                st.status = STEP_ERROR
+                return STEP_DONE
+        if FP_CANCELLABLE:
+            pthread_mutex_lock(&st.wake_lock)
+            st.thread = pthread_self()
+            st.in_thread = True
+            pthread_mutex_unlock(&st.wake_lock)
+        st.stall = &w.alarm
+        st.slice_end = st.copied + SLICE_BYTES
+        while True:
+            r = _copy_step(st)
+            # EINTR in a worker: handlers run in the main thread, retry.
+            if r != STEP_SIGNALS:
+                break
+        if st.stall_armed:
+            fp_alarm_disarm(st.stall)
+            st.stall_armed = False
+        st.stall = NULL
+        if FP_CANCELLABLE:
+            pthread_mutex_lock(&st.wake_lock)
+            st.in_thread = False
+            pthread_mutex_unlock(&st.wake_lock)
+        if r == STEP_PARK or r == STEP_YIELD:
+            return r
+        if r == STEP_CANCELLED:
+            st.cancelled = True
+            st.err = ECANCELED
+            r = STEP_ERROR
+        st.status = r
+        return STEP_DONE
+
+    cdef int _park(self, CWorker *w, CopyState *st) noexcept nogil:
+        """Park st in the poller: a PARK_* outcome."""
+        cdef int err
+        cdef bint reading = (st.park_events & POLLIN) != 0
+        # A parked copy holds no buffer and no pipe, unless they hold bytes
+        # not yet written (then it waits for its sink, to write them).
+        if st.pend_len == 0:
+            _release(st)
+        if st.pipe_len == 0:
+            _release_pipe(st)
+        pthread_mutex_lock(&self.lock)
+        if FP_CANCELLABLE and fp_load_int(&st.cancel_req):
+            # cancel() came between the copy's last look and this lock: it
+            # found the copy running, so it must stop itself.
+            pthread_mutex_unlock(&self.lock)
+            return PARK_RETRY
+        err = _poller_open(&self.poller)
+        if not err:
+            err = _poller_arm(&self.poller, st)
+        if not err:
+            self.n_busy -= 1
+            if self.leader != NULL and st.heap_idx == 0:
+                _poller_poke(&self.poller)  # a deadline earlier than the leader's
+            pthread_mutex_unlock(&self.lock)
+            return PARK_DONE
+        pthread_mutex_unlock(&self.lock)
+        if err == EPERM or err == EBUSY:
+            # epoll takes no such fd, or another copy waits on it the same
+            # way: this copy waits for it in its thread, as in a caller's.
+            if st.park_fd == st.src and reading:
+                st.src_unpollable = True
+            else:
+                st.dst_unpollable = True
+            self._before_blocking()
+            return PARK_RETRY
+        st.err = err
+        st.status = STEP_ERROR
+        return PARK_FAILED
+
+    cdef void _before_blocking(self) noexcept nogil:
+        # The running worker is about to block outside the pool's control:
+        # copies that wait for a thread, or a poller without a leader, get
+        # an idle follower or a new thread now.
+        cdef CWorker *wake = NULL
+        pthread_mutex_lock(&self.lock)
+        if self.queue_head != NULL or self._unpolled():
+            self._dispatch(&wake)
+            if self._unpolled() and self.idle_head != NULL:
+                self._claim_idle(NULL, &wake)  # it becomes the leader
+            self._maybe_spawn(True)
+        pthread_mutex_unlock(&self.lock)
+        self._post_all(wake)
+
+    cdef CopyState *_yield(self, CWorker *w, CopyState *st) noexcept nogil:
+        """st has moved a slice: look at the pool; return the copy to run on
+        (st, or, in a pool at max_workers with copies waiting, the next)."""
+        cdef CWorker *wake = NULL
+        cdef CopyState *nxt = st
+        # Nothing is pending at a yield: the buffers and an empty pipe go
+        # back, so that a copy waiting its turn holds neither.
+        _release(st)
+        _release_pipe(st)
+        pthread_mutex_lock(&self.lock)
+        if self._unpolled():
+            if self.idle_head != NULL:
+                self._claim_idle(NULL, &wake)  # it becomes the leader
+            elif self._has_room():
+                self._maybe_spawn(False)
+            else:
+                self._poll_now()
+        if self.queue_head != NULL:
+            self._dispatch(&wake)
+            if self.queue_head != NULL and not self._has_room():
+                # No thread to add: take turns, in order.
+                self.n_busy -= 1
+                self._enqueue(st)
+                nxt = self._pop_queue()
+        pthread_mutex_unlock(&self.lock)
+        self._post_all(wake)
+        return nxt
+
+    cdef void _poll_now(self) noexcept nogil:
+        """Under the lock, with no leader: take what is ready without
+        waiting (a worker of a full pool running a long copy)."""
+        cdef epoll_event evs[POLL_EVENTS]
+        cdef CopyState *woken
+        cdef int n
+        self.polling = True
+        pthread_mutex_unlock(&self.lock)
+        n = epoll_wait(self.poller.epfd, evs, POLL_EVENTS, 0)
+        pthread_mutex_lock(&self.lock)
+        self.polling = False
+        woken = _poller_events(&self.poller, evs, n) if n > 0 else NULL
+        self._enqueue_all(woken)
+
+    cdef void _enqueue_all(self, CopyState *st) noexcept nogil:
+        cdef CopyState *nxt
+        while st != NULL:
+            nxt = st.link
+            self._enqueue(st)
+            st = nxt
+
+    cdef void _end(self, CopyState *st) noexcept nogil:
+        """st has ended: out of the poller, buffers back, ends closed."""
+        if st.status == STEP_ERROR and st.err == EPIPE:
+            fp_discard_sigpipe()
+        if st.reg_src or st.reg_dst:
+            # Before its fds close: the number may be reused at once.
+            pthread_mutex_lock(&self.lock)
+            _poller_release(&self.poller, st)
+            pthread_mutex_unlock(&self.lock)
+        _discard(st)
+        _close_ends(st)
+
+    cdef CopyState *_next_job(self, CWorker *w, CopyState *done) noexcept nogil:
+        """File a finished copy (if any) and find the next one to run: from
+        the queue, as the leader, or handed over as a follower.  NULL when
+        the worker must exit."""
+        cdef CopyState *st = NULL
+        cdef CWorker *wake = NULL
+        cdef bint wake_helper = False
+        cdef bint wake_completer = False
+        cdef bint counted_out = False
+        cdef int r
+        pthread_mutex_lock(&self.lock)
+        if done != NULL:
+            done.jstate = J_DONE
+            done.link = NULL
+            if self.done_tail == NULL:
+                self.done_head = done
+            else:
+                self.done_tail.link = done
+            self.done_tail = done
+            self.n_busy -= 1
+            # Signalled after the unlock, so that the woken threads do not
+            # block at once on the lock still held here.  The pool outlives
+            # its workers, and a waiter re-checks under the lock.
+            wake_helper = self.helpers_waiting
+            wake_completer = self.completer_waiting and not wake_helper
+        while True:
+            if self.queue_head != NULL:
+                st = self._pop_queue()
+                self._dispatch(&wake)
+                break
+            if self.shutting_down and (self.poller.n_parked == 0 or self.polling):
+                break  # the leader stays for the parked copies
+            # This worker is about to wait: whoever it was to wake must not
+            # wait with it (posted and signalled under the lock this once).
+            if wake != NULL:
+                self._post_all(wake)
+                wake = NULL
+            if wake_helper:
+                pthread_cond_signal(&self.helper_cond)
+                wake_helper = False
+            if wake_completer:
+                pthread_cond_signal(&self.done_cond)
+                wake_completer = False
+            if self._unpolled():
+                self._lead(w)
+                continue
+            r = self._follow(w)
+            if r < 0:
+                counted_out = True
+                break
+            if w.job != NULL:
+                st = w.job
+                w.job = NULL
+                break
+            # Woken with no copy: to lead, or to look at the queue.
+        if st == NULL:
+            if not counted_out:
+                self.n_workers -= 1
+            if self.n_workers == 0:
+                if self.poller.n_parked == 0:
+                    _poller_close(&self.poller)
+                wake_completer = wake_completer or self.completer_waiting
+        pthread_mutex_unlock(&self.lock)
+        self._post_all(wake)
+        if wake_helper:
+            pthread_cond_signal(&self.helper_cond)
+        if wake_completer:
+            pthread_cond_signal(&self.done_cond)
+        return st
+
+    cdef void _lead(self, CWorker *w) noexcept nogil:
+        """Under the lock: wait in epoll_wait for parked copies and queue the
+        ones that are ready (or whose deadline, or fd, is gone)."""
+        cdef epoll_event evs[POLL_EVENTS]
+        cdef CopyState *woken
+        cdef long long now, timeout
+        cdef int n
+        self.leader = w
+        self.polling = True
+        now = _now_ms()
+        if self.poller.sweep_ms == 0:
+            self.poller.sweep_ms = now + SWEEP_MS
+        timeout = _poller_timeout(&self.poller, now)
+        pthread_mutex_unlock(&self.lock)
+        n = epoll_wait(
+            self.poller.epfd, evs, POLL_EVENTS, <int>timeout if timeout < 0x7FFFFFFF else -1
+        )
+        pthread_mutex_lock(&self.lock)
+        self.leader = NULL
+        self.polling = False
+        woken = _poller_events(&self.poller, evs, n) if n > 0 else NULL
+        self._enqueue_all(woken)
+        now = _now_ms()
+        self._enqueue_all(_poller_expired(&self.poller, now))
+        if self.poller.n_parked and now >= self.poller.sweep_ms:
+            self._enqueue_all(_poller_sweep(&self.poller, now))
+
+    cdef int _follow(self, CWorker *w) noexcept nogil:
+        """Under the lock: wait idle on the semaphore.  0 when posted (with
+        w.job set, or woken to look at the pool); -1 when the worker must
+        exit, already counted out of n_workers."""
+        cdef int r
+        self._link_idle(w)
+        pthread_mutex_unlock(&self.lock)
+        while True:
+            if self.idle_ms >= 0:
+                r = fp_sem_wait_ms(&w.wake, self.idle_ms)
+            else:
+                r = sem_wait(&w.wake)
+                if r < 0 and errno == EINTR:
+                    continue
+            if r == 0:
+                pthread_mutex_lock(&self.lock)
+                return -1 if w.exit_flag else 0
+            # Timed out: leave the pool, unless a copy or the exit sentinel
+            # was handed over just now (then w is no longer on the idle list
+            # and the post is on its way).
+            pthread_mutex_lock(&self.lock)
+            if w.idle:
+                self._unlink_idle(w)
+                self.n_workers -= 1
+                return -1
+            pthread_mutex_unlock(&self.lock)
+
+
+cdef void _pool_kick(object pool, CopyState *st) noexcept:
+    # CopyJob.cancel() for a copy its pool owns (see PoolCore._kick).
+    cdef PoolCore core = <PoolCore>pool
+    with nogil:
+        core._kick(st)

@@ -1,12 +1,16 @@
 # Path choice and the ends of a copy: the fds' kinds, the kernel path for the
-# pair, the same-file check, _prepare before the loop, _discard after it, and
-# _copy_in_worker, the whole of a pool job's copy.
+# pair, the same-file check, _prepare before the loop, and _discard and
+# _close_ends after it.
 
-cdef int _fd_kind(int fd, int *kind, int *err) noexcept nogil:
+cdef int _fd_kind(
+    int fd, int *kind, int *err, unsigned long *dev, unsigned long *ino
+) noexcept nogil:
     cdef stat sb
     if fstat(fd, &sb) < 0:
         err[0] = errno
         return -1
+    dev[0] = sb.st_dev
+    ino[0] = sb.st_ino
     if S_ISREG(sb.st_mode) or S_ISBLK(sb.st_mode):
         kind[0] = KIND_FILE
     elif S_ISFIFO(sb.st_mode):
@@ -70,12 +74,19 @@ cdef int _choose_kernel_path(CopyState *st, bint in_main_thread) noexcept nogil:
     # POLLOUT is a threshold, not "room for one byte".  In the main thread a
     # signal interrupts a blocked splice or sendfile anyway (Python's
     # handlers are installed without SA_RESTART).
-    if in_main_thread or st.idle_ms >= 0 or st.via_pipe:
+    # A pool copy never blocks in a wait (it parks instead), so it polls a
+    # blocking source socket first everywhere, and its writes into a
+    # blocking socket run under the worker's stall alarm (_arm_stall, which
+    # asks whether the sink blocks the first time it is needed).
+    if in_main_thread or st.idle_ms >= 0 or st.via_pipe or st.pooled:
         if sk == KIND_SOCKET:
             if _is_nonblocking(st.src, &nb, &st.err) < 0:
                 return -1
             st.ksrc_wait_first = not nb
-    if st.idle_ms >= 0 and dk == KIND_SOCKET:
+    if st.pooled:
+        if dk == KIND_SOCKET:
+            st.kdst_stall = STALL_ASK
+    elif st.idle_ms >= 0 and dk == KIND_SOCKET:
         if _is_nonblocking(st.dst, &nb, &st.err) < 0:
             return -1
         st.kdst_wait_first = not nb
@@ -120,9 +131,9 @@ cdef int _prepare(CopyState *st, bint in_main_thread, bint zerocopy) noexcept no
     """Look at both ends, choose the path and how to wait; -1 with st.err."""
     cdef bint src_nb = False
     cdef bint dst_nb = False
-    if _fd_kind(st.src, &st.src_kind, &st.err) < 0:
+    if _fd_kind(st.src, &st.src_kind, &st.err, &st.src_dev, &st.src_ino) < 0:
         return -1
-    if _fd_kind(st.dst, &st.dst_kind, &st.err) < 0:
+    if _fd_kind(st.dst, &st.dst_kind, &st.err, &st.dst_dev, &st.dst_ino) < 0:
         return -1
     if st.src_kind == KIND_FILE and st.dst_kind == KIND_FILE and _check_same_file(st) < 0:
         return -1
@@ -133,7 +144,7 @@ cdef int _prepare(CopyState *st, bint in_main_thread, bint zerocopy) noexcept no
     if st.src_kind == KIND_PIPE or st.src_kind == KIND_CHAR:
         if _is_nonblocking(st.src, &src_nb, &st.err) < 0:
             return -1
-    if st.dst_kind != KIND_FILE and (in_main_thread or st.idle_ms >= 0):
+    if st.dst_kind != KIND_FILE and not st.pooled and (in_main_thread or st.idle_ms >= 0):
         if _is_nonblocking(st.dst, &dst_nb, &st.err) < 0:
             return -1
     st.src_is_socket = st.src_kind == KIND_SOCKET
@@ -156,7 +167,8 @@ cdef int _prepare(CopyState *st, bint in_main_thread, bint zerocopy) noexcept no
     # reports POLLOUT only while three quarters of its buffer are free, and
     # if its reader is our own caller, waiting for that never ends.  Only
     # devices, which have neither flag, are polled first.
-    if not dst_nb and (st.wait_ms >= 0 or st.idle_ms >= 0):
+    # A pool copy writes without blocking everywhere: it parks on EAGAIN.
+    if not dst_nb and (st.wait_ms >= 0 or st.idle_ms >= 0 or st.pooled):
         if st.dst_kind == KIND_SOCKET:
             st.dst_send_flags = MSG_DONTWAIT
         elif st.dst_kind == KIND_PIPE:
@@ -179,40 +191,8 @@ cdef inline void _discard(CopyState *st) noexcept nogil:
     st.pre_len = 0
 
 
-cdef void _copy_in_worker(CopyState *st) noexcept nogil:
-    """The whole copy of a pool job; never needs the GIL past the prologue."""
-    cdef int r
-    st.in_worker = True
-    if FP_CANCELLABLE:
-        pthread_mutex_lock(&st.wake_lock)
-        st.thread = pthread_self()
-        st.in_thread = True
-        pthread_mutex_unlock(&st.wake_lock)
-    if st.needs_prologue and not fp_load_int(&st.cancel_req):
-        with gil:
-            r = (<CopyJob>st.owner)._run_prologue()
-        if r < 0:
-            st.status = STEP_ERROR
-            st.err = 0  # the error is a Python exception on the job
-    if st.status == STEP_AGAIN:
-        if _prepare(st, False, st.zerocopy) < 0:
-            st.status = STEP_ERROR
-        else:
-            while True:
-                r = _copy_step(st)
-                # EINTR in a worker: handlers run in the main thread, retry.
-                if r != STEP_SIGNALS:
-                    break
-            if r == STEP_CANCELLED:
-                st.cancelled = True
-                st.err = ECANCELED
-                r = STEP_ERROR
-            st.status = r
-    if FP_CANCELLABLE:
-        pthread_mutex_lock(&st.wake_lock)
-        st.in_thread = False
-        pthread_mutex_unlock(&st.wake_lock)
-    _discard(st)
+cdef void _close_ends(CopyState *st) noexcept nogil:
+    """The copy is over and its buffers are back: half-close, close."""
     if st.shut_wr_at_eof and st.status == STEP_DONE:
         # proxy(): the peer sees end of file the moment our source does,
         # without waiting for the GIL.  shutdown() closes nothing, so the fd
@@ -220,8 +200,9 @@ cdef void _copy_in_worker(CopyState *st) noexcept nogil:
         shutdown(st.dst, SHUT_WR)
     # Closing int ends here, before completion, keeps the promise that a
     # finished relay's fds are closed, at no GIL cost.  Objects are closed
-    # through their own close() by the completer.
-    if st.close_src:
+    # through their own close() by the completer.  An fd closed and reused
+    # under a parked copy (lost_fd) is someone else's now.
+    if st.close_src and st.src != st.lost_fd:
         close(st.src)
-    if st.close_dst and not (st.close_src and st.dst == st.src):
+    if st.close_dst and not (st.close_src and st.dst == st.src) and st.dst != st.lost_fd:
         close(st.dst)

@@ -15,7 +15,7 @@ cdef int _write_pending(CopyState *st) noexcept nogil:
         if FP_CANCELLABLE and fp_load_int(&st.cancel_req):
             return STEP_CANCELLED
         if st.dst_wait_first:
-            r = _wait_step(st, st.dst, POLLOUT)
+            r = _wait_ready(st, st.dst, POLLOUT)
             if r != STEP_AGAIN:
                 return r
         cnt = 0
@@ -103,6 +103,8 @@ cdef int _copy_step(CopyState *st) noexcept nogil:
             if r != STEP_AGAIN:
                 return r
             continue
+        if st.pooled and st.copied >= st.slice_end:
+            return STEP_YIELD
         if st.limit == 0:
             _release(st)
             return STEP_DONE

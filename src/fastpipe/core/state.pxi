@@ -31,8 +31,36 @@ cdef struct CopyState:
     # to it from submit() until the completer takes the job back.
     PyObject *owner
     CopyState *link         # next in the pool's queue or done list
-    bint pair_head          # queued with the next job as one pair (proxy)
     bint needs_prologue     # run CopyJob.prologue with the GIL first
+    # A pool copy (pooled) never blocks in a wait: _wait_step hands back
+    # STEP_PARK with the fd and events to wait for, and the worker parks the
+    # copy in the poller (poller.pxi) and runs another.  The rest is the
+    # poller's and the pool's, changed under the pool's lock.
+    bint pooled
+    int jstate              # a JobState
+    int park_fd
+    short park_events
+    # Woken by the poller: the first wait for this fd and these events is
+    # skipped (the poller saw them), unless a byte has moved since.
+    int pass_fd
+    short pass_events
+    bint src_unpollable     # epoll refused this end (EPERM): wait for it in
+    bint dst_unpollable     # the worker's thread, as a caller's thread does
+    bint reg_src            # the copy counts among its fd's users in the
+    bint reg_dst            # poller's table (see _poller_release)
+    int heap_idx            # in the poller's deadline heap, or -1
+    long long slice_end     # copied at which the worker looks at its pool
+    long long queued_ms     # when it entered the pool's queue
+    fp_alarm *stall         # the running worker's stall alarm, while armed
+    bint stall_armed
+    int kdst_stall          # STALL_*: is dst a blocking socket (pool copies)
+    # Identity of each end, to tell a parked copy whose fd was closed and
+    # reused under it (the poller's sweep).
+    unsigned long src_dev
+    unsigned long src_ino
+    unsigned long dst_dev
+    unsigned long dst_ino
+    int lost_fd             # that fd, if it happened (else -1): EBADF
     bint in_worker          # a worker has taken the job
     bint close_src          # close these int fds in C when the copy ends
     bint close_dst
@@ -132,8 +160,37 @@ cdef inline long long _idle_deadline(CopyState *st) noexcept nogil:
 
 
 cdef inline void _progress(CopyState *st) noexcept nogil:
+    # Bytes moved: what the poller saw is stale now.
+    st.pass_fd = -1
     if st.idle_ms >= 0:
         st.deadline_ms = _idle_deadline(st)
+
+
+cdef inline int _park_step(CopyState *st, int fd, short events) noexcept nogil:
+    """A pool copy's wait: STEP_PARK, unless it need not or must not wait.
+
+    STEP_AGAIN if the poller has just said that fd is ready for events; the
+    checks _wait_step makes first (idle deadline, cancel) otherwise.
+    """
+    if st.pass_fd == fd and st.pass_events & events:
+        st.pass_fd = -1
+        return STEP_AGAIN
+    if st.lost_fd >= 0:
+        st.err = EBADF
+        return STEP_ERROR
+    if st.idle_ms >= 0 and st.deadline_ms - _now_ms() <= 0:
+        st.err = ETIMEDOUT
+        st.idle_expired = True
+        return STEP_ERROR
+    if FP_CANCELLABLE and fp_load_int(&st.cancel_req):
+        return STEP_CANCELLED
+    st.park_fd = fd
+    st.park_events = events
+    return STEP_PARK
+
+
+cdef inline bint _unpollable(CopyState *st, int fd) noexcept nogil:
+    return (fd == st.src and st.src_unpollable) or (fd == st.dst and st.dst_unpollable)
 
 
 cdef int _wait_step(CopyState *st, int fd, short events) noexcept nogil:
@@ -146,6 +203,8 @@ cdef int _wait_step(CopyState *st, int fd, short events) noexcept nogil:
     cdef int r
     cdef int timeout
     cdef long long left
+    if st.pooled and not _unpollable(st, fd):
+        return _park_step(st, fd, events)
     while True:
         timeout = st.wait_ms
         if st.idle_ms >= 0:
@@ -170,3 +229,19 @@ cdef int _wait_step(CopyState *st, int fd, short events) noexcept nogil:
             return STEP_SIGNALS if st.err == EINTR else STEP_ERROR
         if st.wait_ms >= 0:
             return STEP_SIGNALS
+
+
+cdef int _wait_ready(CopyState *st, int fd, short events) noexcept nogil:
+    """Like _wait_step, where the fd is likely ready already: a pool copy
+    looks without waiting first, and parks only if it is not."""
+    cdef int r
+    if st.pooled and not _unpollable(st, fd):
+        if st.pass_fd == fd and st.pass_events & events:
+            st.pass_fd = -1
+            return STEP_AGAIN
+        r = _wait(st, fd, events, 0)
+        if r > 0:
+            return STEP_AGAIN
+        if r < 0:
+            return STEP_SIGNALS if st.err == EINTR else STEP_ERROR
+    return _wait_step(st, fd, events)
