@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import platform
 import socket
@@ -447,7 +448,17 @@ def open_fds() -> set[int]:
     from fastpipe import _pool
 
     own = {fd for pool in list(_pool._live_pools) for fd in pool._core.poller_fds()}
-    return {int(n) for n in os.listdir("/proc/self/fd")} - own
+    # The listing's own fd is closed by the time it returns (and its number
+    # moves with whatever else is open): only fds still open count.
+    return {fd for fd in map(int, os.listdir("/proc/self/fd")) if _is_open(fd)} - own
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        fcntl.fcntl(fd, fcntl.F_GETFD)
+    except OSError:
+        return False
+    return True
 
 
 compiled_only = pytest.mark.skipif(
@@ -476,3 +487,14 @@ def http_server(tmp_path: Path) -> Iterator[tuple[int, bytes]]:
         proc.wait()
         assert proc.stdout is not None
         proc.stdout.close()
+
+
+@pytest.fixture
+def poller_at_rest() -> Iterator[None]:
+    """The pools' pollers wake only for their fds: no periodic look for fds
+    closed under parked relays (a pool made in the test keeps this)."""
+    _impl._set_sweep_interval(3600.0)
+    try:
+        yield
+    finally:
+        _impl._set_sweep_interval(1.0)

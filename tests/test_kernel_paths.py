@@ -169,12 +169,13 @@ def thread_cpu_ns(thread: threading.Thread) -> int:
         return int(f.read().split()[0])
 
 
-def test_a_full_destination_pipe_waits_without_spinning() -> None:
-    """A reader that stalls: the copy must sleep in poll, not loop on EAGAIN.
+def test_a_full_destination_pipe_waits_without_spinning(poller_at_rest: None) -> None:
+    """A reader that stalls: the copy must park, not loop on EAGAIN.
 
     Go had both bugs (issues 68303 and 75304).  The worker's own CPU time
-    shows a spin, and a parked worker gets none, however busy the machine:
-    not one nanosecond in half a second.
+    shows a spin, and a worker with nothing to run but the poll for its
+    parked relay gets none, however busy the machine: not one nanosecond in
+    half a second.
     """
     data = payload(8 << 20)
     src_r, src_w = os.pipe()

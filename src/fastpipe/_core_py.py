@@ -161,6 +161,16 @@ def _set_pipe_size(size: int) -> None:
     trim_pipes()
 
 
+# How often the poller looks for fds closed under parked copies.
+_sweep_s = 1.0
+
+
+def _set_sweep_interval(seconds: float) -> None:
+    """Set how often a poller looks for fds closed under parked copies."""
+    global _sweep_s
+    _sweep_s = seconds
+
+
 def _set_splice_min_read(nbytes: int) -> int:
     """For tests: when a socket source moves to splice (0: at once)."""
     global _splice_min_read

@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # both twins have these names; _core.pyi types them
         PoolCore,
         _set_pipe_size,
         _set_splice_min_read,
+        _set_sweep_interval,
         buffer_stats,
         copy_fd,
         fd_ready,
@@ -58,6 +59,7 @@ else:
     trim_pipes = _module.trim_pipes
     _set_pipe_size = _module._set_pipe_size
     _set_splice_min_read = _module._set_splice_min_read
+    _set_sweep_interval = _module._set_sweep_interval
 
 __all__ = [
     "BUFFER_SIZE",

@@ -48,6 +48,16 @@ cdef struct Poller:
     long long sweep_ms      # when it looks next
 
 
+# How often the sweep looks; tests lengthen it to see a parked pool at rest.
+cdef long long _sweep_ms = SWEEP_MS
+
+
+def _set_sweep_interval(double seconds):
+    """Set how often a poller looks for fds closed under parked copies."""
+    global _sweep_ms
+    _sweep_ms = <long long>(seconds * 1000)
+
+
 cdef void _poller_init(Poller *p) noexcept nogil:
     memset(p, 0, sizeof(Poller))
     p.epfd = -1
@@ -294,7 +304,7 @@ cdef CopyState *_poller_sweep(Poller *p, long long now) noexcept nogil:
     cdef stat sb
     cdef int fd, end, k
     cdef bint lost
-    p.sweep_ms = now + SWEEP_MS
+    p.sweep_ms = now + _sweep_ms
     end = p.sweep_at + SWEEP_SLOTS
     if end > p.nslots:
         end = p.nslots

@@ -935,7 +935,7 @@ cdef class PoolCore:
         self.polling = True
         now = _now_ms()
         if self.poller.sweep_ms == 0:
-            self.poller.sweep_ms = now + SWEEP_MS
+            self.poller.sweep_ms = now + _sweep_ms
         timeout = _poller_timeout(&self.poller, now)
         pthread_mutex_unlock(&self.lock)
         n = epoll_wait(
