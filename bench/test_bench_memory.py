@@ -1,8 +1,10 @@
-"""Memory: RSS per relay parked on an idle fd, 1,000 of them, in a fresh process.
+"""Parked relays: RSS per relay parked on an idle pipe and per ``proxy()``
+connection parked on idle sockets, and the threads they take, each measured
+in a fresh process.
 
-A parked relay holds no buffer (it gives its buffers back before it waits),
-so what it costs is its worker thread; the benchmark fails above TARGET_KIB.
-The timing is how long a fresh pool takes to park that many relays.
+A parked relay holds no thread, buffer or pipe: what it costs is its Python
+objects and the poller's bookkeeping.  The benchmark fails above the
+targets; the timing is how long a fresh process takes to park them all.
 """
 
 from __future__ import annotations
@@ -12,27 +14,24 @@ from pytest_benchmark.fixture import BenchmarkFixture
 
 from fastpipe._bench import memory
 
-RELAYS = 1000
-TARGET_KIB = 24
+RELAYS = 3000
+PROXIES = 2000
+TARGET_KIB = {"relay": 2.0, "proxy": 3.0}
+MAX_THREADS = 16
 
 
-@pytest.mark.benchmark(group="idle-memory")
-def test_idle_relays_rss(benchmark: BenchmarkFixture) -> None:
-    results: list[tuple[float, int, int]] = []
+@pytest.mark.benchmark(group="parked")
+@pytest.mark.parametrize(("kind", "n"), [("relay", RELAYS), ("proxy", PROXIES)])
+def test_parked_rss_and_threads(benchmark: BenchmarkFixture, kind: str, n: int) -> None:
+    results: list[dict[str, float | int]] = []
 
     def measure() -> None:
-        results.append(memory.measure_idle_rss(RELAYS))
+        results.append(memory.measure_parked(kind, n))
 
     benchmark.pedantic(measure, rounds=1, iterations=1)
-    kib, workers, in_use = results[-1]
-    benchmark.extra_info.update(
-        {
-            "relays": RELAYS,
-            "KiB_per_relay": round(kib, 1),
-            "workers": workers,
-            "buffers_in_use": in_use,
-        }
-    )
-    assert workers == RELAYS
-    assert in_use == 0
-    assert kib <= TARGET_KIB
+    m = results[-1]
+    benchmark.extra_info.update(m)
+    assert m["ok"] == n
+    assert m["buffers_in_use"] == m["pipes_in_use"] == 0
+    assert m["threads"] <= MAX_THREADS
+    assert m["rss_kib_each"] <= TARGET_KIB[kind]

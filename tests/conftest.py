@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import os
 import platform
 import socket
@@ -498,3 +499,47 @@ def poller_at_rest() -> Iterator[None]:
         yield
     finally:
         _impl._set_sweep_interval(1.0)
+
+
+class HeldWriter(io.BufferedIOBase):
+    """A sink whose ``flush()`` waits until ``release()``.
+
+    A relay into it keeps its worker busy in the prologue, where the worker
+    flushes a buffered writer before the copy: the one deterministic way to
+    hold a worker, since a relay that merely waits for bytes is parked and
+    holds none.  ``flushing`` is set once a worker is inside the flush.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._r, self._w = os.pipe()
+        self.gate = threading.Event()
+        self.flushing = threading.Event()
+
+    def fileno(self) -> int:
+        return self._w
+
+    def writable(self) -> bool:
+        return True
+
+    def flush(self) -> None:
+        if not self.gate.is_set():
+            self.flushing.set()
+            self.gate.wait()
+
+    def release(self) -> None:
+        self.gate.set()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.gate.set()
+            super().close()
+            os.close(self._w)
+            os.close(self._r)
+
+
+def held_relay(pool: fastpipe.WorkerPool) -> tuple[fastpipe.Relay[int], HeldWriter]:
+    """A relay that holds a worker until ``held.release()``; its source is at
+    end of file, so it then ends at once with 0 and closes both ends."""
+    held = HeldWriter()
+    return pool.relay(os.open(os.devnull, os.O_RDONLY), held), held

@@ -8,7 +8,7 @@ import time
 
 import fastpipe
 
-from conftest import Endpoints
+from conftest import Endpoints, wait_for
 
 
 def test_buffer_stats_keys_and_invariants() -> None:
@@ -88,25 +88,20 @@ def test_a_relay_parked_on_an_idle_fd_holds_no_buffer() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     with fastpipe.WorkerPool() as pool:
         relays = [pool.relay(r, devnull, close=False) for r, _ in pairs]
-        deadline = time.monotonic() + 10
-        while pool.stats()["busy"] < 20:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        # Bytes flowed through each, then the source went idle again.
-        for _, w in pairs:
-            os.write(w, b"z" * 100_000)
-        deadline = time.monotonic() + 10
-        while sum(r.bytes_copied for r in relays) < 20 * 100_000:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        # Each gives its buffers back once it finds its pipe empty, and then
-        # parks: all twenty end up holding none.
-        deadline = time.monotonic() + 30
-        while fastpipe.buffer_stats()["in_use"]:
-            assert time.monotonic() < deadline, fastpipe.buffer_stats()
-            time.sleep(0.01)
-        for _, w in pairs:
-            os.close(w)
+        try:
+            wait_for(lambda: pool.stats()["parked"] == 20)
+            # Bytes flowed through each, then the source went idle again.
+            for _, w in pairs:
+                os.write(w, b"z" * 100_000)
+            wait_for(lambda: sum(r.bytes_copied for r in relays) == 20 * 100_000)
+            # Each gives its buffers back once it finds its pipe empty, and
+            # then parks: all twenty end up parked, holding none.
+            wait_for(lambda: pool.stats()["parked"] == 20, timeout=30)
+            assert fastpipe.buffer_stats()["in_use"] == 0, fastpipe.buffer_stats()
+            assert fastpipe.pipe_stats()["in_use"] == 0, fastpipe.pipe_stats()
+        finally:
+            for _, w in pairs:
+                os.close(w)
         assert [r.result(timeout=10) for r in relays] == [100_000] * 20
     for r, _ in pairs:
         os.close(r)

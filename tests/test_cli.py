@@ -120,7 +120,7 @@ def test_a_short_bench_prints_the_table_and_writes_json(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "fastpipe.relay" in proc.stdout
     assert "copyfileobj" in proc.stdout
-    assert "KiB of RSS" in proc.stdout
+    assert "KiB of RSS relay" in proc.stdout
     doc = json.loads(out.read_text())
     assert {r["workload"] for r in doc["results"]} >= {
         "file-to-file",
@@ -145,8 +145,12 @@ def test_a_short_bench_prints_the_table_and_writes_json(tmp_path) -> None:
         assert all(r["MiB_per_s"] > 0 and r["walls"] for r in twin.values())
         assert "both twins" in proc.stdout
         assert ("python twin: ms" if other == "py" else "compiled core: ms") in proc.stdout
-    assert doc["idle_memory"]["buffers_in_use"] == 0
-    assert 0 < doc["idle_memory"]["rss_kib_per_relay"] < 64
+    idle = doc["idle_memory"]
+    assert idle["buffers_in_use"] == idle["pipes_in_use"] == 0
+    assert idle["proxy_buffers_in_use"] == idle["proxy_pipes_in_use"] == 0
+    assert 0 < idle["rss_kib_per_relay"] < 64 and 0 < idle["rss_kib_per_proxy"] < 64
+    assert idle["proxies_echoed"] == idle["proxies"] == 1000
+    assert "parked on idle sockets" in proc.stdout
 
 
 def _scratch_dirs_in_use(pids: list[int], root: str) -> dict[str, int]:

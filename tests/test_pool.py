@@ -15,7 +15,7 @@ import pytest
 import fastpipe
 from fastpipe import WorkerPool
 
-from conftest import wait_for
+from conftest import held_relay, wait_for
 
 
 def idle_relay(pool: WorkerPool) -> tuple[fastpipe.Relay, int]:
@@ -37,8 +37,10 @@ def finish(writers: list[int], payload: bytes = b"x" * 1000) -> None:
 
 def test_stats_has_the_contract_keys() -> None:
     with WorkerPool() as pool:
-        assert set(pool.stats()) == {"workers", "idle", "busy", "queued", "peak"}
-        assert pool.stats() == {"workers": 0, "idle": 0, "busy": 0, "queued": 0, "peak": 0}
+        assert set(pool.stats()) == {"workers", "idle", "busy", "queued", "peak", "parked"}
+        assert pool.stats() == {
+            "workers": 0, "idle": 0, "busy": 0, "queued": 0, "peak": 0, "parked": 0
+        }
 
 
 def test_sequential_relays_start_no_new_threads() -> None:
@@ -57,25 +59,50 @@ def test_sequential_relays_start_no_new_threads() -> None:
 
 
 @pytest.mark.parametrize("n", [1, 5, 16])
-def test_n_simultaneous_relays_grow_to_n_workers_and_are_reused(n: int) -> None:
+def test_n_running_relays_grow_to_n_workers_and_are_reused(n: int) -> None:
     with WorkerPool() as pool:
         before = worker_threads()
-        wave = [idle_relay(pool) for _ in range(n)]
+        wave = [held_relay(pool) for _ in range(n)]
         wait_for(lambda: pool.stats()["busy"] == n)
-        assert pool.stats() == {"workers": n, "idle": 0, "busy": n, "queued": 0, "peak": n}
+        assert pool.stats() == {
+            "workers": n, "idle": 0, "busy": n, "queued": 0, "peak": n, "parked": 0
+        }
         first = worker_threads() - before
         assert len(first) == n
-        finish([w for _, w in wave])
-        assert [r.result(timeout=10) for r, _ in wave] == [1000] * n
+        for _, held in wave:
+            held.release()
+        assert [r.result(timeout=10) for r, _ in wave] == [0] * n
         wait_for(lambda: pool.stats()["idle"] == n)
 
-        wave = [idle_relay(pool) for _ in range(n)]
+        wave = [held_relay(pool) for _ in range(n)]
         wait_for(lambda: pool.stats()["busy"] == n)
         assert pool.stats()["workers"] == n
         assert worker_threads() - before == first  # the same threads again
-        finish([w for _, w in wave])
-        assert [r.result(timeout=10) for r, _ in wave] == [1000] * n
+        for _, held in wave:
+            held.release()
+        assert [r.result(timeout=10) for r, _ in wave] == [0] * n
         assert pool.stats()["peak"] == n
+
+
+@pytest.mark.parametrize("n", [1, 16, 200])
+def test_n_parked_relays_hold_no_worker(n: int) -> None:
+    """Relays waiting on idle pipes are parked: one worker polls for all of
+    them, and each resumes in a worker when its bytes come."""
+    with WorkerPool() as pool:
+        wave = [idle_relay(pool) for _ in range(n)]
+        try:
+            wait_for(lambda: pool.stats()["parked"] == n)
+            stats = pool.stats()
+            assert stats["busy"] == 0 and stats["queued"] == 0, stats
+            # Every worker is idle: the threads are the few that ran the
+            # relays' first steps, however many relays there are.
+            assert stats["idle"] == stats["workers"], stats
+            assert 1 <= stats["workers"] <= min(n, 16), stats
+            assert all(r.running() for r, _ in wave)
+        finally:
+            finish([w for _, w in wave])
+        assert [r.result(timeout=10) for r, _ in wave] == [1000] * n
+        assert pool.stats()["parked"] == 0
 
 
 def test_worker_threads_are_named_daemons() -> None:
@@ -83,7 +110,7 @@ def test_worker_threads_are_named_daemons() -> None:
         before = worker_threads()
         relay, w = idle_relay(pool)
         try:
-            wait_for(lambda: pool.stats()["busy"] == 1)
+            wait_for(lambda: pool.stats()["workers"] == 1)
             (thread,) = worker_threads() - before
             assert thread.daemon
         finally:
@@ -93,6 +120,8 @@ def test_worker_threads_are_named_daemons() -> None:
 
 def test_max_workers_queues_in_order() -> None:
     with WorkerPool(max_workers=1) as pool:
+        holder, held = held_relay(pool)
+        wait_for(held.flushing.is_set)
         order: list[int] = []
         relays = []
         writers = []
@@ -101,15 +130,30 @@ def test_max_workers_queues_in_order() -> None:
             relay.add_done_callback(lambda _f, i=i: order.append(i))
             relays.append(relay)
             writers.append(w)
-        wait_for(lambda: pool.stats()["busy"] == 1)
-        assert pool.stats()["queued"] == 3
+        assert pool.stats()["queued"] == 4
         assert pool.stats()["workers"] == 1
-        # Feed them all at once; only queue order decides who runs next.
+        # Feed them all first: only queue order decides who runs next, and
+        # each runs to its end once it has the worker.
         finish(writers)
+        held.release()
+        assert holder.result(timeout=10) == 0
         assert [r.result(timeout=10) for r in relays] == [1000] * 4
         # A future can end before its callbacks have run in another thread.
         wait_for(lambda: len(order) == 4)
         assert order == [0, 1, 2, 3]
+        assert pool.stats()["peak"] == 1
+
+
+def test_max_workers_bounds_threads_not_relays() -> None:
+    """With one worker, a hundred relays all start, park, and each runs when
+    its bytes come, in any order."""
+    with WorkerPool(max_workers=1) as pool:
+        wave = [idle_relay(pool) for _ in range(100)]
+        wait_for(lambda: pool.stats()["parked"] == 100)
+        assert pool.stats()["workers"] == 1
+        for i in reversed(range(100)):
+            finish([wave[i][1]], payload=b"y" * i)
+            assert wave[i][0].result(timeout=10) == i
         assert pool.stats()["peak"] == 1
 
 
@@ -128,7 +172,8 @@ def test_queued_relay_can_be_cancelled_and_its_ends_are_closed(how: str) -> None
     """Closed before the future completes (docs/design.md, close=True), as for a
     relay that ran: a done-callback already finds both ends closed."""
     pool = WorkerPool(max_workers=1)
-    _, w1 = idle_relay(pool)
+    _, held = held_relay(pool)
+    wait_for(held.flushing.is_set)
     r, w = os.pipe()
     a, b = socket.socketpair()
     try:
@@ -140,24 +185,27 @@ def test_queued_relay_can_be_cancelled_and_its_ends_are_closed(how: str) -> None
         if how == "cancel":
             assert queued.cancel()
         else:
+            # The holder's flush is Python code, which no cancel interrupts:
+            # it is let go while shutdown waits for its worker.
+            threading.Timer(0.1, held.release).start()
             pool.shutdown(wait=True, cancel_relays=True)
         assert queued.cancelled()
         wait_for(lambda: bool(seen))
         assert seen == [(True, -1)], "a done-callback saw an end still open"
     finally:
+        held.release()
         pool.shutdown(cancel_relays=True)  # the queued relay closes r and a
-        for fd in (w1, w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        with contextlib.suppress(OSError):
+            os.close(w)
         b.close()
 
 
 def test_idle_worker_timeout_lets_workers_exit() -> None:
     with WorkerPool(idle_worker_timeout=0.2) as pool:
-        wave = [idle_relay(pool) for _ in range(3)]
+        wave = [held_relay(pool) for _ in range(3)]
         wait_for(lambda: pool.stats()["workers"] == 3)
-        finish([w for _, w in wave])
-        for r, _ in wave:
+        for r, held in wave:
+            held.release()
             r.result(timeout=10)
         wait_for(lambda: pool.stats()["workers"] == 0)
         assert pool.stats()["idle"] == 0
@@ -194,29 +242,37 @@ def test_shutdown_is_idempotent_and_refuses_new_relays() -> None:
 
 
 def test_shutdown_waits_for_running_relays() -> None:
+    """Parked relays too: they have started, and the worker that polls for
+    them stays until they end."""
     pool = WorkerPool()
     relay, w = idle_relay(pool)
-    wait_for(lambda: pool.stats()["busy"] == 1)
+    wait_for(lambda: pool.stats()["parked"] == 1)
+    assert relay.running()
     threading.Timer(0.2, finish, ([w],)).start()
     pool.shutdown(wait=True)
     assert relay.done()
     assert relay.result() == 1000
 
 
-def test_shutdown_cancel_relays_cancels_queued_and_running_ones() -> None:
+def test_shutdown_cancel_relays_cancels_queued_running_and_parked_ones() -> None:
     pool = WorkerPool(max_workers=1)
-    running, w = idle_relay(pool)
-    queued, w2 = idle_relay(pool)
-    wait_for(lambda: pool.stats()["queued"] == 1)
+    parked, w = idle_relay(pool)
     os.write(w, b"y" * 10)
-    wait_for(lambda: running.bytes_copied == 10)
+    wait_for(lambda: parked.bytes_copied == 10 and pool.stats()["parked"] == 1)
+    running, held = held_relay(pool)
+    wait_for(held.flushing.is_set)
+    queued, w2 = idle_relay(pool)
+    assert pool.stats()["queued"] == 1
+    releaser = threading.Timer(0.2, held.release)
+    releaser.start()
     start = time.monotonic()
-    pool.shutdown(wait=True, cancel_relays=True)  # the running one is parked on an idle pipe
+    pool.shutdown(wait=True, cancel_relays=True)
     # It returns, where waiting for the parked relay would never end; how
     # fast is a latency, for bench/ (a busy machine stretches it).
     assert time.monotonic() - start < 30
-    assert queued.cancelled() and running.cancelled()
-    assert running.bytes_copied == 10
+    releaser.join()
+    assert queued.cancelled() and running.cancelled() and parked.cancelled()
+    assert parked.bytes_copied == 10
     assert pool.stats()["workers"] == 0
     os.close(w)
     os.close(w2)
@@ -456,29 +512,38 @@ def test_every_way_a_relay_ends_takes_it_off_the_pools_live_set() -> None:
         _finished_relay(pool, b"done")
         _failed_relay(pool)
         _finished_proxy(pool)
-        running, w_running = idle_relay(pool)
-        blocker, w_blocker = idle_relay(pool)
+        parked, w_parked = idle_relay(pool)
+        wait_for(lambda: pool.stats()["parked"] == 1)
+        holders = [held_relay(pool) for _ in range(2)]
+        wait_for(lambda: all(held.flushing.is_set() for _, held in holders))
         queued, w_queued = idle_relay(pool)  # behind the two running ones
         r1, w1 = os.pipe()
         r2, w2 = os.pipe()
-        queued_proxy = pool.proxy((r1, w2), (r2, w1))  # a pair waits whole
-        wait_for(lambda: pool.stats()["queued"] == 3)
-        assert len(pool._live) == 4
-        assert queued.cancel() and queued_proxy.cancel() and running.cancel()
-        finish([w_blocker])
-        assert blocker.result(timeout=10) == 1000
+        queued_proxy = pool.proxy((r1, w2), (r2, w1))
+        assert pool.stats()["queued"] == 3
+        assert len(pool._live) == 5
+        assert queued.cancel() and queued_proxy.cancel() and parked.cancel()
+        for relay, held in holders:
+            held.release()
+            assert relay.result(timeout=10) == 0
         wait_for(lambda: not pool._live)
-        for w in (w_running, w_queued):
+        for w in (w_parked, w_queued):
             os.close(w)
-    # And shutdown's own cancel, of a running and a queued relay.
+    # And shutdown's own cancel, of a running, a parked and a queued relay.
     pool = WorkerPool(max_workers=1)
-    running, w_running = idle_relay(pool)
+    parked, w_parked = idle_relay(pool)
+    wait_for(lambda: pool.stats()["parked"] == 1)
+    running, held = held_relay(pool)
+    wait_for(held.flushing.is_set)
     queued, w_queued = idle_relay(pool)
-    wait_for(lambda: pool.stats()["queued"] == 1)
+    assert pool.stats()["queued"] == 1
+    releaser = threading.Timer(0.1, held.release)
+    releaser.start()
     pool.shutdown(cancel_relays=True)
-    assert running.cancelled() and queued.cancelled()
+    releaser.join()
+    assert running.cancelled() and queued.cancelled() and parked.cancelled()
     assert not pool._live
-    for w in (w_running, w_queued):
+    for w in (w_parked, w_queued):
         os.close(w)
 
 

@@ -16,7 +16,7 @@ from typing import TextIO
 import fastpipe
 from fastpipe._bench.common import BenchError, MiB
 from fastpipe._bench.host import cpus_to_warm, new_scratch_dir
-from fastpipe._bench.memory import IDLE_RELAYS, measure_idle_rss
+from fastpipe._bench.memory import PARKED_PROXIES, PARKED_RELAYS, measure_parked
 from fastpipe._bench.report import format_report, header
 from fastpipe._bench.runner import Result, build_cases, run_workload
 from fastpipe._bench.small_relays import SMALL_IN_FLIGHT, SMALL_PAYLOAD, SMALL_RELAYS
@@ -92,23 +92,49 @@ def run_bench(
         finally:
             if progress is not None:
                 progress("")
-    rss_per_relay, workers, in_use = measure_idle_rss(IDLE_RELAYS)
+    if progress is not None:
+        progress("parked relays and connections, in fresh processes")
+    parked_relays = measure_parked("relay", PARKED_RELAYS)
+    parked_proxies = measure_parked("proxy", PARKED_PROXIES)
+    if progress is not None:
+        progress("")
     elapsed = time.perf_counter() - started
     report = format_report(results, header(size, relays, repeat, directory))
-    memory = (
-        f"memory: {IDLE_RELAYS} relays parked on idle pipes cost {rss_per_relay:.1f} KiB of RSS"
-        f" each ({workers} workers, {in_use} buffers held), measured in a fresh process"
+    memory = "\n".join(
+        (
+            "parked (each measured in a fresh process):",
+            _parked_line(parked_relays, "relays parked on idle pipes", "relay"),
+            _parked_line(parked_proxies, "proxy() connections parked on idle sockets", "one"),
+        )
     )
     tables.write(f"{report}\n{memory}\n(total {elapsed:.1f} s)\n")
     if json_path is not None:
         idle = {
-            "relays": IDLE_RELAYS,
-            "rss_kib_per_relay": round(rss_per_relay, 2),
-            "workers": workers,
-            "buffers_in_use": in_use,
+            "relays": parked_relays["n"],
+            "rss_kib_per_relay": round(parked_relays["rss_kib_each"], 2),
+            "threads": parked_relays["threads"],
+            "workers": parked_relays["workers"],
+            "buffers_in_use": parked_relays["buffers_in_use"],
+            "pipes_in_use": parked_relays["pipes_in_use"],
+            "proxies": parked_proxies["n"],
+            "rss_kib_per_proxy": round(parked_proxies["rss_kib_each"], 2),
+            "proxy_threads": parked_proxies["threads"],
+            "proxy_buffers_in_use": parked_proxies["buffers_in_use"],
+            "proxy_pipes_in_use": parked_proxies["pipes_in_use"],
+            "proxies_echoed": parked_proxies["ok"],
         }
         _write_json(json_path, results, size, relays, repeat, idle, out)
     return 0
+
+
+def _parked_line(m: dict[str, int | float], what: str, each: str) -> str:
+    ended = "all ended right" if m["ok"] == m["n"] else f"only {m['ok']} ended right"
+    echo = ", every one echoed" if "connections" in what and m["ok"] == m["n"] else ""
+    return (
+        f"  {m['n']} {what}: {m['rss_kib_each']:.2f} KiB of RSS {each}, {m['threads']} threads"
+        f" in the process, {m['buffers_in_use']} buffers and {m['pipes_in_use']} pipes held;"
+        f" {ended}{echo}"
+    )
 
 
 def _write_json(

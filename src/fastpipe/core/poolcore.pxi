@@ -419,27 +419,13 @@ cdef class PoolCore:
         """Take a job off the queue if no worker has ever run it; True if
         taken (it will never run)."""
         cdef CopyState *st = &job.st
-        cdef CopyState *prev = NULL
-        cdef CopyState *cur
         cdef bint found = False
         with nogil:
             pthread_mutex_lock(&self.lock)
             if st.jstate == J_QUEUED and not st.in_worker:
-                cur = self.queue_head
-                while cur != NULL:
-                    if cur == st:
-                        if prev == NULL:
-                            self.queue_head = cur.link
-                        else:
-                            prev.link = cur.link
-                        if self.queue_tail == cur:
-                            self.queue_tail = prev
-                        self.n_queued -= 1
-                        st.jstate = J_DONE
-                        found = True
-                        break
-                    prev = cur
-                    cur = cur.link
+                self._unlink_queued(st)
+                st.jstate = J_DONE
+                found = True
             pthread_mutex_unlock(&self.lock)
         if found:
             st.link = NULL
@@ -447,17 +433,64 @@ cdef class PoolCore:
         return found
 
     cdef void _kick(self, CopyState *st) noexcept nogil:
-        """CopyJob.cancel() on a pool copy: a parked one goes back to the
-        queue at once, to stop there.  A running one is signalled by cancel()
-        itself, and a queued one sees the flag when it starts."""
-        cdef CWorker *wake = NULL
+        """CopyJob.cancel() on a pool copy.  One that no worker holds (parked,
+        or queued to resume) is stopped here and now, in the caller's thread:
+        it needs no worker to end, however busy the pool.  A running one is
+        signalled by cancel() itself; one that never ran sees the flag when
+        it starts (or Python takes it off the queue)."""
+        cdef bint mine = False
         pthread_mutex_lock(&self.lock)
         if st.jstate == J_PARKED:
             _poller_unpark(&self.poller, st, 0)
-            self._enqueue(st)
-            self._dispatch(&wake)
+            mine = True
+        elif st.jstate == J_QUEUED and st.in_worker:
+            self._unlink_queued(st)
+            mine = True
+        if mine:
+            st.jstate = J_RUNNING  # this thread's until it is filed as done
         pthread_mutex_unlock(&self.lock)
-        self._post_all(wake)
+        if mine:
+            st.cancelled = True
+            st.err = ECANCELED
+            st.status = STEP_ERROR
+            self._end(st)
+            pthread_mutex_lock(&self.lock)
+            self._file_done(st)
+            pthread_mutex_unlock(&self.lock)
+
+    cdef void _unlink_queued(self, CopyState *st) noexcept nogil:
+        # Under the lock: take st, which is queued, off the queue.
+        cdef CopyState *prev = NULL
+        cdef CopyState *cur = self.queue_head
+        while cur != st:
+            prev = cur
+            cur = cur.link
+        if prev == NULL:
+            self.queue_head = st.link
+        else:
+            prev.link = st.link
+        if self.queue_tail == st:
+            self.queue_tail = prev
+        st.link = NULL
+        self.n_queued -= 1
+
+    cdef void _file_done(self, CopyState *st) noexcept nogil:
+        """Under the lock: st is over; it goes to the done list, for the
+        completer (or a thread helping in result()), which is woken."""
+        st.jstate = J_DONE
+        st.link = NULL
+        if self.done_tail == NULL:
+            self.done_head = st
+        else:
+            self.done_tail.link = st
+        self.done_tail = st
+        # Signalled under the lock: the pool outlives its workers, and a
+        # waiter re-checks under the lock.  A helper first: it completes the
+        # relay in the thread that waits for it.
+        if self.helpers_waiting:
+            pthread_cond_signal(&self.helper_cond)
+        elif self.completer_waiting:
+            pthread_cond_signal(&self.done_cond)
 
     def abandon(self, WorkerHandle handle not None):
         """The thread for a new worker could not start: undo it.
@@ -860,25 +893,13 @@ cdef class PoolCore:
         the worker must exit."""
         cdef CopyState *st = NULL
         cdef CWorker *wake = NULL
-        cdef bint wake_helper = False
         cdef bint wake_completer = False
         cdef bint counted_out = False
         cdef int r
         pthread_mutex_lock(&self.lock)
         if done != NULL:
-            done.jstate = J_DONE
-            done.link = NULL
-            if self.done_tail == NULL:
-                self.done_head = done
-            else:
-                self.done_tail.link = done
-            self.done_tail = done
+            self._file_done(done)
             self.n_busy -= 1
-            # Signalled after the unlock, so that the woken threads do not
-            # block at once on the lock still held here.  The pool outlives
-            # its workers, and a waiter re-checks under the lock.
-            wake_helper = self.helpers_waiting
-            wake_completer = self.completer_waiting and not wake_helper
         while True:
             if self.queue_head != NULL:
                 st = self._pop_queue()
@@ -887,16 +908,10 @@ cdef class PoolCore:
             if self.shutting_down and (self.poller.n_parked == 0 or self.polling):
                 break  # the leader stays for the parked copies
             # This worker is about to wait: whoever it was to wake must not
-            # wait with it (posted and signalled under the lock this once).
+            # wait with it (posted under the lock this once).
             if wake != NULL:
                 self._post_all(wake)
                 wake = NULL
-            if wake_helper:
-                pthread_cond_signal(&self.helper_cond)
-                wake_helper = False
-            if wake_completer:
-                pthread_cond_signal(&self.done_cond)
-                wake_completer = False
             if self._unpolled():
                 self._lead(w)
                 continue
@@ -915,11 +930,9 @@ cdef class PoolCore:
             if self.n_workers == 0:
                 if self.poller.n_parked == 0:
                     _poller_close(&self.poller)
-                wake_completer = wake_completer or self.completer_waiting
+                wake_completer = self.completer_waiting
         pthread_mutex_unlock(&self.lock)
         self._post_all(wake)
-        if wake_helper:
-            pthread_cond_signal(&self.helper_cond)
         if wake_completer:
             pthread_cond_signal(&self.done_cond)
         return st
