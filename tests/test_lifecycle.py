@@ -14,7 +14,7 @@ import pytest
 import fastpipe
 from fastpipe import Relay, WorkerPool
 
-from conftest import is_closed, tcp_pair, wait_for, wait_until_a_worker_blocks
+from conftest import held_relay, is_closed, tcp_pair, wait_for, wait_until_a_worker_blocks
 
 # The contract asks a cancel to stop a copy within 100 ms: a latency, which
 # a busy machine stretches (bench/test_bench_latency.py measures it).  What
@@ -228,17 +228,16 @@ def test_cancel_from_a_done_callback_does_not_deadlock() -> None:
         os.close(w2)
 
 
-def test_cancel_queued_proxies_behind_a_running_relay() -> None:
-    r, w = os.pipe()
+def test_cancel_queued_proxies_behind_a_held_worker() -> None:
     pairs = [socket.socketpair() for _ in range(4)]
-    try:
-        with WorkerPool(max_workers=2) as pool:
-            blocker = pool.relay(r, os.open(os.devnull, os.O_WRONLY))
-            # One worker is free, but a proxy starts whole or not at all.
+    with WorkerPool(max_workers=1) as pool:
+        holder, held = held_relay(pool)
+        try:
+            assert held.flushing.wait(10)
             first = pool.proxy(pairs[0][0], pairs[1][0])
             second = pool.proxy(pairs[2][0], pairs[3][0])
-            wait_for(lambda: pool.stats()["queued"] == 4)
-            assert pool.stats()["idle"] == 1
+            # Both directions of both proxies wait for the one worker.
+            assert pool.stats()["queued"] == 4
             assert second.cancel()
             check_cancelled(second)
             assert pool.stats()["queued"] == 2
@@ -247,14 +246,12 @@ def test_cancel_queued_proxies_behind_a_running_relay() -> None:
             for sock, _ in pairs:
                 assert sock.fileno() == -1
             assert pool.stats()["queued"] == 0
-            os.close(w)
-            assert blocker.result(timeout=10) == 0
-    finally:
-        for sock, peer in pairs:
-            sock.close()
-            peer.close()
-        if not is_closed(w):
-            os.close(w)
+        finally:
+            held.release()
+            for sock, peer in pairs:
+                sock.close()
+                peer.close()
+        assert holder.result(timeout=10) == 0
 
 
 # -- asyncio --------------------------------------------------------------------
@@ -360,28 +357,30 @@ def test_wait_for_timeout_cancels_the_relay() -> None:
 # -- pool limits with proxies -----------------------------------------------------
 
 
-def test_a_proxy_takes_two_workers_and_max_workers_queues_the_next() -> None:
-    with WorkerPool(max_workers=2) as pool:
-        p1 = [socket.socketpair() for _ in range(2)]
-        p2 = [socket.socketpair() for _ in range(2)]
-        first = pool.proxy(p1[0][0], p1[1][0])
-        second = pool.proxy(p2[0][0], p2[1][0])
-        wait_for(lambda: pool.stats()["busy"] == 2)
-        assert pool.stats()["queued"] == 2
-        # The queued proxy starts only when the first one is over.
-        p2[0][1].sendall(b"waits")
-        time.sleep(0.1)
-        assert second.bytes_copied == 0
-        for _, peer in p1:
-            peer.shutdown(socket.SHUT_WR)
-        assert first.result(timeout=10) == (0, 0)
-        assert p2[1][1].recv(10) == b"waits"
-        for _, peer in p2:
-            peer.shutdown(socket.SHUT_WR)
-        assert second.result(timeout=10) == (5, 0)
-        assert pool.stats()["peak"] == 2
-        for pair in p1 + p2:
-            pair[1].close()
+def test_one_worker_serves_many_proxies_both_ways() -> None:
+    """max_workers bounds threads, not connections: a direction that waits
+    parks and gives the worker to the next one."""
+    conns = []
+    with WorkerPool(max_workers=1) as pool:
+        try:
+            for _ in range(8):
+                client, a = socket.socketpair()
+                b, server = socket.socketpair()
+                conns.append((client, a, b, server, pool.proxy(a, b)))
+            wait_for(lambda: pool.stats()["parked"] == 16)
+            for i, (client, _, _, server, _) in enumerate(conns):
+                round_trip(client, server, os.urandom(1000 + i))
+            for client, _, _, server, _ in conns:
+                client.shutdown(socket.SHUT_WR)
+                server.shutdown(socket.SHUT_WR)
+            for i, (_, _, _, _, relay) in enumerate(conns):
+                assert relay.result(timeout=10) == (1000 + i, 1000 + i)
+            stats = pool.stats()
+            assert stats["workers"] <= 1 and stats["peak"] == 1
+        finally:
+            for conn in conns:
+                for sock in conn[:4]:
+                    sock.close()
 
 
 def round_trip(client: socket.socket, server: socket.socket, message: bytes) -> None:
@@ -400,90 +399,78 @@ def round_trip(client: socket.socket, server: socket.socket, message: bytes) -> 
     assert got == message[::-1]
 
 
-def test_a_proxy_never_starts_half_under_max_workers() -> None:
-    """With one worker free the proxy waits whole: started half, it would
-    forward the request and leave the reply without a worker."""
-    r, w = os.pipe()
+def test_a_queued_proxy_starts_when_a_worker_is_free() -> None:
     client, a = socket.socketpair()
     b, server = socket.socketpair()
-    try:
-        with WorkerPool(max_workers=2, idle_worker_timeout=0.05) as pool:
-            blocker = pool.relay(r, os.open(os.devnull, os.O_WRONLY))
+    with WorkerPool(max_workers=1) as pool:
+        holder, held = held_relay(pool)
+        try:
+            assert held.flushing.wait(10)
             proxied = pool.proxy(a, b)
-            wait_for(lambda: pool.stats()["queued"] == 2)
             client.sendall(b"early")
-            # The spare worker that waits for the pair outlives its idle
-            # timeout many times over: the pair counts on it.
-            time.sleep(0.3)
-            assert pool.stats() == {"workers": 2, "idle": 1, "busy": 1, "queued": 2, "peak": 1}
+            assert pool.stats()["queued"] == 2
             assert proxied.bytes_copied == 0
-            os.close(w)
-            w = -1
-            assert blocker.result(timeout=10) == 0
+        finally:
+            held.release()
+        try:
+            assert holder.result(timeout=10) == 0
             server.settimeout(10)
             assert server.recv(5) == b"early"
             round_trip(client, server, os.urandom(5000))
             client.shutdown(socket.SHUT_WR)
             server.shutdown(socket.SHUT_WR)
             assert proxied.result(timeout=10) == (5005, 5000)
-            assert pool.stats()["peak"] == 2
-    finally:
-        if w >= 0:
-            os.close(w)
-        for sock in (client, a, b, server):
-            sock.close()
+            assert pool.stats()["peak"] == 1
+        finally:
+            for sock in (client, a, b, server):
+                sock.close()
 
 
-def test_a_relay_behind_a_waiting_proxy_keeps_its_place() -> None:
-    """FIFO: a relay submitted after a waiting proxy does not take the worker
-    the proxy is waiting to pair with."""
-    r, w = os.pipe()
+def test_a_relay_behind_a_queued_proxy_runs_too() -> None:
+    """A proxy's directions and a later relay queue behind a held worker;
+    freed, the worker runs them all, each to its right end."""
     r2, w2 = os.pipe()
+    out_r, out_w = os.pipe()
     client, a = socket.socketpair()
     b, server = socket.socketpair()
-    try:
-        with WorkerPool(max_workers=2) as pool:
-            blocker = pool.relay(r, os.open(os.devnull, os.O_WRONLY))
+    with WorkerPool(max_workers=1) as pool:
+        holder, held = held_relay(pool)
+        try:
+            assert held.flushing.wait(10)
             proxied = pool.proxy(a, b)
-            out_r, out_w = os.pipe()
             later = pool.relay(r2, out_w)
             os.write(w2, b"later")
             os.close(w2)
-            w2 = -1
-            wait_for(lambda: pool.stats()["queued"] == 3)
-            time.sleep(0.1)
+            assert pool.stats()["queued"] == 3
             assert not later.done()
-            os.close(w)
-            w = -1
-            assert blocker.result(timeout=10) == 0
+        finally:
+            held.release()
+        try:
+            assert holder.result(timeout=10) == 0
+            assert later.result(timeout=10) == 5
+            assert os.read(out_r, 10) == b"later"
             round_trip(client, server, b"first")
             client.shutdown(socket.SHUT_WR)
             server.shutdown(socket.SHUT_WR)
             assert proxied.result(timeout=10) == (5, 5)
-            assert later.result(timeout=10) == 5
-            assert os.read(out_r, 10) == b"later"
+        finally:
             os.close(out_r)
-    finally:
-        for fd in (w, w2):
-            if fd >= 0:
-                os.close(fd)
-        for sock in (client, a, b, server):
-            sock.close()
+            for sock in (client, a, b, server):
+                sock.close()
 
 
-def test_shutdown_without_cancel_lets_a_waiting_proxy_run() -> None:
-    r, w = os.pipe()
+def test_shutdown_without_cancel_lets_a_queued_proxy_run() -> None:
     client, a = socket.socketpair()
     b, server = socket.socketpair()
-    pool = WorkerPool(max_workers=2)
+    pool = WorkerPool(max_workers=1)
+    holder, held = held_relay(pool)
     try:
-        blocker = pool.relay(r, os.open(os.devnull, os.O_WRONLY))
+        assert held.flushing.wait(10)
         proxied = pool.proxy(a, b)
-        wait_for(lambda: pool.stats()["queued"] == 2)
+        assert pool.stats()["queued"] == 2
         pool.shutdown(wait=False)
-        os.close(w)
-        w = -1
-        assert blocker.result(timeout=10) == 0
+        held.release()
+        assert holder.result(timeout=10) == 0
         round_trip(client, server, os.urandom(100_000))
         client.shutdown(socket.SHUT_WR)
         server.shutdown(socket.SHUT_WR)
@@ -491,17 +478,20 @@ def test_shutdown_without_cancel_lets_a_waiting_proxy_run() -> None:
         pool.shutdown(wait=True)
         assert pool.stats()["workers"] == 0
     finally:
-        if w >= 0:
-            os.close(w)
+        held.release()
+        pool.shutdown(wait=False, cancel_relays=True)
         for sock in (client, a, b, server):
             sock.close()
 
 
-def test_idle_workers_exit_after_proxies() -> None:
-    with WorkerPool(idle_worker_timeout=0.2) as pool:
+def test_idle_workers_exit_while_proxies_stay_parked() -> None:
+    with WorkerPool(idle_worker_timeout=0.05) as pool:
         pairs = [socket.socketpair() for _ in range(4)]
         relays = [pool.proxy(pairs[0][0], pairs[1][0]), pool.proxy(pairs[2][0], pairs[3][0])]
-        wait_for(lambda: pool.stats()["workers"] == 4)
+        wait_for(lambda: pool.stats()["parked"] == 4)
+        # Parked copies need one thread, the one polling for them: every
+        # other worker retires meanwhile.
+        wait_for(lambda: pool.stats()["workers"] == 1)
         for _, peer in pairs:
             peer.close()
         assert [r.result(timeout=10) for r in relays] == [(0, 0), (0, 0)]
@@ -509,25 +499,40 @@ def test_idle_workers_exit_after_proxies() -> None:
 
 
 def test_shutdown_cancel_relays_cancels_a_queued_proxy() -> None:
-    pool = WorkerPool(max_workers=2)
+    pool = WorkerPool(max_workers=1)
     r, w = os.pipe()
-    r2, w2 = os.pipe()
-    running = pool.relay(r, os.open(os.devnull, os.O_WRONLY))
-    second = pool.relay(r2, os.open(os.devnull, os.O_WRONLY))
     a, a_peer = socket.socketpair()
     b, b_peer = socket.socketpair()
-    queued = pool.proxy(a, b)
-    wait_for(lambda: pool.stats()["queued"] == 2)
-    pool.shutdown(wait=False, cancel_relays=True)
-    check_cancelled(queued)
-    assert a.fileno() == -1 and b.fileno() == -1
-    with pytest.raises(RuntimeError):
-        pool.proxy(a_peer, b_peer)
-    # cancel_relays stops the running ones too (parked on idle pipes here).
-    check_cancelled(running)
-    check_cancelled(second)
+    parked = pool.relay(r, os.open(os.devnull, os.O_WRONLY))
+    wait_for(lambda: pool.stats()["parked"] == 1)
+    holder, held = held_relay(pool)
+    stopper = None
+    try:
+        assert held.flushing.wait(10)
+        queued = pool.proxy(a, b)
+        assert pool.stats()["queued"] == 2
+        # shutdown() cancels the queue first, then every live relay; the held
+        # one can stop only once its flush returns, so it runs in a thread.
+        stopper = threading.Thread(
+            target=pool.shutdown, kwargs={"wait": False, "cancel_relays": True}
+        )
+        stopper.start()
+        wait_for(queued.done)
+        check_cancelled(queued)
+        assert a.fileno() == -1 and b.fileno() == -1
+        with pytest.raises(RuntimeError):
+            pool.proxy(a_peer, b_peer)
+    finally:
+        held.release()
+        if stopper is not None:
+            stopper.join(10)
+    assert stopper is not None and not stopper.is_alive()
+    check_cancelled(parked)
+    assert is_closed(r)
+    # Released as the cancel came: it either saw the cancel or reached its end.
+    wait_for(holder.done)
+    assert holder.cancelled() or holder.result() == 0
     os.close(w)
-    os.close(w2)
     pool.shutdown(wait=True)
     a_peer.close()
     b_peer.close()
