@@ -89,5 +89,6 @@ cdef enum JobState:
     J_RUNNING = 2       # a worker runs it
     J_PARKED = 3        # waiting in the poller, held by no thread
     J_DONE = 4
+    J_HANDED = 5        # given to a new worker whose thread has not taken it
 
 BUFFER_SIZE = BUF_SIZE

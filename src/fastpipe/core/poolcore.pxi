@@ -348,7 +348,7 @@ cdef class PoolCore:
             handle.w = self._count_worker(spare[0], st)
             spare[0] = NULL
             self._own(job)
-            st.jstate = J_RUNNING
+            st.jstate = J_HANDED
             self._note_busy()
             return handle
         # The leader (poked here) or a worker finishing its copy takes it.
@@ -416,17 +416,30 @@ cdef class PoolCore:
             free(spares[1])
 
     def unqueue(self, CopyJob job not None):
-        """Take a job off the queue if no worker has ever run it; True if
-        taken (it will never run)."""
+        """Take a job off the queue, or back from a new worker whose thread
+        has not taken it, if no worker has ever run it; True if taken (it
+        will never run)."""
         cdef CopyState *st = &job.st
         cdef bint found = False
+        cdef bint handed = False
         with nogil:
             pthread_mutex_lock(&self.lock)
             if st.jstate == J_QUEUED and not st.in_worker:
                 self._unlink_queued(st)
                 st.jstate = J_DONE
                 found = True
+            elif st.jstate == J_HANDED:
+                # The thread that is to start this worker may be the caller
+                # (a shutdown or cancel inside Thread.start()), so nothing may
+                # wait for that thread.  The worker still points at st: the
+                # pool's reference stays until the worker's thread takes it,
+                # or abandon() undoes the worker, and that one lets it go.
+                st.jstate = J_DONE
+                self.n_busy -= 1
+                handed = True
             pthread_mutex_unlock(&self.lock)
+        if handed:
+            return True
         if found:
             st.link = NULL
             self._disown(job)  # the pool's reference
@@ -505,6 +518,7 @@ cdef class PoolCore:
         cdef CopyState *st
         cdef object job = None
         cdef CWorker *wake = NULL
+        cdef bint taken_back = False
         handle.w = NULL
         if w == NULL:
             # Its thread did start and took the worker (the exception came
@@ -516,9 +530,11 @@ cdef class PoolCore:
             st = w.job
             w.job = NULL
             self.n_workers -= 1
-            if st != NULL:
+            if st != NULL and st.jstate == J_HANDED:
                 self.n_busy -= 1
                 st.jstate = J_DONE
+            elif st != NULL:
+                taken_back = True  # by unqueue(), which counted it out
             # Copies the missing thread was to run are the others' now.
             self._dispatch(&wake)
             if self.n_workers == 0 and self.completer_waiting:
@@ -530,7 +546,7 @@ cdef class PoolCore:
         if st != NULL:
             job = <object>st.owner
             self._disown(<CopyJob>job)  # `job` still holds a reference
-        return job
+        return None if taken_back else job
 
     def name_this_thread(self, bytes name not None):
         """Give the calling thread an OS-level name (at most 15 bytes)."""
@@ -683,6 +699,7 @@ cdef class PoolCore:
         """The body of a worker thread: returns when the worker exits."""
         cdef CWorker *w = handle.w
         cdef CopyState *st
+        cdef bint handed
         cdef int r
         cdef sigset_t oldmask
         # Taken with the GIL, as abandon() takes it: exactly one of the two
@@ -693,10 +710,21 @@ cdef class PoolCore:
             return
         # The OS-level name shows in top -H, ps -L, perf and gdb.
         pthread_setname_np(pthread_self(), b"fastpipe-worker")
+        # A worker made by submit() has its first copy already, unless
+        # unqueue() took it back meanwhile: then the pool's reference to it
+        # is this thread's to drop (with the GIL).
+        self._lock_with_gil()
+        st = w.job
+        w.job = NULL
+        handed = st != NULL and st.jstate == J_HANDED
+        if handed:
+            st.jstate = J_RUNNING
+        pthread_mutex_unlock(&self.lock)
+        if st != NULL and not handed:
+            self._disown(<CopyJob>st.owner)
+            st = NULL
         with nogil:
             fp_block_sigpipe(&oldmask)  # for the thread's life (see _compat.h)
-            # A worker made by submit() has its first copy already.
-            st = self._take_job(w)
             if st == NULL:
                 st = self._next_job(w, NULL)
             while st != NULL:
@@ -716,14 +744,6 @@ cdef class PoolCore:
             fp_alarm_free(&w.alarm)
             sem_destroy(&w.wake)
             free(w)
-
-    cdef CopyState *_take_job(self, CWorker *w) noexcept nogil:
-        cdef CopyState *st
-        pthread_mutex_lock(&self.lock)
-        st = w.job
-        w.job = NULL
-        pthread_mutex_unlock(&self.lock)
-        return st
 
     cdef int _run(self, CWorker *w, CopyState *st) noexcept nogil:
         """Run st until it ends (STEP_DONE, with st.status set), must wait
