@@ -39,7 +39,12 @@ def test_stats_has_the_contract_keys() -> None:
     with WorkerPool() as pool:
         assert set(pool.stats()) == {"workers", "idle", "busy", "queued", "peak", "parked"}
         assert pool.stats() == {
-            "workers": 0, "idle": 0, "busy": 0, "queued": 0, "peak": 0, "parked": 0
+            "workers": 0,
+            "idle": 0,
+            "busy": 0,
+            "queued": 0,
+            "peak": 0,
+            "parked": 0,
         }
 
 
@@ -65,7 +70,12 @@ def test_n_running_relays_grow_to_n_workers_and_are_reused(n: int) -> None:
         wave = [held_relay(pool) for _ in range(n)]
         wait_for(lambda: pool.stats()["busy"] == n)
         assert pool.stats() == {
-            "workers": n, "idle": 0, "busy": n, "queued": 0, "peak": n, "parked": 0
+            "workers": n,
+            "idle": 0,
+            "busy": n,
+            "queued": 0,
+            "peak": n,
+            "parked": 0,
         }
         first = worker_threads() - before
         assert len(first) == n

@@ -72,8 +72,9 @@ cdef class PoolCore:
     cdef pthread_cond_t done_cond
     cdef CWorker *idle_head       # followers, the most recently idle first
     cdef CWorker *leader          # the idle worker in epoll_wait, or NULL
-    cdef bint polling             # a worker is in epoll_wait (the leader, or
-                                  # a busy one looking without waiting)
+    # A worker is in epoll_wait (the leader, or a busy one looking without
+    # waiting).
+    cdef bint polling
     cdef CWorker *spawn_head      # made for the completer to start
     cdef CopyState *queue_head    # ready copies: new, woken, or yielding
     cdef CopyState *queue_tail
