@@ -154,6 +154,28 @@ def test_max_workers_queues_in_order() -> None:
         assert pool.stats()["peak"] == 1
 
 
+def test_a_burst_of_ready_relays_gets_a_few_threads_not_one_each() -> None:
+    """Copies that are only ready to run share a few threads (two per CPU,
+    at least four): more would only take turns on the same cores."""
+    cap = max(4, 2 * len(os.sched_getaffinity(0)))
+    n = 8 * cap
+    pipes = []
+    with WorkerPool() as pool:
+        relays = []
+        for i in range(n):
+            r, w = os.pipe()
+            out_r, out_w = os.pipe()
+            os.write(w, bytes([i]) * 1000)
+            os.close(w)
+            pipes.append(out_r)
+            relays.append(pool.relay(r, out_w))
+        assert [relay.result(timeout=60) for relay in relays] == [1000] * n
+        assert pool.stats()["workers"] <= cap, pool.stats()
+    for i, out_r in enumerate(pipes):
+        assert os.read(out_r, 2000) == bytes([i]) * 1000
+        os.close(out_r)
+
+
 def test_max_workers_bounds_threads_not_relays() -> None:
     """With one worker, a hundred relays all start, park, and each runs when
     its bytes come, in any order."""

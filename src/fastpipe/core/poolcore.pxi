@@ -35,6 +35,10 @@ cdef enum:
     # before the pool asks for another thread; and it asks for at most one
     # per this long.  A backlog of short copies drains without new threads.
     SPAWN_AFTER_MS = 2
+    # spawn_cap: this many workers per CPU the process may run on, and at
+    # least SPAWN_CAP_MIN.
+    SPAWN_CAP_PER_CPU = 2
+    SPAWN_CAP_MIN = 4
 
 
 cdef struct CWorker:
@@ -43,6 +47,7 @@ cdef struct CWorker:
     CWorker *next           # next also chains the workers to post or start
     CopyState *job          # set by whoever posts wake; read by the worker
     bint idle               # a follower, on the idle list
+    bint blocking           # counted in n_blocking (see _before_blocking)
     bint exit_flag
     fp_alarm alarm          # this thread's stall alarm (see _arm_stall)
 
@@ -81,7 +86,13 @@ cdef class PoolCore:
     cdef CopyState *done_head
     cdef CopyState *done_tail
     cdef int n_workers, n_idle, n_busy, n_queued, peak
+    cdef int n_blocking           # workers blocked outside the pool's control
     cdef int max_workers          # -1: no limit
+    # Past this many workers, copies that are merely ready (not stranded by
+    # a worker about to block) wait for a running one instead of getting a
+    # thread: a core runs one copy at a time, and a burst of short copies
+    # is drained faster by a few threads than by a thread each.
+    cdef int spawn_cap
     cdef long long idle_ms        # -1: idle workers never exit
     cdef long long spawn_ms       # when a thread was last asked for
     cdef bint shutting_down
@@ -99,6 +110,7 @@ cdef class PoolCore:
         _poller_init(&self.poller)
         self.max_workers = -1 if max_workers is None else max_workers
         self.idle_ms = _check_idle_timeout(idle_worker_timeout)
+        self.spawn_cap = max(SPAWN_CAP_MIN, SPAWN_CAP_PER_CPU * len(_os.sched_getaffinity(0)))
 
     def __dealloc__(self):
         # No worker is left: each holds a reference to this object.
@@ -118,7 +130,7 @@ cdef class PoolCore:
         self.polling = False
         self.queue_head = self.queue_tail = NULL
         self.done_head = self.done_tail = NULL
-        self.n_workers = self.n_idle = self.n_busy = self.n_queued = 0
+        self.n_workers = self.n_idle = self.n_busy = self.n_queued = self.n_blocking = 0
         self.completer_waiting = False
         _poller_close(&self.poller)
 
@@ -161,6 +173,10 @@ cdef class PoolCore:
 
     cdef bint _has_room(self) noexcept nogil:
         return self.max_workers < 0 or self.n_workers < self.max_workers
+
+    cdef bint _spawn_room(self) noexcept nogil:
+        # Room for a thread for a copy that is only ready: see spawn_cap.
+        return self._has_room() and self.n_workers - self.n_blocking < self.spawn_cap
 
     cdef CWorker *_new_worker(self, CopyState *st) noexcept nogil:
         return self._count_worker(<CWorker *>malloc(sizeof(CWorker)), st)
@@ -266,6 +282,8 @@ cdef class PoolCore:
         cdef CWorker *w
         if self.shutting_down or not self._has_room() or self.spawn_head != NULL:
             return
+        if not now_please and self.n_workers - self.n_blocking >= self.spawn_cap:
+            return
         if self.queue_head == NULL and not self._unpolled():
             return
         if not now_please:
@@ -340,7 +358,7 @@ cdef class PoolCore:
             self._note_busy()
             self._claim_idle(st, wake)
             return True
-        if self.leader == NULL and self._has_room():
+        if self.leader == NULL and self._spawn_room():
             if spare[0] == NULL:
                 spare[0] = <CWorker *>malloc(sizeof(CWorker))
                 if spare[0] == NULL:
@@ -755,9 +773,12 @@ cdef class PoolCore:
             if st.needs_prologue and not fp_load_int(&st.cancel_req):
                 # Python code that may wait for the GIL, or block in a flush:
                 # copies must not be left stranded meanwhile.
-                self._before_blocking()
+                self._before_blocking(w)
                 with gil:
                     r = (<CopyJob>st.owner)._run_prologue()
+                pthread_mutex_lock(&self.lock)
+                self._unblocked(w)
+                pthread_mutex_unlock(&self.lock)
                 if r < 0:
                     st.status = STEP_ERROR
                     st.err = 0  # the error is a Python exception on the job
@@ -827,18 +848,22 @@ cdef class PoolCore:
                 st.src_unpollable = True
             else:
                 st.dst_unpollable = True
-            self._before_blocking()
+            self._before_blocking(w)
             return PARK_RETRY
         st.err = err
         st.status = STEP_ERROR
         return PARK_FAILED
 
-    cdef void _before_blocking(self) noexcept nogil:
-        # The running worker is about to block outside the pool's control:
+    cdef void _before_blocking(self, CWorker *w) noexcept nogil:
+        # The running worker is about to block outside the pool's control
+        # (until _unblocked): it no longer counts against spawn_cap, and
         # copies that wait for a thread, or a poller without a leader, get
         # an idle follower or a new thread now.
         cdef CWorker *wake = NULL
         pthread_mutex_lock(&self.lock)
+        if not w.blocking:
+            w.blocking = True
+            self.n_blocking += 1
         if self.queue_head != NULL or self._unpolled():
             self._dispatch(&wake)
             if self._unpolled() and self.idle_head != NULL:
@@ -847,9 +872,15 @@ cdef class PoolCore:
         pthread_mutex_unlock(&self.lock)
         self._post_all(wake)
 
+    cdef inline void _unblocked(self, CWorker *w) noexcept nogil:
+        # Under the lock: w runs under the pool's control again.
+        if w.blocking:
+            w.blocking = False
+            self.n_blocking -= 1
+
     cdef CopyState *_yield(self, CWorker *w, CopyState *st) noexcept nogil:
         """st has moved a slice: look at the pool; return the copy to run on
-        (st, or, in a pool at max_workers with copies waiting, the next)."""
+        (st, or, in a pool at its thread bound with copies waiting, the next)."""
         cdef CWorker *wake = NULL
         cdef CopyState *nxt = st
         # Nothing is pending at a yield: the buffers and an empty pipe go
@@ -860,13 +891,13 @@ cdef class PoolCore:
         if self._unpolled():
             if self.idle_head != NULL:
                 self._claim_idle(NULL, &wake)  # it becomes the leader
-            elif self._has_room():
+            elif self._spawn_room():
                 self._maybe_spawn(False)
             else:
                 self._poll_now()
         if self.queue_head != NULL:
             self._dispatch(&wake)
-            if self.queue_head != NULL and not self._has_room():
+            if self.queue_head != NULL and not self._spawn_room():
                 # No thread to add: take turns, in order.
                 self.n_busy -= 1
                 self._enqueue(st)
@@ -918,6 +949,7 @@ cdef class PoolCore:
         cdef bint counted_out = False
         cdef int r
         pthread_mutex_lock(&self.lock)
+        self._unblocked(w)  # a copy that waited in its thread has ended or parked
         if done != NULL:
             self._file_done(done)
             self.n_busy -= 1
