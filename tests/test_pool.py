@@ -129,29 +129,27 @@ def test_worker_threads_are_named_daemons() -> None:
 
 
 def test_max_workers_queues_in_order() -> None:
+    out_r, out_w = os.pipe()
     with WorkerPool(max_workers=1) as pool:
         holder, held = held_relay(pool)
         wait_for(held.flushing.is_set)
-        order: list[int] = []
         relays = []
-        writers = []
         for i in range(4):
-            relay, w = idle_relay(pool)
-            relay.add_done_callback(lambda _f, i=i: order.append(i))
-            relays.append(relay)
-            writers.append(w)
+            r, w = os.pipe()
+            os.write(w, bytes([i]) * 1000)
+            os.close(w)
+            # Each into its own dup of one pipe: the order of the bytes there
+            # is the order in which the one worker ran them.
+            relays.append(pool.relay(r, os.dup(out_w)))
         assert pool.stats()["queued"] == 4
         assert pool.stats()["workers"] == 1
-        # Feed them all first: only queue order decides who runs next, and
-        # each runs to its end once it has the worker.
-        finish(writers)
         held.release()
         assert holder.result(timeout=10) == 0
         assert [r.result(timeout=10) for r in relays] == [1000] * 4
-        # A future can end before its callbacks have run in another thread.
-        wait_for(lambda: len(order) == 4)
-        assert order == [0, 1, 2, 3]
         assert pool.stats()["peak"] == 1
+    os.close(out_w)
+    assert os.read(out_r, 8000) == b"".join(bytes([i]) * 1000 for i in range(4))
+    os.close(out_r)
 
 
 def test_a_burst_of_ready_relays_gets_a_few_threads_not_one_each() -> None:

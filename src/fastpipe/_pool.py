@@ -24,6 +24,7 @@ buffers at exit.
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import os
 import threading
@@ -31,7 +32,7 @@ import weakref
 from concurrent.futures import CancelledError
 from typing import Any
 
-from fastpipe import _impl, _proxy
+from fastpipe import _impl, _proxy, _relay
 from fastpipe._relay import (
     FdLike,
     Relay,
@@ -434,8 +435,20 @@ class WorkerPool:
             assert isinstance(task, (_Task, _proxy.ProxyTask))
             task.drop(job)
         if cancel_relays:
+            # Every relay is asked to stop first, then all are waited for at
+            # once: a parked one stops in this thread at the ask, and one
+            # wait for thousands costs a fraction of a cancel() each.
+            stopping = []
             for task in list(self._live):
-                task.relay.cancel()
+                if not task.relay.done() and task.cancel():
+                    repoker.watch(task.jobs)
+                    stopping.append(task.relay)
+            # In a done-callback (a completion thread) nothing waits: this
+            # thread may hold some of these very jobs in its batch.
+            if not getattr(_relay._completing, "active", False):
+                for relay in stopping:
+                    relay._help(None)
+                concurrent.futures.wait(stopping)
         if wait:
             me = threading.current_thread()
             with self._lock:

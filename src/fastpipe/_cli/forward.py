@@ -819,9 +819,9 @@ class Forwarder:
                 upstream.close()
                 conn.client.close()
                 self._end(conn, END_CANCELLED, None)
-            elif (relay := conn.relay) is not None:
-                # Returns once the copy stopped and the callback logged it.
-                relay.cancel()
+        # Every proxy at once: returns once they all stopped and their
+        # callbacks logged them (the pool is not used again).
+        self.pool.shutdown(wait=False, cancel_relays=True)
         # Only a surprise (a callback still on its way) gets here with some
         # left: wait for them, within bounds.
         deadline = time.monotonic() + _CANCEL_WAIT
