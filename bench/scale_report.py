@@ -2,8 +2,8 @@
 
 Runs the scale workload of ``tests/test_soak_scale.py`` (that file, as a
 script) in a fresh interpreter: N relays between unix sockets and pipes, each
-started on an idle source so that all N run at once in N workers, then fed and
-drained at the same time, every byte compared.  Optionally the soak workload
+started on an idle source so that all N are parked at once (holding no
+thread), then fed and drained at the same time, every byte compared.  Optionally the soak workload
 too (sequential relays, growth of fds, threads and RSS after a warm-up).
 
     PYTHONPATH=src python bench/scale_report.py                 # 2,000 relays
@@ -43,12 +43,12 @@ def report_scale(relays: int, stack_kib: int) -> dict[str, Any]:
     print(f"scale, {n} concurrent relays [{r['implementation']}]")
     print(f"  bytes moved           {r['bytes'] / 2**20:.0f} MiB, {r['methods']}")
     print(f"  wrong relays          {r['wrong_count']}")
-    print(f"  all {n} running after {r['seconds_to_park']:.2f} s")
+    print(f"  all {n} parked after  {r['seconds_to_park']:.2f} s, {r['threads_parked']} threads")
     print(f"  total time            {r['seconds']:.2f} s (start, feed, drain, verify)")
     print(f"  RSS before            {r['rss_before'] / 2**20:.1f} MiB")
     print(f"  RSS per relay parked  {(r['rss_parked'] - r['rss_before']) / n / kib:.1f} KiB")
     print(f"  RSS per relay at peak {(r['peak_rss'] - r['rss_before']) / n / kib:.1f} KiB")
-    print(f"  virtual per relay     {r['vm_parked'] / n / 2**20:.2f} MiB (thread stacks)")
+    print(f"  virtual per relay     {r['vm_parked'] / n / 2**20:.2f} MiB")
     print(f"  maps per relay        {r['maps_parked'] / n:.2f}")
     print(f"  buffers peak          {r['buffers']['peak']}, pipes peak {r['pipes']['peak']}")
     stack = f"{r['stack_size'] // 1024} KiB" if r["stack_size"] else "default (RLIMIT_STACK)"
