@@ -1,0 +1,154 @@
+"""The contract's promises for a parked relay: one waiting for its fds in the
+pool's poller, holding no thread, no buffer and no pipe.
+
+Each test first waits until the pool says the relay is parked, so that what
+follows happens to a parked relay and not to one still starting.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+
+import pytest
+
+import fastpipe
+from fastpipe import WorkerPool
+
+from conftest import is_closed, wait_for
+
+
+def parked(pool: WorkerPool, n: int = 1) -> None:
+    wait_for(lambda: pool.stats()["parked"] == n and pool.stats()["busy"] == 0)
+
+
+def test_a_parked_relay_is_running_and_holds_nothing() -> None:
+    r, w = os.pipe()
+    out_r, out_w = os.pipe()
+    with WorkerPool() as pool:
+        relay = pool.relay(r, out_w)
+        parked(pool)
+        assert relay.running() and not relay.done()
+        assert fastpipe.buffer_stats()["in_use"] == 0
+        assert fastpipe.pipe_stats()["in_use"] == 0
+        os.write(w, b"wakes it")
+        assert os.read(out_r, 100) == b"wakes it"
+        parked(pool)
+        os.close(w)
+        assert relay.result(timeout=10) == 8
+    os.close(out_r)
+
+
+@pytest.mark.parametrize("zerocopy", [True, False], ids=["splice", "readwrite"])
+def test_count_is_exact_across_parks(zerocopy: bool) -> None:
+    r, w = os.pipe()
+    out_r, out_w = os.pipe()
+    with WorkerPool() as pool:
+        relay = pool.relay(r, out_w, count=10, close=False, zerocopy=zerocopy)
+        parked(pool)
+        os.write(w, b"0123")
+        wait_for(lambda: relay.bytes_copied == 4)
+        parked(pool)
+        os.write(w, b"456789abcd")
+        assert relay.result(timeout=10) == 10
+    assert os.read(out_r, 100) == b"0123456789"
+    # Nothing past the count was read: the rest is still in the source.
+    assert os.read(r, 100) == b"abcd"
+    for fd in (r, w, out_r, out_w):
+        os.close(fd)
+
+
+def test_idle_timeout_fires_for_a_parked_relay() -> None:
+    r, w = os.pipe()
+    out_r, out_w = os.pipe()
+    with WorkerPool() as pool:
+        relay = pool.relay(r, out_w, idle_timeout=0.2)
+        with pytest.raises(TimeoutError):
+            relay.result(timeout=30)
+        assert is_closed(r) and is_closed(out_w)
+        assert pool.stats()["parked"] == 0
+    os.close(w)
+    os.close(out_r)
+
+
+def test_cancel_stops_a_parked_relay_and_closes_its_ends() -> None:
+    a, a_peer = socket.socketpair()
+    out_r, out_w = os.pipe()
+    with WorkerPool(max_workers=1) as pool:
+        relay = pool.relay(a, out_w)
+        parked(pool)
+        assert relay.cancel()
+        assert relay.cancelled()
+        assert a.fileno() == -1 and is_closed(out_w)
+        assert pool.stats()["parked"] == 0
+        assert a_peer.recv(10) == b""
+    a_peer.close()
+    os.close(out_r)
+
+
+def test_the_callers_fd_flags_are_left_as_they_were() -> None:
+    r, w = os.pipe()
+    a, a_peer = socket.socketpair()
+    with WorkerPool() as pool:
+        relay = pool.relay(r, a, close=False)
+        parked(pool)
+        # Parked on a read, then on a full socket: neither fd was switched
+        # to O_NONBLOCK for it.
+        assert os.get_blocking(r) and a.getblocking()
+        os.write(w, b"x" * 100_000)
+        wait_for(lambda: relay.bytes_copied > 0)
+        parked(pool)
+        assert os.get_blocking(r) and a.getblocking()
+        got = b""
+        while len(got) < 100_000:
+            got += a_peer.recv(1 << 20)
+        assert got == b"x" * 100_000
+        assert relay.cancel()
+    assert os.get_blocking(r) and a.getblocking()
+    for fd in (r, w):
+        os.close(fd)
+    a.close()
+    a_peer.close()
+
+
+def test_a_proxy_parked_both_ways_half_closes_and_ends() -> None:
+    client, a = socket.socketpair()
+    b, server = socket.socketpair()
+    with WorkerPool(max_workers=1) as pool:
+        relay = pool.proxy(a, b)
+        parked(pool, 2)
+        client.sendall(b"request")
+        client.shutdown(socket.SHUT_WR)
+        assert server.recv(100) == b"request"
+        assert server.recv(100) == b""  # the half-close came through
+        server.sendall(b"reply")
+        server.shutdown(socket.SHUT_WR)
+        assert relay.result(timeout=10) == (7, 5)
+        assert client.recv(100) == b"reply"
+    for sock in (client, server):
+        sock.close()
+
+
+def test_a_relay_parks_in_a_forked_child() -> None:
+    with warnings.catch_warnings():
+        # 3.12+ warns that forking a threaded process may deadlock the
+        # child: exactly what the at-fork reset is there to prevent.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: reports through its exit status only
+        status = 1
+        try:
+            r, w = os.pipe()
+            out_r, out_w = os.pipe()
+            pool = fastpipe.default_pool()
+            relay = fastpipe.relay(r, out_w)
+            parked(pool)
+            os.write(w, b"from the child")
+            os.close(w)
+            ok = relay.result(timeout=10) == 14 and os.read(out_r, 100) == b"from the child"
+            status = 0 if ok else 2
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
