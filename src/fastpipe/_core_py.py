@@ -38,12 +38,11 @@ How it differs, each said again where it happens:
   stops ``copy_fd`` at once, between any two steps.
 * No signal can knock a Python thread out of a syscall.  So a copy that
   waits in its thread (``copy_fd``, or a pool copy on an fd that epoll
-  refuses) polls an eventfd beside its fd, which ``cancel()`` writes; and no
-  call may block for long where the core would interrupt it: a sendfile or
-  splice into a blocking socket is bounded to the room the socket has
-  (``_sink_room``) instead of running under the core's stall alarm, and a
-  blocking socket sink under ``idle_timeout`` takes the read/write path
-  instead of the core's idle alarm.
+  refuses) polls an eventfd beside its fd, which ``cancel()`` writes; a
+  sendfile or splice into a blocking socket runs under the socket's own send
+  timeout (``_arm_stall``) instead of the core's stall alarm; and a blocking
+  socket sink under ``idle_timeout`` takes the read/write path instead of
+  the core's idle alarm.
 * The core's intrusive lists (``link``, the idle workers' ``prev``/``next``)
   are Python lists and deques, its semaphores locks, and its condition
   variables are notified with the lock held, as ``threading.Condition``
@@ -65,8 +64,7 @@ import select
 import signal
 import socket
 import stat
-import sys
-import termios
+import struct
 import threading
 import time
 from collections import deque
@@ -105,8 +103,6 @@ MSG_DONTWAIT = socket.MSG_DONTWAIT
 MSG_NOSIGNAL = socket.MSG_NOSIGNAL
 RWF_NOWAIT = os.RWF_NOWAIT
 SPLICE_F_NONBLOCK = os.SPLICE_F_NONBLOCK
-# SIOCOUTQ: bytes in a socket's send queue (the same request as TIOCOUTQ).
-SIOCOUTQ = termios.TIOCOUTQ
 
 
 # ---------------------------------------------------------------- constants
@@ -134,7 +130,10 @@ ERR_SAME_FILE = -1
 # A pool copy that keeps moving bytes looks at its pool once per this many
 # bytes (see _yield).
 SLICE_BYTES = 1 << 20
-# The core's STALL_MS (its stall alarm's period) has no twin: see _sink_room.
+# A sendfile or splice into a blocking socket whose peer stalls comes back
+# after this long without room in the socket; the copy then parks until it
+# is writable (the core's stall alarm; here, the socket's send timeout).
+STALL_MS = 20
 # Events taken per epoll_wait.
 POLL_EVENTS = 64
 # The sweep looks at this many of its fds per look, one look every SWEEP_MS.
@@ -172,9 +171,8 @@ STEP_FALLBACK = 5
 STEP_PARK = 6
 STEP_YIELD = 7
 
-# CopyState.kdst_stall: whether a socket sink blocks (and so needs its
-# kernel-path writes bounded, see _sink_room), asked the first time a kernel
-# path writes to it.
+# CopyState.kdst_stall: whether a socket sink blocks (and so needs the stall
+# timeout, see _arm_stall), asked the first time a kernel path writes to it.
 STALL_NO = 0
 STALL_YES = 1
 STALL_ASK = 2
@@ -476,8 +474,9 @@ os.register_at_fork(after_in_child=_pipes_after_fork_in_child)
 
 class CopyState:
     """All of one copy's state: the core's ``CopyState`` struct, field for
-    field, less what a Python thread cannot use (its alarms, the thread to
-    signal) and plus what only the twin needs (marked *twin*)."""
+    field, less what a Python thread cannot use (its alarms and the
+    kdst_wait_first that goes with them, the thread to signal, the queue
+    link) and plus what only the twin needs (marked *twin*)."""
 
     __slots__ = (
         "src",
@@ -513,6 +512,8 @@ class CopyState:
         "slice_end",
         "queued_ms",
         "kdst_stall",
+        "stall_armed",
+        "stall_saved",
         "src_dev",
         "src_ino",
         "dst_dev",
@@ -599,6 +600,10 @@ class CopyState:
         self.slice_end = 0  # copied at which the worker looks at its pool
         self.queued_ms = 0  # when it entered the pool's queue
         self.kdst_stall = STALL_NO  # STALL_*: is dst a blocking socket
+        # Twin: the stall timeout is set on dst (see _arm_stall), and the
+        # caller's own SO_SNDTIMEO, to put back.
+        self.stall_armed = False
+        self.stall_saved = b""
         # Identity of each end, to tell a parked copy whose fd was closed
         # and reused under it (the poller's sweep).
         self.src_dev = 0
@@ -1258,73 +1263,61 @@ def _moved(st: CopyState, n: int, written: bool) -> None:
     _progress(st)
 
 
-def _ioctl_int(fd: int, request: int) -> int:
-    """An ioctl that reports an int (FIONREAD, SIOCOUTQ); OSError on failure."""
-    return int.from_bytes(fcntl.ioctl(fd, request, b"\0\0\0\0"), sys.byteorder, signed=True)
+# The core's _src_has_bytes asks, before it polls a blocking socket sink
+# under idle_timeout, whether there is anything to send; the twin never polls
+# a sink first on a kernel path (it takes read/write there: see
+# _choose_kernel_path), so it has no use for it.
 
 
-def _src_has_bytes(st: CopyState) -> bool:
-    """Before waiting for room in a sink: is there anything to send at all?
-
-    At end of file the next sendfile or splice returns 0 without touching
-    the sink, and a sink may well stay unwritable until its reader, perhaps
-    our own caller, gets the result: waiting for it then would wait forever.
-    """
-    try:
-        if st.src_kind == KIND_FILE:
-            return os.lseek(st.src, 0, os.SEEK_CUR) < os.fstat(st.src).st_size
-        return _ioctl_int(st.src, termios.FIONREAD) > 0
-    except OSError:
-        return True  # let the syscall itself report the problem
+# struct timeval, as SO_SNDTIMEO takes and gives it.
+_TIMEVAL = struct.Struct("@ll")
 
 
-def _sink_room(st: CopyState, chunk: int) -> tuple[int, int]:
-    """Before a sendfile or splice into a socket: how much it may move.
+def _arm_stall(st: CopyState) -> None:
+    """Before a sendfile or splice into a socket.
 
-    Twin: this stands in for the core's stall alarm (``_arm_stall`` and
-    ``_sink_stalled``).  Neither call honours a per-call non-blocking flag on
-    a blocking socket, and the caller's fd is not ours to switch to
-    O_NONBLOCK: the core interrupts such a call with a timer signal when the
-    peer stalls, which no Python thread can receive.  So the twin never asks
-    a blocking socket for more than it takes without waiting: a quarter of
-    the room its send buffer has (SO_SNDBUF less SIOCOUTQ, what is queued),
-    which leaves the kernel's own per-packet overhead ample margin.  With no
-    room at all the copy waits for POLLOUT (parks, in a pool; in a caller's
-    thread it polls, beside the eventfd a cancel writes).  Unlike the core,
-    this holds for copy_fd too, so a cancel stops such a copy at once.  A
-    socket whose queue the kernel will not report is written without bound,
-    and may block, as the core's does where its alarm cannot be made.
-
-    Returns:
-        ``(STEP_AGAIN, bytes to ask for)``, or ``(a step to hand back, 0)``.
+    Neither call honours a per-call non-blocking flag on a blocking socket,
+    and the caller's fd is not ours to switch to O_NONBLOCK: a stalled peer
+    would hold the thread for as long as it stalls.  The core interrupts
+    such a call every STALL_MS with its worker's stall alarm, a timer signal
+    that no Python thread can take.  Twin: the socket's send timeout
+    (SO_SNDTIMEO) is STALL_MS instead, from here until the copy leaves this
+    thread (_disarm_stall puts the caller's back: a parked relay leaves the
+    socket as it found it).  A call whose peer stalls then comes back within
+    STALL_MS with the bytes that did move, or EAGAIN, and the copy waits for
+    POLLOUT: it parks, in a pool, and in copy_fd it polls beside the eventfd
+    a cancel writes (unlike the core's alarm, this serves copy_fd too, so a
+    cancel stops it at once).  A caller's own shorter timeout is kept.
+    Where the option cannot be read or set, the call blocks as it does in a
+    caller's thread, as the core's does where its alarm cannot be made.
     """
     if st.kdst_stall == STALL_ASK:
         st.kdst_stall = STALL_NO
         with contextlib.suppress(OSError):
             if not _is_nonblocking(st.dst):
                 st.kdst_stall = STALL_YES
-    if st.kdst_stall != STALL_YES or st.dst_sock is None:
-        return STEP_AGAIN, chunk
-    room = _socket_room(st.dst, st.dst_sock)
-    if room < 0:
-        return STEP_AGAIN, chunk
-    if room == 0:
-        if st.pipe_len == 0 and not _src_has_bytes(st):
-            return STEP_AGAIN, chunk  # end of file: the call leaves the sink alone
-        r = _wait_step(st, st.dst, POLLOUT)
-        if r != STEP_AGAIN:
-            return r, 0
-        room = max(_socket_room(st.dst, st.dst_sock), 1)
-    return STEP_AGAIN, min(chunk, room)
-
-
-def _socket_room(fd: int, sock: socket.socket) -> int:
-    """A quarter of what a socket's send buffer has free; -1 if unknown."""
+    sock = st.dst_sock
+    if st.kdst_stall != STALL_YES or st.stall_armed or sock is None:
+        return
     try:
-        free = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) - _ioctl_int(fd, SIOCOUTQ)
+        saved = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL.size)
+        sec, usec = _TIMEVAL.unpack(saved)
+        if (sec or usec) and sec * 1000 + usec // 1000 <= STALL_MS:
+            return
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL.pack(0, STALL_MS * 1000))
     except OSError:
-        return -1
-    return max(free, 0) // 4
+        return
+    st.stall_saved = saved
+    st.stall_armed = True
+
+
+def _disarm_stall(st: CopyState) -> None:
+    # Twin: the caller's send timeout back, when the copy leaves the thread.
+    if st.stall_armed:
+        st.stall_armed = False
+        if st.dst_sock is not None:
+            with contextlib.suppress(OSError):
+                st.dst_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, st.stall_saved)
 
 
 def _kernel_step(st: CopyState) -> int:
@@ -1348,11 +1341,9 @@ def _kernel_step(st: CopyState) -> int:
             # blocking socket sink first here under idle_timeout, and bounds
             # the call with its idle alarm; the twin sends to such a sink by
             # read/write instead: see _choose_kernel_path.)
-            r, chunk = _sink_room(st, st.pipe_len)
-            if r != STEP_AGAIN:
-                return r
+            _arm_stall(st)
             try:
-                n = os.splice(pipe.rfd, st.dst, chunk, flags=SPLICE_F_NONBLOCK)
+                n = os.splice(pipe.rfd, st.dst, st.pipe_len, flags=SPLICE_F_NONBLOCK)
             except OSError as exc:
                 err = exc.errno or EIO
                 if err == EAGAIN:
@@ -1384,9 +1375,7 @@ def _kernel_step(st: CopyState) -> int:
             if st.method == M_COPY_FILE_RANGE:
                 n = os.copy_file_range(st.src, st.dst, chunk)
             elif st.method == M_SENDFILE:
-                r, chunk = _sink_room(st, chunk)
-                if r != STEP_AGAIN:
-                    return r
+                _arm_stall(st)
                 n = os.sendfile(st.dst, st.src, None, chunk)
             else:
                 if st.ksrc_wait_first:
@@ -1414,12 +1403,11 @@ def _kernel_step(st: CopyState) -> int:
                     chunk = min(chunk, st.pipe.size - st.pipe_len)
                     n = os.splice(st.src, st.pipe.wfd, chunk, flags=SPLICE_F_NONBLOCK)
                 else:
-                    r, chunk = _sink_room(st, chunk)
-                    if r != STEP_AGAIN:
-                        return r
+                    _arm_stall(st)
                     n = os.splice(st.src, st.dst, chunk, flags=SPLICE_F_NONBLOCK)
         except OSError as exc:
             # EINTR never comes here: the os functions retry it (PEP 475).
+            # The stall timeout's EAGAIN does, and waits as any other.
             err = exc.errno or EIO
             if err == EAGAIN:
                 if st.method == M_SPLICE and st.via_pipe and st.pipe_len > 0:
@@ -1783,8 +1771,11 @@ def _choose_kernel_path(st: CopyState, in_main_thread: bool) -> int:
             # Twin: where the core keeps its kernel path into a blocking
             # socket under idle_timeout, and interrupts a sendfile or splice
             # at the deadline with its idle alarm (a per-thread timer
-            # signal), the twin sends by read/write, with MSG_DONTWAIT: no
-            # Python thread can be interrupted so.
+            # signal), the twin sends by read/write, with MSG_DONTWAIT.  The
+            # stall timeout (_arm_stall) does not serve here: Python retries
+            # a call that a signal interrupts (PEP 475), and each retry
+            # starts the timeout again, so under a storm of signals a
+            # stalled call would never come back to see its deadline.
             return 0
         if sk == KIND_FILE and dk == KIND_FILE:
             st.method = M_COPY_FILE_RANGE
@@ -1808,8 +1799,9 @@ def _choose_kernel_path(st: CopyState, in_main_thread: bool) -> int:
         if in_main_thread or st.idle_ms >= 0 or st.via_pipe or st.pooled:
             if sk == KIND_SOCKET:
                 st.ksrc_wait_first = not _is_nonblocking(st.src)
-        # The core bounds a pool copy's writes into a blocking socket with
-        # its stall alarm; the twin bounds every copy's (see _sink_room).
+        # The core runs a pool copy's writes into a blocking socket under
+        # its stall alarm; the twin runs every copy's under the stall
+        # timeout (see _arm_stall).
         if dk == KIND_SOCKET:
             st.kdst_stall = STALL_ASK
     except OSError as exc:
@@ -1911,6 +1903,7 @@ def _discard(st: CopyState) -> None:
     # fds, and the wake eventfd is closed.
     _release(st)
     _release_pipe(st)
+    _disarm_stall(st)
     for sock in (st.src_sock, st.dst_sock):
         if sock is not None:
             sock.detach()
@@ -2895,12 +2888,15 @@ class PoolCore:
                     st.status = STEP_ERROR
                     return STEP_DONE
             st.slice_end = st.copied + SLICE_BYTES
-            while True:
-                r = _copy_step(st)
-                # A cancel's eventfd ended a wait in this thread: the next
-                # step sees the flag.
-                if r != STEP_SIGNALS:
-                    break
+            try:
+                while True:
+                    r = _copy_step(st)
+                    # A cancel's eventfd ended a wait in this thread: the
+                    # next step sees the flag.
+                    if r != STEP_SIGNALS:
+                        break
+            finally:
+                _disarm_stall(st)
         except BaseException as exc:  # noqa: B036 - a worker must go on
             # Twin: Python code can raise where C cannot (no memory, a bug):
             # the copy fails with it, as with a prologue's error, and the
