@@ -18,6 +18,7 @@ import re
 import socket
 import threading
 import time
+import tty
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -215,6 +216,29 @@ def test_two_relays_reading_one_fd_both_end() -> None:
         os.close(sink_r)
     assert sum(counts) == len(data)
     assert [len(g) for g in got] == counts
+
+
+def test_a_relay_from_a_tty_parks_like_a_pipe() -> None:
+    """A tty has no per-call non-blocking read: the copy polls it first,
+    and in a pool that poll is a park, holding no thread and no buffer."""
+    master, slave = os.openpty()
+    tty.setraw(slave)  # bytes as written, no line editing
+    r, w = os.pipe()
+    try:
+        with fastpipe.WorkerPool() as pool:
+            relay = pool.relay(master, w, close=False)
+            wait_for(lambda: pool.stats()["parked"] == 1)
+            assert pool.stats()["busy"] == 0
+            assert fastpipe.buffer_stats()["in_use"] == 0
+            os.write(slave, b"typed")
+            assert os.read(r, 100) == b"typed"
+            wait_for(lambda: pool.stats()["parked"] == 1)
+            assert relay.cancel()
+            assert relay.cancelled()
+            assert relay.bytes_copied == 5
+    finally:
+        for fd in (master, slave, r, w):
+            os.close(fd)
 
 
 @twin_only
