@@ -2117,11 +2117,12 @@ class CopyJob:
         """Ask the copy to stop, from any thread; True if it had not ended.
 
         A queued job stops before it copies a byte; a parked one (a pool
-        copy waiting in the poller) is queued to stop at once; a running one
-        stops at its next step, and one waiting in its thread (``copy_fd``
-        on an idle fd, or a pool copy on an fd that epoll refuses) is woken
-        at once through the eventfd it polls beside its fd (the compiled
-        core sends its thread a signal instead).  Afterwards
+        copy waiting in the poller, or woken and queued to resume) ends at
+        once, in the calling thread; a running one stops at its next step,
+        and one waiting in its thread (``copy_fd`` on an idle fd, or a pool
+        copy on an fd that epoll refuses) is woken at once through the
+        eventfd it polls beside its fd (the compiled core sends its thread a
+        signal instead).  Afterwards
         ``bytes_copied`` is exact (bytes read but not yet written are
         dropped) and ``result()`` raises ``CancelledError``.  ``run()`` in
         the caller's thread is stopped the same way.
@@ -2663,28 +2664,53 @@ class PoolCore:
         found = False
         with self.lock:
             if st.jstate == J_QUEUED and not st.in_worker:
-                for i, cur in enumerate(self.queue):
-                    if cur is st:
-                        del self.queue[i]
-                        self.n_queued -= 1
-                        st.jstate = J_DONE
-                        found = True
-                        break
+                self._unlink_queued(st)
+                st.jstate = J_DONE
+                found = True
         if found:
             self._disown(job)  # the pool's hold
         return found
 
     def _kick(self, st: CopyState) -> None:
-        """CopyJob.cancel() on a pool copy: a parked one goes back to the
-        queue at once, to stop there.  A running one sees the flag at its
-        next step (or its wait's eventfd), and a queued one when it starts."""
-        wake: list[CWorker] = []
+        """CopyJob.cancel() on a pool copy.  One that no worker holds (parked,
+        or queued to resume) is stopped here and now, in the caller's thread:
+        it needs no worker to end, however busy the pool.  A running one sees
+        the flag at its next step (or its wait's eventfd); one that never ran
+        sees it when it starts (or Python takes it off the queue)."""
+        mine = False
         with self.lock:
             if st.jstate == J_PARKED:
                 _poller_unpark(self.poller, st, 0)
-                self._enqueue(st)
-                self._dispatch(wake)
-        self._post_all(wake)
+                mine = True
+            elif st.jstate == J_QUEUED and st.in_worker:
+                self._unlink_queued(st)
+                mine = True
+            if mine:
+                st.jstate = J_RUNNING  # this thread's until it is filed as done
+        if mine:
+            st.cancelled = True
+            st.err = ECANCELED
+            st.status = STEP_ERROR
+            self._end(st)
+            with self.lock:
+                self._file_done(st)
+
+    def _unlink_queued(self, st: CopyState) -> None:
+        # Under the lock: take st, which is queued, off the queue.
+        self.queue.remove(st)
+        self.n_queued -= 1
+
+    def _file_done(self, st: CopyState) -> None:
+        """Under the lock: st is over; it goes to the done list, for the
+        completer (or a thread helping in result()), which is woken."""
+        st.jstate = J_DONE
+        self.done.append(st)
+        # A helper first: it completes the relay in the thread that waits
+        # for it.
+        if self.helpers_waiting:
+            self.helper_cond.notify()
+        elif self.completer_waiting:
+            self.done_cond.notify()
 
     def abandon(self, handle: WorkerHandle) -> CopyJob | None:
         """The thread for a new worker could not start: undo it.
@@ -3031,13 +3057,8 @@ class PoolCore:
         self.lock.acquire()
         try:
             if done is not None:
-                done.jstate = J_DONE
-                self.done.append(done)
+                self._file_done(done)
                 self.n_busy -= 1
-                if self.helpers_waiting:
-                    self.helper_cond.notify()
-                elif self.completer_waiting:
-                    self.done_cond.notify()
             while True:
                 if self.queue:
                     st = self._pop_queue()
