@@ -258,7 +258,9 @@ def test_a_copy_that_epoll_refuses_waits_in_its_thread(monkeypatch: pytest.Monke
             relay = pool.relay(src_r, dst_w, close=False)
             os.write(src_w, b"first")
             assert os.read(dst_r, 100) == b"first"
-            time.sleep(0.05)
+            # Its wait in the thread polls the eventfd made for it.
+            (job,) = relay._jobs
+            wait_for(lambda: job.st.wake_fd >= 0)
             assert pool.stats()["parked"] == 0 and pool.stats()["busy"] == 1
             assert relay.cancel()
             assert relay.cancelled()
