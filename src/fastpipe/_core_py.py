@@ -183,6 +183,7 @@ J_QUEUED = 1  # ready, waiting in the queue for a worker
 J_RUNNING = 2  # a worker runs it
 J_PARKED = 3  # waiting in the poller, held by no thread
 J_DONE = 4
+J_HANDED = 5  # given to a new worker whose thread has not taken it
 
 BUFFER_SIZE = BUF_SIZE
 
@@ -2606,7 +2607,7 @@ class PoolCore:
         if self.leader is None and self._has_room():
             handle = _new_handle(self._new_worker(st))
             self._own(job)
-            st.jstate = J_RUNNING
+            st.jstate = J_HANDED
             self._note_busy()
             return handle
         # The leader (poked here) or a worker finishing its copy takes it.
@@ -2658,8 +2659,9 @@ class PoolCore:
         return for_a, for_b
 
     def unqueue(self, job: CopyJob) -> bool:
-        """Take a job off the queue if no worker has ever run it; True if
-        taken (it will never run)."""
+        """Take a job off the queue, or back from a new worker whose thread
+        has not taken it, if no worker has ever run it; True if taken (it
+        will never run)."""
         st = job.st
         found = False
         with self.lock:
@@ -2667,6 +2669,15 @@ class PoolCore:
                 self._unlink_queued(st)
                 st.jstate = J_DONE
                 found = True
+            elif st.jstate == J_HANDED:
+                # The thread that is to start this worker may be the caller
+                # (a shutdown or cancel inside Thread.start()), so nothing may
+                # wait for that thread.  The worker still points at st: the
+                # pool's hold stays until the worker's thread takes it, or
+                # abandon() undoes the worker, and that one lets it go.
+                st.jstate = J_DONE
+                self.n_busy -= 1
+                return True
         if found:
             self._disown(job)  # the pool's hold
         return found
@@ -2734,9 +2745,12 @@ class PoolCore:
             st = w.job
             w.job = None
             self.n_workers -= 1
-            if st is not None:
+            taken_back = False
+            if st is not None and st.jstate == J_HANDED:
                 self.n_busy -= 1
                 st.jstate = J_DONE
+            elif st is not None:
+                taken_back = True  # by unqueue(), which counted it out
             # Copies the missing thread was to run are the others' now.
             self._dispatch(wake)
             if self.n_workers == 0 and self.completer_waiting:
@@ -2747,7 +2761,7 @@ class PoolCore:
         job = st.owner
         assert job is not None
         self._disown(job)
-        return job
+        return None if taken_back else job
 
     def take_done(self) -> tuple[list[CopyJob], list[WorkerHandle]] | None:
         """Wait for finished jobs, or threads to start, and take them all.
@@ -2866,12 +2880,23 @@ class PoolCore:
             # starting thread before this ran: nothing is ours.
             w = handle.w
             handle.w = None
-        if w is None:
-            return
+            if w is None:
+                return
+            # A worker made by submit() has its first copy already, unless
+            # unqueue() took it back meanwhile: then the pool's hold on it
+            # is this thread's to let go.
+            st = w.job
+            w.job = None
+            handed = False
+            if st is not None and st.jstate == J_HANDED:
+                handed = True
+                st.jstate = J_RUNNING
+        if st is not None and not handed:
+            assert st.owner is not None
+            self._disown(st.owner)
+            st = None
         # For the thread's life, as the core's workers (see _discard_sigpipe).
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGPIPE})
-        # A worker made by submit() has its first copy already.
-        st = self._take_job(w)
         if st is None:
             st = self._next_job(w, None)
         while st is not None:
@@ -2888,12 +2913,6 @@ class PoolCore:
                 continue
             self._end(st)
             st = self._next_job(w, st)
-
-    def _take_job(self, w: CWorker) -> CopyState | None:
-        with self.lock:
-            st = w.job
-            w.job = None
-        return st
 
     def _run(self, w: CWorker, st: CopyState) -> int:
         """Run st until it ends (STEP_DONE, with st.status set), must wait
