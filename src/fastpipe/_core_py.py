@@ -2368,12 +2368,16 @@ PARK_FAILED = 2  # the poller refused with an errno: the copy ends with it
 # before the pool asks for another thread; and it asks for at most one per
 # this long.  A backlog of short copies drains without new threads.
 SPAWN_AFTER_MS = 2
+# spawn_cap: this many workers per CPU the process may run on, and at least
+# SPAWN_CAP_MIN.
+SPAWN_CAP_PER_CPU = 2
+SPAWN_CAP_MIN = 4
 
 
 class CWorker:
     """One worker: its semaphore and what is handed to it."""
 
-    __slots__ = ("wake", "job", "idle", "exit_flag")
+    __slots__ = ("wake", "job", "idle", "blocking", "exit_flag")
 
     def __init__(self) -> None:
         # The semaphore: held until posted (released), once per hand-out.
@@ -2381,6 +2385,7 @@ class CWorker:
         self.wake.acquire()
         self.job: CopyState | None = None  # set by whoever posts wake
         self.idle = False  # a follower, on the idle list
+        self.blocking = False  # counted in n_blocking (see _before_blocking)
         self.exit_flag = False
 
 
@@ -2410,6 +2415,12 @@ class PoolCore:
         self, max_workers: int | None = None, idle_worker_timeout: float | None = None
     ) -> None:
         self.max_workers = -1 if max_workers is None else int(max_workers)  # -1: no limit
+        # Past this many workers, copies that are merely ready (not stranded
+        # by a worker about to block) wait for a running one instead of
+        # getting a thread: a core runs one copy at a time, and a burst of
+        # short copies is drained faster by a few threads than by a thread
+        # each (in the twin, more so: they share one GIL).
+        self.spawn_cap = max(SPAWN_CAP_MIN, SPAWN_CAP_PER_CPU * len(os.sched_getaffinity(0)))
         self.idle_ms = _check_idle_timeout(idle_worker_timeout)  # -1: never exit
         self.poller = Poller()
         self.peak = 0
@@ -2439,6 +2450,7 @@ class PoolCore:
         self.n_idle = 0
         self.n_busy = 0
         self.n_queued = 0
+        self.n_blocking = 0  # workers blocked outside the pool's control
         self.completer_waiting = False
         _poller_close(self.poller)
 
@@ -2474,6 +2486,10 @@ class PoolCore:
 
     def _has_room(self) -> bool:
         return self.max_workers < 0 or self.n_workers < self.max_workers
+
+    def _spawn_room(self) -> bool:
+        # Room for a thread for a copy that is only ready: see spawn_cap.
+        return self._has_room() and self.n_workers - self.n_blocking < self.spawn_cap
 
     def _new_worker(self, st: CopyState | None) -> CWorker:
         # Counted at once, so that the room it takes is taken.
@@ -2549,6 +2565,8 @@ class PoolCore:
         """
         if self.shutting_down or not self._has_room() or self.spawn_head:
             return
+        if not now_please and self.n_workers - self.n_blocking >= self.spawn_cap:
+            return
         if not self.queue and not self._unpolled():
             return
         if not now_please:
@@ -2604,7 +2622,7 @@ class PoolCore:
             self._note_busy()
             self._claim_idle(st, wake)
             return True
-        if self.leader is None and self._has_room():
+        if self.leader is None and self._spawn_room():
             handle = _new_handle(self._new_worker(st))
             self._own(job)
             st.jstate = J_HANDED
@@ -2923,9 +2941,12 @@ class PoolCore:
                 if st.needs_prologue and not st.cancel_req:
                     # Python code that may wait, or block in a flush: copies
                     # must not be left stranded meanwhile.
-                    self._before_blocking()
+                    self._before_blocking(w)
                     assert st.owner is not None
-                    if st.owner._run_prologue() < 0:
+                    r = st.owner._run_prologue()
+                    with self.lock:
+                        self._unblocked(w)
+                    if r < 0:
                         st.status = STEP_ERROR
                         st.err = 0  # the error is a Python exception on the job
                         return STEP_DONE
@@ -2989,18 +3010,22 @@ class PoolCore:
                 st.src_unpollable = True
             else:
                 st.dst_unpollable = True
-            self._before_blocking()
+            self._before_blocking(w)
             return PARK_RETRY
         st.err = err
         st.status = STEP_ERROR
         return PARK_FAILED
 
-    def _before_blocking(self) -> None:
-        # The running worker is about to block outside the pool's control:
+    def _before_blocking(self, w: CWorker) -> None:
+        # The running worker is about to block outside the pool's control
+        # (until _unblocked): it no longer counts against spawn_cap, and
         # copies that wait for a thread, or a poller without a leader, get
         # an idle follower or a new thread now.
         wake: list[CWorker] = []
         with self.lock:
+            if not w.blocking:
+                w.blocking = True
+                self.n_blocking += 1
             if self.queue or self._unpolled():
                 self._dispatch(wake)
                 if self._unpolled() and self.idle_head:
@@ -3008,9 +3033,15 @@ class PoolCore:
                 self._maybe_spawn(True)
         self._post_all(wake)
 
+    def _unblocked(self, w: CWorker) -> None:
+        # Under the lock: w runs under the pool's control again.
+        if w.blocking:
+            w.blocking = False
+            self.n_blocking -= 1
+
     def _yield(self, w: CWorker, st: CopyState) -> CopyState:
         """st has moved a slice: look at the pool; return the copy to run on
-        (st, or, in a pool at max_workers with copies waiting, the next)."""
+        (st, or, in a pool at its thread bound with copies waiting, the next)."""
         wake: list[CWorker] = []
         nxt = st
         # Nothing is pending at a yield: the buffers and an empty pipe go
@@ -3021,13 +3052,13 @@ class PoolCore:
             if self._unpolled():
                 if self.idle_head:
                     self._claim_idle(None, wake)  # it becomes the leader
-                elif self._has_room():
+                elif self._spawn_room():
                     self._maybe_spawn(False)
                 else:
                     self._poll_now()
             if self.queue:
                 self._dispatch(wake)
-                if self.queue and not self._has_room():
+                if self.queue and not self._spawn_room():
                     # No thread to add: take turns, in order.
                     self.n_busy -= 1
                     self._enqueue(st)
@@ -3075,6 +3106,7 @@ class PoolCore:
         counted_out = False
         self.lock.acquire()
         try:
+            self._unblocked(w)  # a copy that waited in its thread has ended or parked
             if done is not None:
                 self._file_done(done)
                 self.n_busy -= 1
