@@ -438,7 +438,7 @@ class WorkerPool:
             # Every relay is asked to stop first, then all are waited for at
             # once: a parked one stops in this thread at the ask, and one
             # wait for thousands costs a fraction of a cancel() each.
-            stopping = []
+            stopping: list[Relay[Any]] = []
             for task in list(self._live):
                 if not task.relay.done() and task.cancel():
                     repoker.watch(task.jobs)

@@ -98,8 +98,8 @@ cdef class CopyJob:
         """Ask the copy to stop, from any thread; True if it had not ended.
 
         A queued job stops before it copies a byte; a parked one (a pool
-        copy waiting in the poller) is queued to stop at once; a running one
-        stops at its next syscall, and one blocked in a syscall (a wait on
+        copy waiting in the poller) is ended here, in the calling thread; a
+        running one stops at its next syscall, and one blocked in a syscall (a wait on
         an idle fd, or a splice into a stalled socket) is knocked out of it
         with a signal.  The signal can land just before the syscall starts, so a
         caller waiting for the job calls ``cancel()`` again every few
