@@ -95,6 +95,12 @@ class _Side:
                 self.write_is_socket = False
 
 
+# Every ProxyTask's bookkeeping (pending, dropped, closed, error, timed_out)
+# changes under this one lock, held for a few bytecodes and never across a
+# close or a callback: a per-proxy lock would cost each idle connection as
+# much again as its bookkeeping.
+_books = threading.Lock()
+
 # A proxy's four ends by position: a's reader, a's writer, b's reader, b's
 # writer.  Job 0 (a -> b) reads position 0 and writes 3; job 1 (b -> a)
 # reads 2 and writes 1.  Positions that name one fd (a socket read and
@@ -108,10 +114,14 @@ class ProxyTask:
     """A proxy on its way through the pool: its future, both jobs and ends.
 
     ``complete()`` is called once per job, possibly by two threads at once
-    (the completer and a thread in ``result()``), hence the lock: it also
-    orders a half-close before the final close, so that no fd number is shut
-    down or closed after it was closed (it may belong to someone else by
-    then).
+    (the completer and a thread in ``result()``), hence the lock,
+    ``_books``, one for every proxy: it guards the few fields below and is
+    held for a handful of bytecodes, never across a close.  An end is
+    marked closed under it before it is closed outside it, so no fd number
+    is shut down or closed twice (it may belong to someone else by then);
+    and a direction's half-close is done before its ``_done()``, so the
+    last ``_done()``, which closes the rest and settles the future, comes
+    after every close.
 
     An idle connection is mostly this object and its jobs, so it holds only
     slots and small ints: which positions share an fd, which ends a worker
@@ -123,7 +133,6 @@ class ProxyTask:
         "relay",
         "core",
         "live",
-        "lock",
         "jobs",
         "a",
         "b",
@@ -156,7 +165,6 @@ class ProxyTask:
         self.live = live  # the pool's unsettled tasks; this one leaves when settled
         self.close = close
         self.idle_timeout = idle_timeout
-        self.lock = threading.Lock()
         # jobs[0] copies a -> b, jobs[1] b -> a.
         self.jobs = (
             make_job(a.reader, b.writer, a.read_fd, b.write_fd, None, True, None),
@@ -172,7 +180,7 @@ class ProxyTask:
         for p, fd in enumerate(fds):
             same |= fds.index(fd) << (2 * p)
         self.same = same
-        # Under the lock: the jobs left to end, the jobs taken off the queue
+        # Under _books: the jobs left to end, the jobs taken off the queue
         # (never run), the ends closed so far (bit per standing position).
         self.pending = 2
         self.dropped = 0
@@ -275,7 +283,7 @@ class ProxyTask:
         except CancelledError:
             pass  # we asked for it: the cause is recorded already
         except BaseException as exc:  # noqa: B036 - delivered through the future
-            with self.lock:
+            with _books:
                 if self.error is None:
                     # Only completer frames, which would hold this proxy.
                     self.error = exc.with_traceback(None)
@@ -283,11 +291,20 @@ class ProxyTask:
             self._stop(1 - i)
             del exc
         else:
-            with self.lock:
+            with _books:
                 # The last direction too: with close=False nothing else
                 # tells its peer that the proxy is done writing.
                 if self.error is None and not self.cancel_requested and not self.timed_out:
-                    self._half_close(i)
+                    owners = self._half_close(i)
+                else:
+                    owners = None
+            if owners:
+                error = close_ends(owners)
+                if error is not None:
+                    with _books:
+                        if self.error is None:
+                            self.error = error
+                del error
         self._done(i)
 
     def cancel(self) -> bool:
@@ -323,7 +340,7 @@ class ProxyTask:
 
     def expire(self) -> None:
         """The watchdog saw no byte either way for ``idle_timeout`` seconds."""
-        with self.lock:
+        with _books:
             if self.pending == 0:
                 return
             self.timed_out = True
@@ -332,27 +349,29 @@ class ProxyTask:
 
     # -- the end ----------------------------------------------------------
 
-    def _half_close(self, i: int) -> None:
-        """Job ``i`` reached end of file: let its peer see end of file too.
+    def _half_close(self, i: int) -> list[object] | None:
+        """Job ``i`` reached end of file: what to close so that its peer sees
+        end of file too (marked closed here), or None.
 
-        Called with the lock held."""
+        Called with ``_books`` held; the caller closes them after."""
         e = self._end(_DST[i])
         if self.dst_socket >> i & 1 or (self._in_c(i) | self.closed) >> e & 1:
             # The worker shut a socket down, or closed the end, in C: the
             # peer has its end of file.
-            return
+            return None
         if self.close and self._users(e) == 1 << i:
             # A write-only end that nothing else uses (a pipe): closing it
             # is its end of file.  With close=False it stays open: the fd
             # is the caller's, and closing it here would turn their own
             # later close into a double close.
             self.closed |= 1 << e
-            error = close_ends(self._owners(e))
-            if error is not None and self.error is None:
-                self.error = error
+            return self._owners(e)
+        return None
 
     def _done(self, i: int, dropped: bool = False) -> None:
-        with self.lock:
+        rest: list[object] = []
+        forget: list[object] = []
+        with _books:
             self.pending -= 1
             if dropped:
                 self.dropped |= 1 << i
@@ -360,23 +379,24 @@ class ProxyTask:
                 self.closed |= self._in_c(i)
             if self.pending:
                 return
-            error = self.error
             if self.close:
                 in_c = self._in_c(0) | self._in_c(1)
-                rest = []
                 for e in self._all_ends():
                     if not self.closed >> e & 1:
                         rest += self._owners(e)
                     elif in_c >> e & 1:
                         # Closed by a worker in C: only a plain socket
                         # object is left to mark closed.
-                        for obj in self._owners(e):
-                            if not isinstance(obj, int):
-                                forget_closed(obj)
-                close_error = close_ends(rest) if rest else None
+                        forget += [obj for obj in self._owners(e) if not isinstance(obj, int)]
                 self.closed = 15
-                if error is None:
-                    error = close_error
+        # Both directions have ended: this thread alone gets here, and no
+        # other touches the ends now.
+        for obj in forget:
+            forget_closed(obj)
+        error = self.error
+        close_error = close_ends(rest) if rest else None
+        if error is None:
+            error = close_error
         relay = self.relay
         cancelled = self.cancel_requested and (
             self.dropped != 0 or any(job.cancelled for job in self.jobs)
@@ -626,6 +646,8 @@ def _after_fork_in_child() -> None:
     # The parent's watchdog thread does not exist here; its proxies do not
     # run here either.
     watchdog._reset()
+    # A thread of the parent's may have held it at the fork.
+    _books._at_fork_reinit()  # type: ignore[attr-defined]
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
