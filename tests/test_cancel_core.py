@@ -224,3 +224,24 @@ def test_a_cancelled_copy_leaves_the_source_readable() -> None:
         b.close()
         os.close(out_r)
         os.close(out_w)
+
+
+def test_the_state_flags_come_out_as_bools() -> None:
+    """``started``, ``finished`` and ``cancelled`` are bools (the compiled
+    core keeps them in one-byte fields), before, while and after a copy."""
+    r, w = os.pipe()
+    out_r, out_w = os.pipe()
+    try:
+        job = _impl.CopyJob(r, out_w)
+        assert (job.started, job.finished, job.cancelled) == (False, False, False)
+        assert all(type(v) is bool for v in (job.started, job.finished, job.cancelled))
+        runner = Runner(job)
+        wait_until_blocked(runner.thread)
+        assert job.started is True and job.finished is False
+        runner.cancel_and_join()
+        assert isinstance(runner.result, CancelledError)
+        assert (job.started, job.finished, job.cancelled) == (True, True, True)
+        assert all(type(v) is bool for v in (job.started, job.finished, job.cancelled))
+    finally:
+        for fd in (r, w, out_r, out_w):
+            close_quietly(fd)

@@ -577,17 +577,13 @@ def test_every_way_a_relay_ends_takes_it_off_the_pools_live_set() -> None:
         os.close(w)
 
 
-@pytest.mark.parametrize("plain", [True, False])
-def test_relay_set_result_wakes_every_kind_of_waiter(monkeypatch, plain: bool) -> None:
-    """Relay.set_result skips the Condition's steps only when nobody waits:
-    a thread in result(), wait(), as_completed() and a callback all see it,
-    and a second settle raises as Future's does (both paths)."""
+def test_relay_set_result_wakes_every_kind_of_waiter() -> None:
+    """A Relay makes its Condition only when a thread waits: a thread in
+    result(), wait(), as_completed() and a callback all see the result,
+    and a second settle raises as Future's does."""
     from concurrent.futures import FIRST_COMPLETED, InvalidStateError, as_completed
     from concurrent.futures import wait as futures_wait
 
-    from fastpipe import _relay
-
-    monkeypatch.setattr(_relay, "_PLAIN_CONDITION", plain)
     relay = fastpipe.Relay()
     seen: dict[str, object] = {}
     started = threading.Barrier(4)
@@ -620,3 +616,158 @@ def test_relay_set_result_wakes_every_kind_of_waiter(monkeypatch, plain: bool) -
     with pytest.raises(InvalidStateError):
         relay.set_result(43)
     assert relay.result() == 42
+
+
+def test_a_relay_nobody_waits_on_holds_no_condition_or_lists() -> None:
+    """A parked relay is mostly its future: the Condition and the waiters
+    and callbacks lists are made only when something needs them."""
+    from concurrent.futures import wait as futures_wait
+
+    with WorkerPool() as pool:
+        relay, w = idle_relay(pool)
+        wait_for(lambda: pool.stats()["parked"] == 1)
+        assert (relay._cond, relay._waiter_list, relay._callbacks) == (None, None, None)
+        assert relay.__dict__ == {}  # slots only
+        assert "pending" in repr(relay) and relay._cond is None
+        finish([w])
+        wait_for(relay.done)
+        assert relay.result() == 1000 and relay.exception() is None
+        assert relay._cond is None
+        # concurrent.futures.wait() makes the Condition and the waiters list
+        # (a thread in result() on a pool relay helps the pool instead).
+        waited, w = idle_relay(pool)
+        waiter = threading.Thread(target=futures_wait, args=([waited], 10))
+        waiter.start()
+        try:
+            wait_for(lambda: waited._waiter_list)
+            assert waited._cond is not None and waited._callbacks is None
+        finally:
+            finish([w])
+        waiter.join(10)
+        assert not waiter.is_alive() and waited.result() == 1000
+
+
+def _race_settling_with_waiters(outcome: str) -> list[object]:
+    """Start four waiters on a fresh Relay and settle it as they start."""
+    from concurrent.futures import CancelledError, as_completed
+    from concurrent.futures import wait as futures_wait
+
+    relay: fastpipe.Relay[int] = fastpipe.Relay()
+    seen: list[object] = []
+    go = threading.Barrier(5)
+
+    def in_result() -> None:
+        go.wait()
+        try:
+            seen.append(relay.result(timeout=10))
+        except (CancelledError, OSError) as exc:
+            seen.append(type(exc))
+
+    def in_exception() -> None:
+        go.wait()
+        try:
+            seen.append(type(relay.exception(timeout=10)))
+        except CancelledError:
+            seen.append(CancelledError)
+
+    def in_wait() -> None:
+        go.wait()
+        seen.append(relay in futures_wait([relay], timeout=10).done)
+
+    def in_as_completed() -> None:
+        go.wait()
+        seen.append([f is relay for f in as_completed([relay], timeout=10)])
+
+    threads = [
+        threading.Thread(target=t) for t in (in_result, in_exception, in_wait, in_as_completed)
+    ]
+    for t in threads:
+        t.start()
+    go.wait()
+    relay.add_done_callback(lambda f: seen.append("callback"))
+    if outcome == "cancelled":
+        assert relay.cancel()
+    elif outcome == "error":
+        relay.set_exception(BrokenPipeError())
+    else:
+        relay.set_result(7)
+    for t in threads:
+        t.join(15)
+        assert not t.is_alive()
+    return seen
+
+
+def test_relay_settling_races_its_waiters_without_losing_a_wakeup() -> None:
+    """Settled from one thread the moment others start to wait, through
+    every path (result, exception, wait, as_completed, a callback, cancel):
+    each waiter sees the outcome; a lost wake-up hangs one until its 10 s."""
+    from concurrent.futures import CancelledError
+
+    expected: dict[str, list[object]] = {
+        "cancelled": [CancelledError, CancelledError],
+        "error": [BrokenPipeError, BrokenPipeError],
+        "result": [7, type(None)],
+    }
+    for i in range(150):
+        outcome = ("cancelled", "error", "result")[i % 3]
+        seen = _race_settling_with_waiters(outcome)
+        want = [True, [True], "callback", *expected[outcome]]
+        assert sorted(map(repr, seen)) == sorted(map(repr, want)), (i, seen)
+
+
+def test_a_cancelled_relay_runs_its_callbacks_before_wait_returns() -> None:
+    """As Future.cancel() then set_running_or_notify_cancel(): done-callbacks
+    run before concurrent.futures.wait() sees the relay done."""
+    from concurrent.futures import wait as futures_wait
+
+    relay: fastpipe.Relay[int] = fastpipe.Relay()
+    ran: list[bool] = []
+    relay.add_done_callback(lambda f: (time.sleep(0.05), ran.append(f.cancelled())))
+    returned: list[bool] = []
+
+    def waiter() -> None:
+        futures_wait([relay], timeout=10)
+        returned.append(bool(ran))
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    wait_for(lambda: relay._waiter_list)
+    assert relay.cancel()
+    thread.join(10)
+    assert returned == [True] and ran == [True]
+    assert relay.cancel() and relay.cancelled()  # a second cancel: still True
+
+
+def test_relays_work_in_a_child_forked_while_their_lock_was_held() -> None:
+    """Every Relay's state lock is one module lock: a fork while another
+    thread holds it must not leave the child's relays stuck."""
+    from fastpipe import _relay
+
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold() -> None:
+        with _relay._state_lock:
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(10)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:  # the child: report through the exit status only
+            status = 1
+            try:
+                relay: fastpipe.Relay[int] = fastpipe.Relay()
+                threading.Timer(0.05, relay.set_result, (5,)).start()
+                status = 0 if relay.result(timeout=5) == 5 else 2
+            finally:
+                os._exit(status)
+    finally:
+        release.set()
+        holder.join(10)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

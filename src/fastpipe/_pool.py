@@ -52,6 +52,10 @@ from fastpipe._relay import (
 _thread_ids = itertools.count(1)
 
 
+# _Task.in_c by (src, dst): whether the worker closes each end in C.
+_IN_C = (((False, False), (False, True)), ((True, False), (True, True)))
+
+
 class _Task:
     """A relay on its way through the pool: its future, job and ends."""
 
@@ -61,7 +65,7 @@ class _Task:
         self,
         relay: Relay[int],
         jobs: tuple[Any, ...],
-        ends: list[object],
+        ends: tuple[object, object],
         close: bool,
         core: Any,
         live: set[Any],
@@ -71,8 +75,9 @@ class _Task:
         self.jobs = jobs
         self.ends = ends  # what the user passed: ints and objects
         self.close = close
-        # Which ends the worker closes in C (decided once, before it runs).
-        self.in_c = (closes_in_c(ends[0]), closes_in_c(ends[1])) if close else ()
+        # Which ends the worker closes in C (decided once, before it runs):
+        # one of four shared tuples, none made per relay.
+        self.in_c = _IN_C[closes_in_c(ends[0])][closes_in_c(ends[1])] if close else ()
         self.core = core
 
     def cancel(self) -> bool:
@@ -309,9 +314,10 @@ class WorkerPool:
         close = bool(close)
         if deferred:
             self._check_open()
-            return fail_relay(Relay[int](), deferred[0], [src, dst] if close else [])
+            failed: Relay[int] = Relay()
+            return fail_relay(failed, deferred[0], [src, dst] if close else [])
         relay: Relay[int] = Relay()
-        task = _Task(relay, (job,), [src, dst], close, self._core, self._live)
+        task = _Task(relay, (job,), (src, dst), close, self._core, self._live)
         if close:
             job.close_fds(*task.in_c)
         job.task = task

@@ -60,6 +60,7 @@ class _Side:
     """
 
     __slots__ = (
+        "given",
         "reader",
         "writer",
         "read_fd",
@@ -70,6 +71,7 @@ class _Side:
     )
 
     def __init__(self, side: object, name: str, deferred: list[OSError]) -> None:
+        self.given = side
         if isinstance(side, tuple):
             if len(side) != 2:
                 raise TypeError(f"{name} must be one end or a (reader, writer) pair")
@@ -93,15 +95,60 @@ class _Side:
                 self.write_is_socket = False
 
 
+# Every ProxyTask's bookkeeping (pending, dropped, closed, error, timed_out)
+# changes under this one lock, held for a few bytecodes and never across a
+# close or a callback: a per-proxy lock would cost each idle connection as
+# much again as its bookkeeping.
+_books = threading.Lock()
+
+# A proxy's four ends by position: a's reader, a's writer, b's reader, b's
+# writer.  Job 0 (a -> b) reads position 0 and writes 3; job 1 (b -> a)
+# reads 2 and writes 1.  Positions that name one fd (a socket read and
+# written both ways) are one end: the first of them stands for it, and the
+# masks below have one bit per standing position.
+_SRC = (0, 2)
+_DST = (3, 1)
+
+
 class ProxyTask:
     """A proxy on its way through the pool: its future, both jobs and ends.
 
     ``complete()`` is called once per job, possibly by two threads at once
-    (the completer and a thread in ``result()``), hence the lock: it also
-    orders a half-close before the final close, so that no fd number is shut
-    down or closed after it was closed (it may belong to someone else by
-    then).
+    (the completer and a thread in ``result()``), hence the lock,
+    ``_books``, one for every proxy: it guards the few fields below and is
+    held for a handful of bytecodes, never across a close.  An end is
+    marked closed under it before it is closed outside it, so no fd number
+    is shut down or closed twice (it may belong to someone else by then);
+    and a direction's half-close is done before its ``_done()``, so the
+    last ``_done()``, which closes the rest and settles the future, comes
+    after every close.
+
+    An idle connection is mostly this object and its jobs, so it holds only
+    slots and small ints: which positions share an fd, which ends a worker
+    closes in C, which are closed, are bit masks (ints below 256, which
+    Python never allocates); the fds themselves are the jobs'.
     """
+
+    __slots__ = (
+        "relay",
+        "core",
+        "live",
+        "jobs",
+        "a",
+        "b",
+        "close",
+        "idle_timeout",
+        "same",
+        "in_c",
+        "dst_socket",
+        "pending",
+        "dropped",
+        "closed",
+        "error",
+        "cancel_requested",
+        "timed_out",
+        "watched",
+    )
 
     def __init__(
         self,
@@ -118,34 +165,80 @@ class ProxyTask:
         self.live = live  # the pool's unsettled tasks; this one leaves when settled
         self.close = close
         self.idle_timeout = idle_timeout
-        self.lock = threading.Lock()
         # jobs[0] copies a -> b, jobs[1] b -> a.
         self.jobs = (
             make_job(a.reader, b.writer, a.read_fd, b.write_fd, None, True, None),
             make_job(b.reader, a.writer, b.read_fd, a.write_fd, None, True, None),
         )
+        # The sides as the user gave them: one object, or a (reader, writer)
+        # pair (theirs already: no tuple made here).
+        self.a = a.given
+        self.b = b.given
+        # same: 2 bits per position, the first position with its fd.
+        fds = (a.read_fd, a.write_fd, b.read_fd, b.write_fd)
+        same = 0
+        for p, fd in enumerate(fds):
+            same |= fds.index(fd) << (2 * p)
+        self.same = same
+        # Under _books: the jobs left to end, the jobs taken off the queue
+        # (never run), the ends closed so far (bit per standing position).
         self.pending = 2
-        self.dropped = [False, False]  # taken off the queue, never run
+        self.dropped = 0
+        self.closed = 0
         self.error: BaseException | None = None
         self.cancel_requested = False
         self.timed_out = False
         self.watched = False  # in the watchdog's heap (under its lock)
-        # The written end of each job: (object, fd, is_socket).
-        self.dst = (
-            (b.writer, b.write_fd, b.write_is_socket),
-            (a.writer, a.write_fd, a.write_is_socket),
-        )
-        # What closes each fd: every distinct object over it (two makefile()
-        # objects of one socket each hold a reference that must go), or, for
-        # an fd named only as an int, that int once.
-        ends: dict[int, list[object]] = {}
-        for obj, fd in (
-            (a.reader, a.read_fd),
-            (a.writer, a.write_fd),
-            (b.reader, b.read_fd),
-            (b.writer, b.write_fd),
-        ):
-            owners = ends.setdefault(fd, [])
+        # Bit i: job i writes to a socket, which its worker shuts down in C.
+        self.dst_socket = b.write_is_socket | a.write_is_socket << 1
+        # An end only one job uses is closed by that job's worker in C the
+        # moment it ends (when it is an int or a plain socket): a pipe's
+        # write end is half-closed that way without waiting for the GIL.
+        # An end both jobs use is closed here, once both have ended.
+        # in_c: 4 bits per job, the ends its worker closes.
+        in_c = 0
+        if close:
+            for i, job in enumerate(self.jobs):
+                s, d = self._end(_SRC[i]), self._end(_DST[i])
+                src = self._closes_in_c(s, i)
+                dst = d != s and self._closes_in_c(d, i)
+                if src or dst:
+                    job.close_fds(src, dst)
+                    in_c |= (src << s | dst << d) << (4 * i)
+        self.in_c = in_c
+        for i, job in enumerate(self.jobs):
+            job.task = self
+            if self.dst_socket >> i & 1:
+                job.shut_wr_at_eof(True)
+
+    # -- the ends, from the masks -----------------------------------------
+
+    @property
+    def ends(self) -> tuple[object, object, object, object]:
+        """The objects (or ints) at each position."""
+        a, b = self.a, self.b
+        a_reader, a_writer = a if isinstance(a, tuple) else (a, a)
+        b_reader, b_writer = b if isinstance(b, tuple) else (b, b)
+        return a_reader, a_writer, b_reader, b_writer
+
+    def _end(self, p: int) -> int:
+        """The position that stands for position ``p``'s fd."""
+        return self.same >> (2 * p) & 3
+
+    def _users(self, e: int) -> int:
+        """Bit i: job i reads or writes end ``e``."""
+        return (self._end(_SRC[0]) == e or self._end(_DST[0]) == e) | (
+            self._end(_SRC[1]) == e or self._end(_DST[1]) == e
+        ) << 1
+
+    def _owners(self, e: int) -> list[object]:
+        """What closes end ``e``'s fd: every distinct object over it (two
+        makefile() objects of one socket each hold a reference that must
+        go), or, for an fd named only as an int, that int once."""
+        owners: list[object] = []
+        for p, obj in enumerate(self.ends):
+            if self._end(p) != e:
+                continue
             if isinstance(obj, int):
                 if not owners:
                     owners.append(obj)
@@ -154,32 +247,18 @@ class ProxyTask:
                     owners.clear()
                 if not any(o is obj for o in owners):
                     owners.append(obj)
-        self.ends = ends
-        self.closed: set[int] = set()
-        self.users = {
-            fd: {i for i, job in enumerate(self.jobs) if fd in (job.src_fd, job.dst_fd)}
-            for fd in ends
-        }
-        # An end only one job uses is closed by that job's worker in C the
-        # moment it ends (when it is an int or a plain socket): a pipe's
-        # write end is half-closed that way without waiting for the GIL.
-        # An end both jobs use is closed here, once both have ended.
-        self.in_c: list[set[int]] = [set(), set()]
-        if close:
-            for i, job in enumerate(self.jobs):
-                src = self._closes_in_c(job.src_fd, i)
-                dst = job.dst_fd != job.src_fd and self._closes_in_c(job.dst_fd, i)
-                if src or dst:
-                    job.close_fds(src, dst)
-                    self.in_c[i] = {fd for fd, yes in ((job.src_fd, src), (job.dst_fd, dst)) if yes}
-        for i, job in enumerate(self.jobs):
-            job.task = self
-            if self.dst[i][2]:
-                job.shut_wr_at_eof(True)
+        return owners
 
-    def _closes_in_c(self, fd: int, i: int) -> bool:
-        owners = self.ends[fd]
-        return self.users[fd] == {i} and len(owners) == 1 and closes_in_c(owners[0])
+    def _all_ends(self) -> list[int]:
+        return [e for e in range(4) if self._end(e) == e]
+
+    def _in_c(self, i: int) -> int:
+        """The ends job ``i``'s worker closes in C (a mask)."""
+        return self.in_c >> (4 * i) & 15
+
+    def _closes_in_c(self, e: int, i: int) -> bool:
+        owners = self._owners(e)
+        return self._users(e) == 1 << i and len(owners) == 1 and closes_in_c(owners[0])
 
     # -- the pool's protocol ----------------------------------------------
 
@@ -187,14 +266,13 @@ class ProxyTask:
         """Close every end of a proxy that never reached a worker."""
         if not self.close:
             return None
-        return close_ends([obj for owners in self.ends.values() for obj in owners])
+        return close_ends([obj for e in self._all_ends() for obj in self._owners(e)])
 
     def drop(self, job: Any) -> None:
         """``job`` was taken off the queue and will never run."""
         i = self.jobs.index(job)
-        self.dropped[i] = True
         self.cancel_requested = True
-        self._done(i)
+        self._done(i, dropped=True)
         self._stop(1 - i)
 
     def complete(self, job: Any) -> None:
@@ -205,7 +283,7 @@ class ProxyTask:
         except CancelledError:
             pass  # we asked for it: the cause is recorded already
         except BaseException as exc:  # noqa: B036 - delivered through the future
-            with self.lock:
+            with _books:
                 if self.error is None:
                     # Only completer frames, which would hold this proxy.
                     self.error = exc.with_traceback(None)
@@ -213,11 +291,20 @@ class ProxyTask:
             self._stop(1 - i)
             del exc
         else:
-            with self.lock:
+            with _books:
                 # The last direction too: with close=False nothing else
                 # tells its peer that the proxy is done writing.
                 if self.error is None and not self.cancel_requested and not self.timed_out:
-                    self._half_close(i)
+                    owners = self._half_close(i)
+                else:
+                    owners = None
+            if owners:
+                error = close_ends(owners)
+                if error is not None:
+                    with _books:
+                        if self.error is None:
+                            self.error = error
+                del error
         self._done(i)
 
     def cancel(self) -> bool:
@@ -238,8 +325,7 @@ class ProxyTask:
         """
         job = self.jobs[i]
         if self.core.unqueue(job):
-            self.dropped[i] = True
-            self._done(i)
+            self._done(i, dropped=True)
             return True
         if not job.cancel():
             return False
@@ -254,7 +340,7 @@ class ProxyTask:
 
     def expire(self) -> None:
         """The watchdog saw no byte either way for ``idle_timeout`` seconds."""
-        with self.lock:
+        with _books:
             if self.pending == 0:
                 return
             self.timed_out = True
@@ -263,49 +349,57 @@ class ProxyTask:
 
     # -- the end ----------------------------------------------------------
 
-    def _half_close(self, i: int) -> None:
-        """Job ``i`` reached end of file: let its peer see end of file too."""
-        _, fd, is_socket = self.dst[i]
-        if is_socket or fd in self.in_c[i] or fd in self.closed:
+    def _half_close(self, i: int) -> list[object] | None:
+        """Job ``i`` reached end of file: what to close so that its peer sees
+        end of file too (marked closed here), or None.
+
+        Called with ``_books`` held; the caller closes them after."""
+        e = self._end(_DST[i])
+        if self.dst_socket >> i & 1 or (self._in_c(i) | self.closed) >> e & 1:
             # The worker shut a socket down, or closed the end, in C: the
             # peer has its end of file.
-            return
-        if self.close and self.users[fd] == {i}:
+            return None
+        if self.close and self._users(e) == 1 << i:
             # A write-only end that nothing else uses (a pipe): closing it
             # is its end of file.  With close=False it stays open: the fd
             # is the caller's, and closing it here would turn their own
             # later close into a double close.
-            self.closed.add(fd)
-            error = close_ends(self.ends[fd])
-            if error is not None and self.error is None:
-                self.error = error
+            self.closed |= 1 << e
+            return self._owners(e)
+        return None
 
-    def _done(self, i: int) -> None:
-        with self.lock:
+    def _done(self, i: int, dropped: bool = False) -> None:
+        rest: list[object] = []
+        forget: list[object] = []
+        with _books:
             self.pending -= 1
-            if not self.dropped[i]:
-                self.closed |= self.in_c[i]
+            if dropped:
+                self.dropped |= 1 << i
+            else:
+                self.closed |= self._in_c(i)
             if self.pending:
                 return
-            error = self.error
             if self.close:
-                rest = []
-                for fd, owners in self.ends.items():
-                    if fd not in self.closed:
-                        rest += owners
-                    elif any(fd in s for s in self.in_c):
+                in_c = self._in_c(0) | self._in_c(1)
+                for e in self._all_ends():
+                    if not self.closed >> e & 1:
+                        rest += self._owners(e)
+                    elif in_c >> e & 1:
                         # Closed by a worker in C: only a plain socket
                         # object is left to mark closed.
-                        for obj in owners:
-                            if not isinstance(obj, int):
-                                forget_closed(obj)
-                close_error = close_ends(rest) if rest else None
-                self.closed.update(self.ends)
-                if error is None:
-                    error = close_error
+                        forget += [obj for obj in self._owners(e) if not isinstance(obj, int)]
+                self.closed = 15
+        # Both directions have ended: this thread alone gets here, and no
+        # other touches the ends now.
+        for obj in forget:
+            forget_closed(obj)
+        error = self.error
+        close_error = close_ends(rest) if rest else None
+        if error is None:
+            error = close_error
         relay = self.relay
         cancelled = self.cancel_requested and (
-            any(self.dropped) or any(job.cancelled for job in self.jobs)
+            self.dropped != 0 or any(job.cancelled for job in self.jobs)
         )
         if self.error is None and cancelled and not self.timed_out:
             cancel_future(relay)
@@ -552,6 +646,8 @@ def _after_fork_in_child() -> None:
     # The parent's watchdog thread does not exist here; its proxies do not
     # run here either.
     watchdog._reset()
+    # A thread of the parent's may have held it at the fork.
+    _books._at_fork_reinit()  # type: ignore[attr-defined]
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

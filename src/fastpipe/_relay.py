@@ -9,15 +9,14 @@ completing the future).
 from __future__ import annotations
 
 import _socket
-import collections
 import io
 import os
 import socket
 import stat
 import threading
 import time
-from collections.abc import Callable, Generator
-from concurrent.futures import Future, InvalidStateError, _base, wait
+from collections.abc import Callable, Generator, Iterable
+from concurrent.futures import CancelledError, Future, InvalidStateError, _base
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from fastpipe import _impl
@@ -68,15 +67,85 @@ class Relay(Future[_T]):
     # FINISHED: the worker never needs the GIL to mark it RUNNING.  So
     # running() is answered from the pool's own state, and cancel() (which
     # can stop a running copy) moves it to CANCELLED itself.
+    #
+    # A parked relay is mostly this object, so it holds only slots: no
+    # Condition, no lists.  Every Relay's state changes under one module
+    # lock, _state_lock; a Condition over that lock is made only for a
+    # relay that a thread waits on (result(), exception(), cancel()), and
+    # the waiters and callbacks lists only once something is put in them.
+    # Future's own methods and concurrent.futures.wait()/as_completed()
+    # still find _condition, _waiters and _done_callbacks: properties that
+    # make them on first use, under the lock.
+    __slots__ = (
+        "_state",
+        "_result",
+        "_exception",
+        "_cond",
+        "_waiter_list",
+        "_callbacks",
+        "_task",
+        "_jobs",
+        "_no_bytes",
+    )
+
+    _state: str
+    _result: _T | None
+    _exception: BaseException | None
 
     def __init__(self, directions: int = 1) -> None:
-        super().__init__()
+        # Not Future.__init__: it makes the Condition and the two lists.
+        self._state = _PENDING
+        self._result = None
+        self._exception = None
+        self._cond: threading.Condition | None = None
+        self._waiter_list: list[Any] | None = None
+        self._callbacks: list[Callable[[Future[_T]], object]] | None = None
         # The task while the relay is pending (for cancel() and result()'s
         # help); its jobs for good (for the byte counts and the method).
         self._task: Any = None
         self._jobs: tuple[Any, ...] = ()
-        # bytes_each_way's zeros for a relay that never got a job.
-        self._no_bytes = (0,) * directions
+        # bytes_each_way's zeros for a relay that never got a job (shared).
+        self._no_bytes = _ZEROS.get(directions) or (0,) * directions
+
+    # -- what Future's code and concurrent.futures.wait() reach for --------
+
+    @property
+    def _condition(self) -> threading.Condition:
+        cond = self._cond
+        if cond is None:
+            with _state_lock:
+                cond = self._cond
+                if cond is None:
+                    cond = self._cond = threading.Condition(_state_lock)
+        return cond
+
+    @_condition.setter
+    def _condition(self, value: threading.Condition) -> None:
+        self._cond = value
+
+    @property
+    def _waiters(self) -> list[Any]:
+        waiters = self._waiter_list
+        if waiters is None:
+            with _state_lock:
+                waiters = self._waiter_list
+                if waiters is None:
+                    waiters = self._waiter_list = []
+        return waiters
+
+    @_waiters.setter
+    def _waiters(self, value: list[Any]) -> None:
+        self._waiter_list = value
+
+    @property
+    def _done_callbacks(self) -> list[Callable[[Future[_T]], object]]:
+        callbacks = self._callbacks
+        if callbacks is None:
+            with _state_lock:
+                callbacks = self._callbacks
+                if callbacks is None:
+                    callbacks = self._callbacks = []
+        return callbacks
 
     def _attach(self, task: Any) -> None:
         self._jobs = task.jobs
@@ -120,6 +189,13 @@ class Relay(Future[_T]):
         method = jobs[0].method
         return None if method is None else str(method)
 
+    def done(self) -> bool:
+        # One read of one slot: atomic under the GIL, no lock needed.
+        return self._state in _DONE
+
+    def cancelled(self) -> bool:
+        return self._state in _CANCELLED
+
     def result(self, timeout: float | None = None) -> _T:
         """Wait for the relay to end and return its result.
 
@@ -141,17 +217,44 @@ class Relay(Future[_T]):
                 goes on).
             concurrent.futures.CancelledError: the relay was cancelled.
         """
-        remaining = self._help(timeout)
         try:
-            return super().result(remaining)
+            if self._state not in _DONE:
+                self._wait(self._help(timeout), _DONE)
+            state = self._state
+            if state == _FINISHED:
+                if self._exception is not None:
+                    raise self._exception
+                return self._result  # type: ignore[return-value]
+            if state in _CANCELLED:
+                raise CancelledError()
+            raise TimeoutError()
         finally:
             # As Future.result(): the error raised holds this frame in its
             # traceback, which must not hold the future that holds the error.
             del self
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        remaining = self._help(timeout)
-        return super().exception(remaining)
+        if self._state not in _DONE:
+            self._wait(self._help(timeout), _DONE)
+        state = self._state
+        if state == _FINISHED:
+            return self._exception
+        if state in _CANCELLED:
+            raise CancelledError()
+        raise TimeoutError()
+
+    def _wait(self, timeout: float | None, states: frozenset[str]) -> None:
+        """Block until the state is one of ``states``, or ``timeout`` passes.
+
+        The Condition is made here, the first time a thread waits.  No
+        wake-up is lost: the state is looked at with the lock held, and a
+        settling thread changes it and looks for the Condition under that
+        same lock, so either this thread sees the new state or the settler
+        sees the Condition and notifies it.
+        """
+        cond = self._condition
+        with cond:
+            cond.wait_for(lambda: self._state in states, timeout)
 
     def _help(self, timeout: float | None) -> float | None:
         """Before blocking on the future, finish pool jobs in this thread.
@@ -179,30 +282,106 @@ class Relay(Future[_T]):
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
     def set_result(self, result: _T) -> None:
-        """``Future.set_result``, minus the Python-level steps that do nothing
-        when no thread waits and no callback is registered.
+        """``Future.set_result``: the completer calls it for every relay,
+        with the GIL held, so it does only what is needed when no thread
+        waits and no callback is registered.
 
-        The completer calls this for every relay with the GIL held, so its
-        cost is on the path of every thread that wants the GIL back: the
-        full version is twice as slow.  It holds the same lock and keeps the
-        same order (waiters of ``wait()``, then threads in ``result()``,
-        then callbacks outside the lock).
+        Same order as Future's: the state changes and waiters of ``wait()``
+        and threads in ``result()`` are woken under the lock, then the
+        callbacks run outside it.
         """
-        if not _PLAIN_CONDITION:
-            super().set_result(result)
-            return
-        cond = self._condition
-        with cond._lock:  # type: ignore[attr-defined]
+        with _state_lock:
             if self._state in _SETTLED:
                 raise InvalidStateError(f"{self._state}: {self!r}")
             self._result = result
             self._state = _FINISHED
-            for waiter in self._waiters:
-                waiter.add_result(self)
-            if cond._waiters:  # type: ignore[attr-defined]
-                cond.notify_all()
-        if self._done_callbacks:  # type: ignore[attr-defined]
-            self._invoke_callbacks()  # type: ignore[attr-defined]
+            waiters = self._waiter_list
+            if waiters:
+                for waiter in waiters:
+                    waiter.add_result(self)
+            if self._cond is not None:
+                self._cond.notify_all()
+        if self._callbacks:
+            self._invoke_callbacks()
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        """``Future.set_exception``, in the order ``set_result`` keeps."""
+        with _state_lock:
+            if self._state in _SETTLED:
+                raise InvalidStateError(f"{self._state}: {self!r}")
+            self._exception = exception
+            self._state = _FINISHED
+            waiters = self._waiter_list
+            if waiters:
+                for waiter in waiters:
+                    waiter.add_exception(self)
+            if self._cond is not None:
+                self._cond.notify_all()
+        if self._callbacks:
+            self._invoke_callbacks()
+
+    def add_done_callback(self, fn: Callable[[Future[_T]], object]) -> None:
+        with _state_lock:
+            if self._state not in _DONE:
+                if self._callbacks is None:
+                    self._callbacks = [fn]
+                else:
+                    self._callbacks.append(fn)
+                return
+        try:
+            fn(self)
+        except Exception:
+            _base.LOGGER.exception("exception calling callback for %r", self)
+
+    def _invoke_callbacks(self) -> None:
+        # After the state is final: nothing appends to the list any more.
+        for callback in self._callbacks or ():
+            try:
+                callback(self)
+            except Exception:
+                _base.LOGGER.exception("exception calling callback for %r", self)
+
+    def _cancel_pending(self) -> bool:
+        """Move a PENDING relay to cancelled, as its waiters expect it.
+
+        What ``Future.cancel()`` and then ``set_running_or_notify_cancel()``
+        do, in their order: CANCELLED (``done()``, and threads in
+        ``result()`` woken), the callbacks, then CANCELLED_AND_NOTIFIED,
+        which ``concurrent.futures.wait()`` and ``as_completed()`` count as
+        done (an executor's worker does that step when it picks the item
+        up; no Python worker picks a relay up, so it is done here).  So a
+        ``cancel()`` that waits for the latter finds the callbacks run.
+        False if the relay had ended otherwise; True if it is cancelled.
+        """
+        with _state_lock:
+            state = self._state
+            if state != _PENDING:
+                return state in _CANCELLED
+            self._state = _base.CANCELLED
+            if self._cond is not None:
+                self._cond.notify_all()
+        if self._callbacks:
+            self._invoke_callbacks()
+        self.set_running_or_notify_cancel()
+        return True
+
+    def set_running_or_notify_cancel(self) -> bool:
+        with _state_lock:
+            state = self._state
+            if state == _base.CANCELLED:
+                self._state = _base.CANCELLED_AND_NOTIFIED
+                waiters = self._waiter_list
+                if waiters:
+                    for waiter in waiters:
+                        waiter.add_cancelled(self)
+                if self._cond is not None:
+                    self._cond.notify_all()
+                return False
+            if state == _PENDING:
+                self._state = _base.RUNNING
+                return True
+        _base.LOGGER.critical("Future %s in unexpected state: %s", id(self), state)
+        raise RuntimeError("Future in unexpected state")
 
     def running(self) -> bool:
         """True once a worker has started the copy, until it ends.
@@ -244,8 +423,20 @@ class Relay(Future[_T]):
             # it here would wait for ourselves.
             return True
         self._help(None)
-        wait((self,))
+        # Until CANCELLED_AND_NOTIFIED or FINISHED, as wait() would: the
+        # done-callbacks have run by then.
+        self._wait(None, _NOTIFIED)
         return self.cancelled()
+
+    def __repr__(self) -> str:
+        # Future's, without its lock (and so without making a Condition).
+        state = self._state
+        head = f"<{type(self).__name__} at {id(self):#x} state={_DESCRIPTION[state]}"
+        if state == _FINISHED:
+            if self._exception is not None:
+                return f"{head} raised {type(self._exception).__name__}>"
+            return f"{head} returned {type(self._result).__name__}>"
+        return head + ">"
 
     def __await__(self) -> Generator[Any, None, _T]:
         """``await relay`` inside asyncio: the result, without blocking the loop."""
@@ -256,24 +447,23 @@ class Relay(Future[_T]):
         return asyncio.wrap_future(self).__await__()
 
 
-def _plain_condition() -> bool:
-    """Whether Future and Condition keep the state Relay.set_result uses
-    (true from CPython 3.2 to 3.13); if not, it takes the full path."""
-    future: Any = Future()
-    cond = future._condition
-    return (
-        isinstance(getattr(cond, "_waiters", None), collections.deque)
-        and hasattr(cond, "_lock")
-        and future._state == _base.PENDING
-        and isinstance(getattr(future, "_waiters", None), list)
-        and isinstance(getattr(future, "_done_callbacks", None), list)
-        and callable(getattr(future, "_invoke_callbacks", None))
-    )
+# Every Relay's state, waiters and callbacks change under this lock; the
+# Condition of a relay that a thread waits on is made over it.  Reentrant:
+# concurrent.futures.wait() acquires each of its futures' _condition in
+# turn, which for relays is this one lock again and again.
+_state_lock = threading.RLock()
 
-
-_PLAIN_CONDITION = _plain_condition()
+_PENDING = _base.PENDING
 _FINISHED = _base.FINISHED
-_SETTLED = frozenset((_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED, _base.FINISHED))
+_CANCELLED = frozenset((_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED))
+_DONE = frozenset((_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED, _base.FINISHED))
+# Settled: set_result()/set_exception() raise InvalidStateError.
+_SETTLED = _DONE
+# What wait() and as_completed() count as done.
+_NOTIFIED = frozenset((_base.CANCELLED_AND_NOTIFIED, _base.FINISHED))
+_DESCRIPTION = _base._STATE_TO_DESCRIPTION_MAP
+# Shared zeros for Relay.bytes_each_way: no tuple made per relay.
+_ZEROS = {1: (0,), 2: (0, 0)}
 
 
 class _Repoker:
@@ -335,24 +525,19 @@ repoker = _Repoker()
 def _after_fork_in_child() -> None:
     # The parent's re-poker thread does not exist here, nor do its jobs' workers.
     repoker._reset()
+    # Another thread may have held the relays' lock at the fork: it would
+    # never be released here.  The same lock object is reset, not replaced,
+    # because the Conditions made before the fork hold it.
+    _state_lock._at_fork_reinit()  # type: ignore[attr-defined]
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def cancel_future(relay: Future[Any]) -> bool:
-    """Move a PENDING relay to cancelled, as its waiters expect it.
-
-    ``Future.cancel()`` alone leaves the state CANCELLED, which
-    ``concurrent.futures.wait()`` and ``as_completed()`` do not count as
-    done until ``set_running_or_notify_cancel()`` moves it on (an executor's
-    worker does that when it picks the item up; no Python worker picks a
-    relay up, so we do it here).
-    """
-    if not Future.cancel(relay):
-        return False
-    relay.set_running_or_notify_cancel()
-    return True
+def cancel_future(relay: Relay[Any]) -> bool:
+    """Move a PENDING relay to cancelled, as its waiters expect it: see
+    ``Relay._cancel_pending``."""
+    return relay._cancel_pending()
 
 
 # Marks a thread that completes relays (the completer, or a thread helping in
@@ -628,7 +813,7 @@ def forget_closed(end: object) -> None:
     end._closed = True  # type: ignore[attr-defined]
 
 
-def close_ends(objs: list[object]) -> BaseException | None:
+def close_ends(objs: Iterable[object]) -> BaseException | None:
     """Close each distinct end once; return the first error, if any."""
     error: BaseException | None = None
     seen: set[int] = set()

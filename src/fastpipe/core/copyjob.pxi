@@ -16,7 +16,6 @@ cdef class CopyJob:
     """
 
     cdef CopyState st
-    cdef bint _started
     cdef object _prefix       # keeps the bytes at st.pre_ptr alive
     cdef public object task
     cdef object _prologue
@@ -87,12 +86,12 @@ cdef class CopyJob:
     @property
     def started(self):
         """True once the copy has begun, in this thread or a worker."""
-        return self._started or self.st.in_worker or self.st.status != STEP_AGAIN
+        return <bint>(self.st.started or self.st.in_worker or self.st.status != STEP_AGAIN)
 
     @property
     def cancelled(self):
         """True once the copy has ended because of ``cancel()``."""
-        return self.st.cancelled
+        return <bint>self.st.cancelled
 
     def cancel(self):
         """Ask the copy to stop, from any thread; True if it had not ended.
@@ -135,7 +134,7 @@ cdef class CopyJob:
 
         The bytes count towards ``count`` and ``bytes_copied``.
         """
-        if self._started or self.st.status != STEP_AGAIN:
+        if self.st.started or self.st.status != STEP_AGAIN:
             raise RuntimeError("the copy has already started")
         cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
         if self.st.limit >= 0:
@@ -206,11 +205,11 @@ cdef class CopyJob:
                 KeyboardInterrupt, when run in the main thread.
         """
         cdef int rc
-        if self._started or self.st.status != STEP_AGAIN:
+        if self.st.started or self.st.status != STEP_AGAIN:
             raise RuntimeError("a CopyJob runs only once")
         cdef sigset_t oldmask
         cdef bint masked = False
-        self._started = True
+        self.st.started = True
         if _prepare(&self.st, _in_main_thread(), self.st.zerocopy) < 0:
             self.st.status = STEP_ERROR
             _raise_errno(self.st.err)

@@ -318,7 +318,7 @@ cdef class PoolCore:
 
     cdef int _check_submit(self, CopyJob job) except -1:
         cdef CopyState *st = &job.st
-        if job._started or st.status != STEP_AGAIN or st.owner != NULL:
+        if job.st.started or st.status != STEP_AGAIN or st.owner != NULL:
             raise RuntimeError("a CopyJob runs only once")
         return 0
 

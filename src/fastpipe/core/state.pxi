@@ -2,27 +2,18 @@
 # it stopped), giving its buffers and pipe back, the clock, and the poll that
 # ends on readiness, a main-thread tick, idle_timeout or a cancel.
 
+# A flag or a small enum value in CopyState: one byte, where a bint is four.
+# Read as a flag it is 0 or 1; code that hands one to Python converts it
+# with <bint> (a bare one would come out as an int).
+ctypedef unsigned char flag
+ctypedef signed char small
+
 cdef struct CopyState:
-    int src
-    int dst
-    int src_kind
-    int dst_kind
-    bint src_wait_first     # a blocking, pollable source: poll before read
-    bint dst_wait_first     # a blocking, pollable sink in the main thread
-    bint dst_is_socket      # send with MSG_NOSIGNAL: EPIPE, never SIGPIPE
-    int dst_send_flags      # MSG_DONTWAIT where a blocked send must not stall
-    bint dst_nowait         # a blocking pipe sink written with RWF_NOWAIT
-    # A socket source is read with MSG_DONTWAIT, and a blocking pipe with
-    # RWF_NOWAIT (Linux 5.x+; else poll first): neither blocks, whatever the
-    # fd's own flag, so there is no poll before each read.
-    bint src_is_socket
-    bint src_nowait
-    bint poll_next          # the last non-blocking read was short
-    int src_pipe_size       # a pipe source's capacity once asked (-1: unknown)
-    int wait_ms             # poll timeout: -1, or a tick in the main thread
+    # The fields go from the widest to the narrowest (8-byte, 4-, 2-, then
+    # 1-byte ones), so that the compiler pads nothing between them: a job
+    # parked on an idle connection is mostly this struct.
     long long idle_ms       # idle_timeout in ms, or -1
     long long deadline_ms   # CLOCK_MONOTONIC ms by which a byte must move
-    bint idle_expired       # the ETIMEDOUT is ours, not the socket's
     # Interrupts a sendfile or splice blocked on a blocking socket sink at
     # the idle deadline (see _compat.h); made, used and freed by the thread
     # running the copy.
@@ -31,55 +22,23 @@ cdef struct CopyState:
     # to it from submit() until the completer takes the job back.
     PyObject *owner
     CopyState *link         # next in the pool's queue or done list
-    bint needs_prologue     # run CopyJob.prologue with the GIL first
-    # A pool copy (pooled) never blocks in a wait: _wait_step hands back
-    # STEP_PARK with the fd and events to wait for, and the worker parks the
-    # copy in the poller (poller.pxi) and runs another.  The rest is the
-    # poller's and the pool's, changed under the pool's lock.
-    bint pooled
-    int jstate              # a JobState
-    int park_fd
-    short park_events
-    # Woken by the poller: the first wait for this fd and these events is
-    # skipped (the poller saw them), unless a byte has moved since.
-    int pass_fd
-    short pass_events
-    bint src_unpollable     # epoll refused this end (EPERM): wait for it in
-    bint dst_unpollable     # the worker's thread, as a caller's thread does
-    bint reg_src            # the copy counts among its fd's users in the
-    bint reg_dst            # poller's table (see _poller_release)
-    int heap_idx            # in the poller's deadline heap, or -1
     long long slice_end     # copied at which the worker looks at its pool
     long long queued_ms     # when it entered the pool's queue
     fp_alarm *stall         # the running worker's stall alarm, while armed
-    bint stall_armed
-    int kdst_stall          # STALL_*: is dst a blocking socket (pool copies)
     # Identity of each end, to tell a parked copy whose fd was closed and
     # reused under it (the poller's sweep).
     unsigned long src_dev
     unsigned long src_ino
     unsigned long dst_dev
     unsigned long dst_ino
-    int lost_fd             # that fd, if it happened (else -1): EBADF
-    bint in_worker          # a worker has taken the job
-    bint close_src          # close these int fds in C when the copy ends
-    bint close_dst
-    bint shut_wr_at_eof     # shutdown(dst, SHUT_WR) when the source ends
-    int status              # STEP_DONE or STEP_ERROR once finished
     # Cancellation: cancel_req is set by CopyJob.cancel() from any thread and
     # read by the copy loop between syscalls.  thread/in_thread say which
     # worker to knock out of a blocking syscall; both change only under
     # wake_lock, so a cancel never signals a thread that has moved on.
-    int cancel_req
-    bint cancelled          # the copy ended because of cancel_req
     pthread_mutex_t wake_lock
     pthread_t thread
-    bint in_thread
     long long limit         # bytes left to read, or -1 for "to end of file"
     long long copied        # bytes written to dst; read live by other threads
-    int want                # buffers per read
-    int want_max            # at most this many (0: not sized for the sink yet)
-    int nbufs               # buffers held
     char *bufs[MAX_IOV]
     # Bytes read but not yet written: pend_len bytes in bufs, or, for a
     # prefix handed in by Python, at pre_ptr (kept alive by the CopyJob).
@@ -87,31 +46,86 @@ cdef struct CopyState:
     Py_ssize_t pend_len
     const char *pre_ptr
     Py_ssize_t pre_len
+    FpPipe *pipe            # the intermediate pipe, while held
+    Py_ssize_t pipe_len     # bytes inside it
+
+    int src
+    int dst
+    int src_kind            # FdKind (an int: _fd_kind writes it)
+    int dst_kind
+    int dst_send_flags      # MSG_DONTWAIT where a blocked send must not stall
+    int src_pipe_size       # a pipe source's capacity once asked (-1: unknown)
+    int wait_ms             # poll timeout: -1, or a tick in the main thread
+    # A pool copy (pooled) never blocks in a wait: _wait_step hands back
+    # STEP_PARK with the fd and events to wait for, and the worker parks the
+    # copy in the poller (poller.pxi) and runs another.  The rest is the
+    # poller's and the pool's, changed under the pool's lock.
+    int park_fd
+    # Woken by the poller: the first wait for this fd and these events is
+    # skipped (the poller saw them), unless a byte has moved since.
+    int pass_fd
+    int heap_idx            # in the poller's deadline heap, or -1
+    int lost_fd             # an end's fd closed under the copy (else -1): EBADF
+    int cancel_req          # read and written atomically (fp_load_int)
     int err
+
+    short park_events
+    short pass_events
+
+    small status            # a Step: STEP_DONE or STEP_ERROR once finished
+    small jstate            # a JobState
+    small kdst_stall        # STALL_*: is dst a blocking socket (pool copies)
     # The kernel paths.  method is the path to take next (a Method); it only
     # ever moves towards M_READWRITE, and only while kmoved is false, so a
     # fallback can neither lose nor repeat a byte.
-    int method
+    small method
     # The path that last took bytes (or the end of file) from src, for
     # CopyJob.method; -1 until one has: a path chosen and then refused is
     # never reported.
-    int used
-    bint kmoved             # the kernel path has taken bytes from src
-    bint via_pipe           # splice src -> pipe -> dst (neither end a pipe)
-    bint splice_later       # read/write first; splice once reads are large
-    bint ksrc_wait_first    # a blocking socket source that must stay
-    bint kdst_wait_first    # interruptible (main-thread tick, idle_timeout)
-    bint zerocopy           # kernel paths allowed
-    FpPipe *pipe            # the intermediate pipe, while held
-    Py_ssize_t pipe_len     # bytes inside it
+    small used
+    small want              # buffers per read (at most MAX_IOV)
+    small want_max          # at most this many (0: not sized for the sink yet)
+    small nbufs             # buffers held
+
+    flag started            # run() has begun in the caller's thread
+    flag src_wait_first     # a blocking, pollable source: poll before read
+    flag dst_wait_first     # a blocking, pollable sink in the main thread
+    flag dst_is_socket      # send with MSG_NOSIGNAL: EPIPE, never SIGPIPE
+    flag dst_nowait         # a blocking pipe sink written with RWF_NOWAIT
+    # A socket source is read with MSG_DONTWAIT, and a blocking pipe with
+    # RWF_NOWAIT (Linux 5.x+; else poll first): neither blocks, whatever the
+    # fd's own flag, so there is no poll before each read.
+    flag src_is_socket
+    flag src_nowait
+    flag poll_next          # the last non-blocking read was short
+    flag idle_expired       # the ETIMEDOUT is ours, not the socket's
+    flag needs_prologue     # run CopyJob.prologue with the GIL first
+    flag pooled
+    flag src_unpollable     # epoll refused this end (EPERM): wait for it in
+    flag dst_unpollable     # the worker's thread, as a caller's thread does
+    flag reg_src            # the copy counts among its fd's users in the
+    flag reg_dst            # poller's table (see _poller_release)
+    flag stall_armed
+    flag in_worker          # a worker has taken the job
+    flag close_src          # close these int fds in C when the copy ends
+    flag close_dst
+    flag shut_wr_at_eof     # shutdown(dst, SHUT_WR) when the source ends
+    flag cancelled          # the copy ended because of cancel_req
+    flag in_thread
+    flag kmoved             # the kernel path has taken bytes from src
+    flag via_pipe           # splice src -> pipe -> dst (neither end a pipe)
+    flag splice_later       # read/write first; splice once reads are large
+    flag ksrc_wait_first    # a blocking socket source that must stay
+    flag kdst_wait_first    # interruptible (main-thread tick, idle_timeout)
+    flag zerocopy           # kernel paths allowed
     # A pipe source fills the intermediate pipe before it is written out:
     # the producer's small pipe is emptied at once (a page move) and the
     # sink gets few large writes.  A socket source never does: there the
     # pipe must be empty before each read, or EAGAIN would be ambiguous.
-    bint fill_pipe
-    bint splice_retried     # a direct splice's EAGAIN was retried once
-    bint draining           # write the pipe out completely before reading
-    bint src_eof
+    flag fill_pipe
+    flag splice_retried     # a direct splice's EAGAIN was retried once
+    flag draining           # write the pipe out completely before reading
+    flag src_eof
 
 
 cdef inline void _release(CopyState *st) noexcept nogil:
