@@ -328,7 +328,9 @@ def test_ipv6_listen_address(forwarder: Callable[..., Forwarder], echo_server: E
     assert fwd.address is not None and fwd.address[0] == "::1"
     assert exchange(fwd, b"over IPv6") == b"over IPv6"
     assert fwd.stop() == 0
-    assert fwd.connection_lines()[0].group(2).startswith("[::1]:")
+    lines = fwd.connection_lines()
+    assert len(lines) == 1, fwd.lines
+    assert lines[0].group(2).startswith("[::1]:")
 
 
 # -- stopping --------------------------------------------------------------------

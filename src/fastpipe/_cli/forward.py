@@ -330,7 +330,17 @@ class _Connection:
     completes the relay.
     """
 
-    __slots__ = ("number", "client", "peer", "started", "upstream", "addresses", "tried", "relay")
+    __slots__ = (
+        "number",
+        "client",
+        "peer",
+        "started",
+        "upstream",
+        "addresses",
+        "tried",
+        "relay",
+        "ended",
+    )
 
     def __init__(
         self,
@@ -348,6 +358,7 @@ class _Connection:
         self.addresses = addresses  # TARGET's, in the order this one tries them
         self.tried = 0  # how many of them it has tried
         self.relay: Relay[tuple[int, int]] | None = None
+        self.ended = False  # claimed under Forwarder._end_lock
 
 
 class Totals:
@@ -424,6 +435,7 @@ class Forwarder:
         # thread adds; whichever thread ends a connection removes it (a
         # dict's insert and pop are atomic under the GIL).
         self._open: dict[int, _Connection] = {}
+        self._end_lock = threading.Lock()
         # The connections waiting for their connect, by number: accepted in
         # that order with one timeout for all, so the first one's deadline
         # is the next to come.  And the same by upstream fd, for epoll.
@@ -755,8 +767,10 @@ class Forwarder:
         down: int = 0,
     ) -> None:
         """Count and log a connection once, and free its slot (any thread)."""
-        if self._open.pop(conn.number, None) is None:
-            return
+        with self._end_lock:
+            if conn.ended:
+                return
+            conn.ended = True
         conn.relay = None
         self.totals.count(end, up, down)
         if not self.quiet or end == END_ERROR:
@@ -769,6 +783,10 @@ class Forwarder:
             if message is not None:
                 line += f" error={_quote(message)}"
             self.log(line)
+        # Leaves the open set only once counted and logged: the main thread
+        # exits as soon as none is left, and a line still being written in a
+        # worker would be lost with the process.
+        self._open.pop(conn.number, None)
         # A paused listener wants every end (it may go on); stopping, only
         # the last one (the loop waits for none to be left).
         if self._wake_on_end and (self.listener is not None or not self._open):
