@@ -101,12 +101,16 @@ def test_n_parked_relays_hold_no_worker(n: int) -> None:
     with WorkerPool() as pool:
         wave = [idle_relay(pool) for _ in range(n)]
         try:
-            wait_for(lambda: pool.stats()["parked"] == n)
+            # Every worker comes back idle (one that has just parked a copy
+            # is neither busy nor idle for a moment): the threads are the
+            # few that ran the relays' first steps, however many relays.
+            wait_for(
+                lambda: (
+                    pool.stats()["parked"] == n and pool.stats()["idle"] == pool.stats()["workers"]
+                )
+            )
             stats = pool.stats()
             assert stats["busy"] == 0 and stats["queued"] == 0, stats
-            # Every worker is idle: the threads are the few that ran the
-            # relays' first steps, however many relays there are.
-            assert stats["idle"] == stats["workers"], stats
             assert 1 <= stats["workers"] <= min(n, 16), stats
             assert all(r.running() for r, _ in wave)
         finally:
