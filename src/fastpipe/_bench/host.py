@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import os
 import tempfile
-import threading
 
 #: Whether the rounds that fill a new file may first let every CPU free
 #: pages itself (``warm_page_lists``), where that is needed.  Clear it to
@@ -78,22 +77,24 @@ def warm_page_lists(directory: str, nbytes: int) -> None:
         return
     size = _warm_size(nbytes)
 
-    def free_on(cpu: int, path: str) -> None:
-        os.sched_setaffinity(0, {cpu})  # this thread only: pid 0 is the calling thread
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            os.posix_fallocate(fd, 0, size)  # on tmpfs: zeroed pages from this CPU
-        except OSError:
-            pass  # best effort: the round is still correct, only unwarmed
-        finally:
-            os.close(fd)
-            os.unlink(path)  # the pages go to this CPU's free list
-
-    for cpu in cpus:
-        path = os.path.join(directory, f"warm-pages-{os.getpid()}-{cpu}")
-        thread = threading.Thread(target=free_on, args=(cpu, path), name="fastpipe-bench-warm")
-        thread.start()
-        thread.join()
+    # The calling thread moves to each CPU in turn, rather than a helper
+    # thread per CPU: a stop signal then interrupts the warming itself, and
+    # the caller's clean-up of ``directory`` cannot race a file still in use.
+    home = os.sched_getaffinity(0)  # pid 0: the calling thread only
+    try:
+        for cpu in cpus:
+            os.sched_setaffinity(0, {cpu})
+            path = os.path.join(directory, f"warm-pages-{os.getpid()}-{cpu}")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, size)  # on tmpfs: zeroed pages from this CPU
+            except OSError:
+                pass  # best effort: the round is still correct, only unwarmed
+            finally:
+                os.close(fd)
+                os.unlink(path)  # the pages go to this CPU's free list
+    finally:
+        os.sched_setaffinity(0, home)
 
 
 def scratch_room(size: int) -> int:
