@@ -152,3 +152,43 @@ def test_a_relay_parks_in_a_forked_child() -> None:
             os._exit(status)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_child_leaves_its_parents_parked_relay_alone() -> None:
+    """After fork() the parent's parked relay is the parent's: in the child
+    cancel() touches nothing of it (False), and the parent's relay goes on."""
+    r, w = os.pipe()
+    out_r, out_w = os.pipe()
+    pool = fastpipe.default_pool()
+    relay = fastpipe.relay(r, out_w, close=False)
+    try:
+        parked(pool)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # as above
+            pid = os.fork()
+        if pid == 0:  # the child: reports through its exit status only
+            status = 1
+            try:
+                refused = relay.cancel() is False and not relay.done()
+                # The child's own pool still works.
+                r2, w2 = os.pipe()
+                out2_r, out2_w = os.pipe()
+                mine = fastpipe.relay(r2, out2_w)
+                os.write(w2, b"child")
+                os.close(w2)
+                ok = mine.result(timeout=10) == 5 and os.read(out2_r, 100) == b"child"
+                status = 0 if refused and ok else 2
+            finally:
+                os._exit(status)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        os.write(w, b"parent")
+        os.close(w)
+        w = -1
+        assert relay.result(timeout=30) == 6
+        assert os.read(out_r, 100) == b"parent"
+    finally:
+        relay.cancel()
+        for fd in (r, w, out_r, out_w):
+            if fd >= 0:
+                os.close(fd)

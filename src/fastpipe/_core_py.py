@@ -552,6 +552,7 @@ class CopyState:
         "fill_pipe",
         "draining",
         "src_eof",
+        "orphan",
         "src_sock",
         "dst_sock",
     )
@@ -660,6 +661,9 @@ class CopyState:
         self.splice_retried = False  # a direct splice's EAGAIN was retried once
         self.draining = False  # write the pipe out completely before reading
         self.src_eof = False
+        # The copy was this process's parent's (inherited across fork()): it
+        # never runs here, and cancel() leaves it alone.
+        self.orphan = False
         # Twin: socket objects over a socket end (see _SocketView), made by
         # _prepare and detached by _discard.
         self.src_sock: socket.socket | None = None
@@ -2129,7 +2133,7 @@ class CopyJob:
         the caller's thread is stopped the same way.
         """
         st = self.st
-        if st.status != STEP_AGAIN:
+        if st.status != STEP_AGAIN or st.orphan:
             return False
         st.cancel_req = True
         pool = self._pool
@@ -2139,6 +2143,14 @@ class CopyJob:
             if st.wake_fd >= 0:
                 os.eventfd_write(st.wake_fd, 1)
         return True
+
+    def orphan(self) -> None:
+        """In a child after ``fork()``: the copy was submitted by the parent
+        and goes on there.  Here no thread runs it, it never finishes, and
+        ``cancel()`` does nothing (False): its pool state, its worker's
+        thread and its poller slot are the parent's."""
+        self.st.orphan = True
+        self._pool = None
 
     def close_fds(self, src: bool, dst: bool) -> None:
         """Have the worker close these int fds when the copy ends."""
@@ -2682,6 +2694,8 @@ class PoolCore:
         will never run)."""
         st = job.st
         found = False
+        if st.orphan:
+            return False  # the parent's queue, not this process's
         with self.lock:
             if st.jstate == J_QUEUED and not st.in_worker:
                 self._unlink_queued(st)

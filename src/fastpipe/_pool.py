@@ -547,7 +547,12 @@ class WorkerPool:
 
     def _reset_after_fork(self) -> None:
         # The child has none of the parent's threads: start empty.  Relays
-        # that were running in the parent go on there, not here.
+        # that were running in the parent go on there, not here: their jobs
+        # are orphaned, so that a cancel() here touches none of the parent's
+        # pool state (its poller slots, its worker threads).
+        for task in self._live:
+            for job in task.jobs:
+                job.orphan()
         self._core.reset_after_fork()
         self._lock = threading.Lock()
         self._threads = weakref.WeakSet()

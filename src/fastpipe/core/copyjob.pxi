@@ -107,7 +107,7 @@ cdef class CopyJob:
         raises ``CancelledError``.  ``run()`` in the caller's thread is
         stopped the same way.
         """
-        if self.st.status != STEP_AGAIN:
+        if self.st.status != STEP_AGAIN or self.st.orphan:
             return False
         fp_store_int(&self.st.cancel_req, 1)
         if self._pool is not None:
@@ -118,6 +118,14 @@ cdef class CopyJob:
                 pthread_kill(self.st.thread, _wake_signal)
             pthread_mutex_unlock(&self.st.wake_lock)
         return True
+
+    def orphan(self):
+        """In a child after ``fork()``: the copy was submitted by the parent
+        and goes on there.  Here no thread runs it, it never finishes, and
+        ``cancel()`` does nothing (False): its pool state, its worker's
+        thread and its poller slot are the parent's."""
+        self.st.orphan = True
+        self._pool = None
 
     def close_fds(self, bint src, bint dst):
         """Have the worker close these int fds in C when the copy ends."""

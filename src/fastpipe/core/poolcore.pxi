@@ -441,6 +441,8 @@ cdef class PoolCore:
         cdef CopyState *st = &job.st
         cdef bint found = False
         cdef bint handed = False
+        if st.orphan:
+            return False  # the parent's queue, not this process's
         with nogil:
             pthread_mutex_lock(&self.lock)
             if st.jstate == J_QUEUED and not st.in_worker:

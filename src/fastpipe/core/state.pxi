@@ -126,6 +126,9 @@ cdef struct CopyState:
     flag splice_retried     # a direct splice's EAGAIN was retried once
     flag draining           # write the pipe out completely before reading
     flag src_eof
+    # The copy was this process's parent's (inherited across fork()): it
+    # never runs here, and cancel() leaves it alone.
+    flag orphan
 
 
 cdef inline void _release(CopyState *st) noexcept nogil:
