@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -317,6 +318,21 @@ class Endpoints:
         for close in reversed(self._cleanup):
             with contextlib.suppress(OSError):
                 close()
+
+
+@pytest.fixture
+def sigint_raises() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt during the test.
+
+    Python leaves SIGINT ignored when it starts with it ignored, as a
+    background job of a shell without job control does; the tests that send
+    themselves SIGINT turn the default handler on for their duration.
+    """
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 @pytest.fixture
