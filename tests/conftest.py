@@ -7,6 +7,7 @@ import fcntl
 import io
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -319,6 +320,21 @@ class Endpoints:
         for close in reversed(self._cleanup):
             with contextlib.suppress(OSError):
                 close()
+
+
+@pytest.fixture
+def sigint_raises() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt during the test.
+
+    Python leaves SIGINT ignored when it starts with it ignored, as a
+    background job of a shell without job control does; the tests that send
+    themselves SIGINT turn the default handler on for their duration.
+    """
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 @pytest.fixture

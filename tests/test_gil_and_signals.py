@@ -153,6 +153,7 @@ def test_signal_handler_that_returns_lets_the_copy_go_on() -> None:
     assert bytes(got) == data
 
 
+@pytest.mark.usefixtures("sigint_raises")
 def test_keyboard_interrupt_reaches_copy_fd_in_main_thread() -> None:
     r, w = os.pipe()
     devnull = os.open(os.devnull, os.O_WRONLY)

@@ -393,6 +393,7 @@ def test_pool_keeps_working_in_a_forked_child() -> None:
     assert os.waitstatus_to_exitcode(status) == 0
 
 
+@pytest.mark.usefixtures("sigint_raises")
 def test_ctrl_c_reaches_the_main_thread_waiting_in_result() -> None:
     import signal
 
