@@ -1051,7 +1051,9 @@ def _poller_release(p: Poller, st: CopyState) -> None:
             fd = st.dst
         slot = p.slots[fd] if fd < len(p.slots) else None
         if slot is None:
-            continue  # the table was reset (after a fork)
+            # The table was reset: the last worker closed the set while this
+            # copy, unparked by a cancel, was on its way to its end.
+            continue
         slot.users -= 1
         if slot.users == 0:
             if slot.registered and p.epfd is not None:

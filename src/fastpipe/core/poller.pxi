@@ -231,6 +231,10 @@ cdef void _poller_release(Poller *p, CopyState *st) noexcept nogil:
                 continue
             st.reg_dst = False
             fd = st.dst
+        if fd >= p.nslots:
+            # The table was reset: the last worker closed the set while this
+            # copy, unparked by a cancel, was on its way to its end.
+            continue
         slot = &p.slots[fd]
         slot.users -= 1
         if slot.users == 0:
