@@ -156,6 +156,31 @@ def test_max_workers_queues_in_order() -> None:
     os.close(out_r)
 
 
+def test_copies_take_turns_at_the_thread_bound() -> None:
+    """A copy that never waits (``/dev/zero`` into ``/dev/null``) gives the
+    one worker up at each slice to a copy queued behind it, and goes on."""
+    zero = os.open("/dev/zero", os.O_RDONLY)
+    null = os.open(os.devnull, os.O_WRONLY)
+    r, w = os.pipe()
+    out_r, out_w = os.pipe()
+    os.write(w, b"its turn")
+    os.close(w)
+    with WorkerPool(max_workers=1) as pool:
+        endless = pool.relay(zero, null)
+        try:
+            wait_for(lambda: endless.bytes_copied > 0)
+            queued = pool.relay(r, out_w)
+            assert queued.result(timeout=60) == 8
+            assert os.read(out_r, 100) == b"its turn"
+            assert not endless.done()
+            moved = endless.bytes_copied
+            wait_for(lambda: endless.bytes_copied > moved)  # still running
+        finally:
+            assert endless.cancel()
+        assert pool.stats()["peak"] == 1
+    os.close(out_r)
+
+
 def test_a_burst_of_ready_relays_gets_a_few_threads_not_one_each() -> None:
     """Copies that are only ready to run share a few threads (two per CPU,
     at least four): more would only take turns on the same cores."""

@@ -112,7 +112,9 @@ typedef struct {
     int state; /* 0: not made yet, 1: made, -1: cannot be made */
 } fp_alarm;
 
-static inline int fp_alarm_arm(fp_alarm *a, int sig, long long ms) {
+/* Make the timer on first use and set it to fire after ms, then every
+ * interval_ms (0: once).  -1 where it cannot be made. */
+static inline int fp_alarm_set(fp_alarm *a, int sig, long long ms, long long interval_ms) {
 #ifdef SIGEV_THREAD_ID
     struct sigevent sev;
     struct itimerspec its;
@@ -130,13 +132,20 @@ static inline int fp_alarm_arm(fp_alarm *a, int sig, long long ms) {
     memset(&its, 0, sizeof(its));
     its.it_value.tv_sec = ms / 1000;
     its.it_value.tv_nsec = (ms % 1000) * 1000000L;
+    its.it_interval.tv_sec = interval_ms / 1000;
+    its.it_interval.tv_nsec = (interval_ms % 1000) * 1000000L;
     return timer_settime(a->id, 0, &its, NULL);
 #else
     (void)a;
     (void)sig;
     (void)ms;
+    (void)interval_ms;
     return -1;
 #endif
+}
+
+static inline int fp_alarm_arm(fp_alarm *a, int sig, long long ms) {
+    return fp_alarm_set(a, sig, ms, 0);
 }
 
 /* The same timer, firing every ms milliseconds until disarmed: a pool
@@ -145,20 +154,7 @@ static inline int fp_alarm_arm(fp_alarm *a, int sig, long long ms) {
  * the peer stalls, the call returns EINTR (or a short count) within ms, and
  * the copy parks until the socket is writable instead of holding the thread. */
 static inline int fp_alarm_arm_interval(fp_alarm *a, int sig, long long ms) {
-#ifdef SIGEV_THREAD_ID
-    struct itimerspec its;
-    if (fp_alarm_arm(a, sig, ms) < 0)
-        return -1;
-    memset(&its, 0, sizeof(its));
-    its.it_value.tv_sec = its.it_interval.tv_sec = ms / 1000;
-    its.it_value.tv_nsec = its.it_interval.tv_nsec = (ms % 1000) * 1000000L;
-    return timer_settime(a->id, 0, &its, NULL);
-#else
-    (void)a;
-    (void)sig;
-    (void)ms;
-    return -1;
-#endif
+    return fp_alarm_set(a, sig, ms, ms);
 }
 
 /* Wake the poller's leader: one write to its eventfd.  Keeps errno. */

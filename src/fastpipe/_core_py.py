@@ -128,7 +128,7 @@ SPLICE_MIN_READ = 64 * 1024
 # writes: EINVAL, with a message that says why (not an errno).
 ERR_SAME_FILE = -1
 # A pool copy that keeps moving bytes looks at its pool once per this many
-# bytes (see _yield).
+# bytes (see _look_at_pool).
 SLICE_BYTES = 1 << 20
 # A sendfile or splice into a blocking socket whose peer stalls comes back
 # after this long without room in the socket; the copy then parks until it
@@ -2362,8 +2362,8 @@ def fd_ready(fd: int) -> bool:
 # threads; further copies woken at once go to followers.  While the former
 # leader runs its copy nobody polls, but only for as long as the copy moves
 # less than SLICE_BYTES: at each slice a running copy looks at the pool
-# (_yield) and hands the poller to a follower, or asks for a thread, if
-# copies are left waiting.
+# (_look_at_pool) and hands the poller to a follower, or asks for a thread,
+# if copies are left waiting.
 #
 # Threads are started by Python (_pool.py): submit() returns a WorkerHandle
 # when it finds no idle worker, and a worker that needs another thread asks
@@ -2975,8 +2975,15 @@ class PoolCore:
                     r = _copy_step(st)
                     # A cancel's eventfd ended a wait in this thread: the
                     # next step sees the flag.
-                    if r != STEP_SIGNALS:
-                        break
+                    if r == STEP_SIGNALS:
+                        continue
+                    # A slice moved: the pool gets a look, and the copy goes
+                    # on here, holding its buffers and its pipe, unless
+                    # another copy is owed this thread.
+                    if r == STEP_YIELD and not self._look_at_pool(w):
+                        st.slice_end = st.copied + SLICE_BYTES
+                        continue
+                    break
             finally:
                 _disarm_stall(st)
         except BaseException as exc:  # noqa: B036 - a worker must go on
@@ -3055,15 +3062,13 @@ class PoolCore:
             w.blocking = False
             self.n_blocking -= 1
 
-    def _yield(self, w: CWorker, st: CopyState) -> CopyState:
-        """st has moved a slice: look at the pool; return the copy to run on
-        (st, or, in a pool at its thread bound with copies waiting, the next)."""
+    def _look_at_pool(self, w: CWorker) -> bool:
+        """A running copy has moved a slice: poll for parked copies nobody
+        polls for, hand queued ones to idle followers, and say whether the
+        copy must give its thread to one of them (a pool at its thread bound
+        with copies waiting: they take turns)."""
         wake: list[CWorker] = []
-        nxt = st
-        # Nothing is pending at a yield: the buffers and an empty pipe go
-        # back, so that a copy waiting its turn holds neither.
-        _release(st)
-        _release_pipe(st)
+        switch = False
         with self.lock:
             if self._unpolled():
                 if self.idle_head:
@@ -3074,12 +3079,25 @@ class PoolCore:
                     self._poll_now()
             if self.queue:
                 self._dispatch(wake)
-                if self.queue and not self._spawn_room():
-                    # No thread to add: take turns, in order.
-                    self.n_busy -= 1
-                    self._enqueue(st)
-                    nxt = self._pop_queue()
+                switch = bool(self.queue) and not self._spawn_room()
         self._post_all(wake)
+        return switch
+
+    def _yield(self, w: CWorker, st: CopyState) -> CopyState:
+        """st gives its thread to the copy at the head of the queue and
+        waits its turn at the tail; return the copy to run (st itself, if
+        the queue emptied meanwhile)."""
+        nxt = st
+        # Nothing is pending at a slice's end: the buffers and an empty pipe
+        # go back, so that a copy waiting its turn holds neither.  Before
+        # the copy is queued: from then on another worker may run it.
+        _release(st)
+        _release_pipe(st)
+        with self.lock:
+            if self.queue:
+                self.n_busy -= 1
+                self._enqueue(st)
+                nxt = self._pop_queue()
         return nxt
 
     def _poll_now(self) -> None:

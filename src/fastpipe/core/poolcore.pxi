@@ -16,7 +16,7 @@
 # becoming readable costs no hand-off between threads; further copies woken
 # at once go to followers.  While the former leader runs its copy nobody
 # polls, but only for as long as the copy moves less than SLICE_BYTES: at
-# each slice a running copy looks at the pool (_yield) and hands the poller
+# each slice a running copy looks at the pool (_look_at_pool) and hands the poller
 # to a follower, or asks for a thread, if copies are left waiting.
 #
 # Threads are started by Python (_pool.py): submit() returns a WorkerHandle
@@ -798,8 +798,15 @@ cdef class PoolCore:
         while True:
             r = _copy_step(st)
             # EINTR in a worker: handlers run in the main thread, retry.
-            if r != STEP_SIGNALS:
-                break
+            if r == STEP_SIGNALS:
+                continue
+            # A slice moved: the pool gets a look, and the copy goes on here,
+            # holding its buffers, its pipe and its armed stall alarm,
+            # unless another copy is owed this thread.
+            if r == STEP_YIELD and not self._look_at_pool(w):
+                st.slice_end = st.copied + SLICE_BYTES
+                continue
+            break
         if st.stall_armed:
             fp_alarm_disarm(st.stall)
             st.stall_armed = False
@@ -880,15 +887,13 @@ cdef class PoolCore:
             w.blocking = False
             self.n_blocking -= 1
 
-    cdef CopyState *_yield(self, CWorker *w, CopyState *st) noexcept nogil:
-        """st has moved a slice: look at the pool; return the copy to run on
-        (st, or, in a pool at its thread bound with copies waiting, the next)."""
+    cdef bint _look_at_pool(self, CWorker *w) noexcept nogil:
+        """A running copy has moved a slice: poll for parked copies nobody
+        polls for, hand queued ones to idle followers, and say whether the
+        copy must give its thread to one of them (a pool at its thread bound
+        with copies waiting: they take turns)."""
         cdef CWorker *wake = NULL
-        cdef CopyState *nxt = st
-        # Nothing is pending at a yield: the buffers and an empty pipe go
-        # back, so that a copy waiting its turn holds neither.
-        _release(st)
-        _release_pipe(st)
+        cdef bint switch = False
         pthread_mutex_lock(&self.lock)
         if self._unpolled():
             if self.idle_head != NULL:
@@ -899,13 +904,27 @@ cdef class PoolCore:
                 self._poll_now()
         if self.queue_head != NULL:
             self._dispatch(&wake)
-            if self.queue_head != NULL and not self._spawn_room():
-                # No thread to add: take turns, in order.
-                self.n_busy -= 1
-                self._enqueue(st)
-                nxt = self._pop_queue()
+            switch = self.queue_head != NULL and not self._spawn_room()
         pthread_mutex_unlock(&self.lock)
         self._post_all(wake)
+        return switch
+
+    cdef CopyState *_yield(self, CWorker *w, CopyState *st) noexcept nogil:
+        """st gives its thread to the copy at the head of the queue and
+        waits its turn at the tail; return the copy to run (st itself, if
+        the queue emptied meanwhile)."""
+        cdef CopyState *nxt = st
+        # Nothing is pending at a slice's end: the buffers and an empty pipe
+        # go back, so that a copy waiting its turn holds neither.  Before
+        # the copy is queued: from then on another worker may run it.
+        _release(st)
+        _release_pipe(st)
+        pthread_mutex_lock(&self.lock)
+        if self.queue_head != NULL:
+            self.n_busy -= 1
+            self._enqueue(st)
+            nxt = self._pop_queue()
+        pthread_mutex_unlock(&self.lock)
         return nxt
 
     cdef void _poll_now(self) noexcept nogil:
