@@ -217,6 +217,8 @@ class WorkerPool:
         self._max_workers = max_workers
         self._lock = threading.Lock()
         self._threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+        # Its own lock: the completer is started with _lock held.
+        self._threads_lock = threading.Lock()
         # Every relay handed out and not yet settled (its task), for
         # shutdown(cancel_relays=True).  A plain set: a task leaves it when
         # its future is settled (retire()), which costs less
@@ -456,12 +458,19 @@ class WorkerPool:
                     relay._help(None)
                 concurrent.futures.wait(stopping)
         if wait:
+            # Until a look finds no thread not yet joined: the completer may
+            # start a worker up to its own end, and joining the completer
+            # means the workers it started are in the set.
             me = threading.current_thread()
-            with self._lock:
-                threads = list(self._threads)
-            for thread in threads:
-                if thread is not me:
+            joined: set[threading.Thread] = {me}
+            while True:
+                with self._threads_lock:
+                    threads = [t for t in self._threads if t not in joined]
+                if not threads:
+                    break
+                for thread in threads:
                     thread.join()
+                    joined.add(thread)
 
     def __enter__(self) -> WorkerPool:
         return self
@@ -475,8 +484,10 @@ class WorkerPool:
         thread = threading.Thread(
             target=target, args=args, name=f"fastpipe-{kind}-{next(_thread_ids)}", daemon=True
         )
-        self._threads.add(thread)
         thread.start()
+        # Only once started: shutdown(wait=True) joins what it finds here.
+        with self._threads_lock:
+            self._threads.add(thread)
         return thread
 
     def _check_open(self) -> None:
@@ -556,6 +567,7 @@ class WorkerPool:
         self._core.reset_after_fork()
         self._lock = threading.Lock()
         self._threads = weakref.WeakSet()
+        self._threads_lock = threading.Lock()
         self._live = set()
         self._completer = None
 
