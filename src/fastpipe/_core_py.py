@@ -2973,17 +2973,15 @@ class PoolCore:
             try:
                 while True:
                     r = _copy_step(st)
-                    # A cancel's eventfd ended a wait in this thread: the
-                    # next step sees the flag.
-                    if r == STEP_SIGNALS:
-                        continue
                     # A slice moved: the pool gets a look, and the copy goes
                     # on here, holding its buffers and its pipe, unless
                     # another copy is owed this thread.
                     if r == STEP_YIELD and not self._look_at_pool(w):
                         st.slice_end = st.copied + SLICE_BYTES
-                        continue
-                    break
+                    # A cancel's eventfd ended a wait in this thread: the
+                    # next step sees the flag.
+                    elif r != STEP_SIGNALS:
+                        break
             finally:
                 _disarm_stall(st)
         except BaseException as exc:  # noqa: B036 - a worker must go on

@@ -797,16 +797,14 @@ cdef class PoolCore:
         st.slice_end = st.copied + SLICE_BYTES
         while True:
             r = _copy_step(st)
-            # EINTR in a worker: handlers run in the main thread, retry.
-            if r == STEP_SIGNALS:
-                continue
             # A slice moved: the pool gets a look, and the copy goes on here,
             # holding its buffers, its pipe and its armed stall alarm,
             # unless another copy is owed this thread.
             if r == STEP_YIELD and not self._look_at_pool(w):
                 st.slice_end = st.copied + SLICE_BYTES
-                continue
-            break
+            # EINTR in a worker: handlers run in the main thread, retry.
+            elif r != STEP_SIGNALS:
+                break
         if st.stall_armed:
             fp_alarm_disarm(st.stall)
             st.stall_armed = False
