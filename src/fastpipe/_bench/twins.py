@@ -88,10 +88,11 @@ def _twin_child(argv: list[str]) -> int:
     if fastpipe.IMPLEMENTATION != implementation:
         sys.stderr.write(f"expected the {implementation!r} core, got {fastpipe.IMPLEMENTATION!r}\n")
         return 1
-    directory = new_scratch_dir(size)
     results: list[Result] = []
-    # The parent asks with SIGTERM when it is stopped: clean up as on Ctrl-C.
+    # The parent asks with SIGTERM when it is stopped: clean up as on Ctrl-C,
+    # from the moment the scratch directory exists.
     with stop_signals_raise():
+        directory = new_scratch_dir(size)
         try:
             for cases in build_cases(size, relays, directory, only=(FASTPIPE,)):
                 results += run_workload(cases, repeat)
