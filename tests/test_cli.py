@@ -120,7 +120,8 @@ def test_a_short_bench_prints_the_table_and_writes_json(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "fastpipe.relay" in proc.stdout
     assert "copyfileobj" in proc.stdout
-    assert "KiB of RSS relay" in proc.stdout
+    assert "KiB of RSS per relay" in proc.stdout
+    assert "KiB of RSS per connection" in proc.stdout
     doc = json.loads(out.read_text())
     assert {r["workload"] for r in doc["results"]} >= {
         "file-to-file",

@@ -104,7 +104,7 @@ def run_bench(
         (
             "parked (each measured in a fresh process):",
             _parked_line(parked_relays, "relays parked on idle pipes", "relay"),
-            _parked_line(parked_proxies, "proxy() connections parked on idle sockets", "one"),
+            _parked_line(parked_proxies, "proxy() connections parked on idle sockets", "connection"),
         )
     )
     tables.write(f"{report}\n{memory}\n(total {elapsed:.1f} s)\n")
@@ -131,7 +131,7 @@ def _parked_line(m: dict[str, int | float], what: str, each: str) -> str:
     ended = "all ended right" if m["ok"] == m["n"] else f"only {m['ok']} ended right"
     echo = ", every one echoed" if "connections" in what and m["ok"] == m["n"] else ""
     return (
-        f"  {m['n']} {what}: {m['rss_kib_each']:.2f} KiB of RSS {each}, {m['threads']} threads"
+        f"  {m['n']} {what}: {m['rss_kib_each']:.2f} KiB of RSS per {each}, {m['threads']} threads"
         f" in the process, {m['buffers_in_use']} buffers and {m['pipes_in_use']} pipes held;"
         f" {ended}{echo}"
     )
