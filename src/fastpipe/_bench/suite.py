@@ -104,7 +104,9 @@ def run_bench(
         (
             "parked (each measured in a fresh process):",
             _parked_line(parked_relays, "relays parked on idle pipes", "relay"),
-            _parked_line(parked_proxies, "proxy() connections parked on idle sockets", "connection"),
+            _parked_line(
+                parked_proxies, "proxy() connections parked on idle sockets", "connection"
+            ),
         )
     )
     tables.write(f"{report}\n{memory}\n(total {elapsed:.1f} s)\n")
