@@ -14,6 +14,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -347,6 +348,25 @@ def endpoints(tmp_path: os.PathLike[str]) -> Iterator[Endpoints]:
 def close_quietly(fd: int) -> None:
     with contextlib.suppress(OSError):
         os.close(fd)
+
+
+def exit_code_in_child(body: Callable[[], bool]) -> int:
+    """Run ``body`` in a forked child and return the child's exit code: 0 if
+    it returned True, 2 if False, 1 if it raised.  The child reports through
+    that code only (it never returns into pytest)."""
+    with warnings.catch_warnings():
+        # 3.12+ warns that forking a threaded process may deadlock the
+        # child: exactly what the at-fork resets are there to prevent.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            status = 0 if body() else 2
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 30.0) -> None:

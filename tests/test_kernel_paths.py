@@ -16,7 +16,6 @@ import tempfile
 import termios
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -29,6 +28,7 @@ from conftest import (
     Endpoints,
     blocked_in_syscall,
     close_quietly,
+    exit_code_in_child,
     pool_workers,
     read_all,
     recv_all,
@@ -469,20 +469,14 @@ def test_a_forked_child_gets_its_own_pipes() -> None:
     assert got == sent
     before = fastpipe.pipe_stats()
     assert before["free"] >= 1
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads: see test_pool
-        pid = os.fork()
-    if pid == 0:  # the child: report through the exit status only
-        status = 1
-        try:
-            stats = fastpipe.pipe_stats()
-            fresh = stats["allocated"] == 0 and stats["in_use"] == 0
-            s, g, method = _socket_relay_through_pipe(1 << 20)
-            status = 0 if fresh and s == g and method == "splice" else 2
-        finally:
-            os._exit(status)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+
+    def child() -> bool:
+        stats = fastpipe.pipe_stats()
+        fresh = stats["allocated"] == 0 and stats["in_use"] == 0
+        s, g, method = _socket_relay_through_pipe(1 << 20)
+        return fresh and s == g and method == "splice"
+
+    assert exit_code_in_child(child) == 0
     assert fastpipe.pipe_stats()["free"] == before["free"]
     sent, got, _ = _socket_relay_through_pipe(1 << 20)
     assert got == sent

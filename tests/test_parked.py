@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import os
 import socket
-import warnings
 
 import pytest
 
 import fastpipe
 from fastpipe import WorkerPool
 
-from conftest import is_closed, wait_for
+from conftest import exit_code_in_child, is_closed, wait_for
 
 
 def parked(pool: WorkerPool, n: int = 1) -> None:
@@ -131,27 +130,17 @@ def test_a_proxy_parked_both_ways_half_closes_and_ends() -> None:
 
 
 def test_a_relay_parks_in_a_forked_child() -> None:
-    with warnings.catch_warnings():
-        # 3.12+ warns that forking a threaded process may deadlock the
-        # child: exactly what the at-fork reset is there to prevent.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        pid = os.fork()
-    if pid == 0:  # the child: reports through its exit status only
-        status = 1
-        try:
-            r, w = os.pipe()
-            out_r, out_w = os.pipe()
-            pool = fastpipe.default_pool()
-            relay = fastpipe.relay(r, out_w)
-            parked(pool)
-            os.write(w, b"from the child")
-            os.close(w)
-            ok = relay.result(timeout=10) == 14 and os.read(out_r, 100) == b"from the child"
-            status = 0 if ok else 2
-        finally:
-            os._exit(status)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    def child() -> bool:
+        r, w = os.pipe()
+        out_r, out_w = os.pipe()
+        pool = fastpipe.default_pool()
+        relay = fastpipe.relay(r, out_w)
+        parked(pool)
+        os.write(w, b"from the child")
+        os.close(w)
+        return relay.result(timeout=10) == 14 and os.read(out_r, 100) == b"from the child"
+
+    assert exit_code_in_child(child) == 0
 
 
 def test_a_child_leaves_its_parents_parked_relay_alone() -> None:
@@ -161,27 +150,20 @@ def test_a_child_leaves_its_parents_parked_relay_alone() -> None:
     out_r, out_w = os.pipe()
     pool = fastpipe.default_pool()
     relay = fastpipe.relay(r, out_w, close=False)
+
+    def child() -> bool:
+        refused = relay.cancel() is False and not relay.done()
+        # The child's own pool still works.
+        r2, w2 = os.pipe()
+        out2_r, out2_w = os.pipe()
+        mine = fastpipe.relay(r2, out2_w)
+        os.write(w2, b"child")
+        os.close(w2)
+        return refused and mine.result(timeout=10) == 5 and os.read(out2_r, 100) == b"child"
+
     try:
         parked(pool)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # as above
-            pid = os.fork()
-        if pid == 0:  # the child: reports through its exit status only
-            status = 1
-            try:
-                refused = relay.cancel() is False and not relay.done()
-                # The child's own pool still works.
-                r2, w2 = os.pipe()
-                out2_r, out2_w = os.pipe()
-                mine = fastpipe.relay(r2, out2_w)
-                os.write(w2, b"child")
-                os.close(w2)
-                ok = mine.result(timeout=10) == 5 and os.read(out2_r, 100) == b"child"
-                status = 0 if refused and ok else 2
-            finally:
-                os._exit(status)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
+        assert exit_code_in_child(child) == 0
         os.write(w, b"parent")
         os.close(w)
         w = -1

@@ -8,14 +8,13 @@ import os
 import socket
 import threading
 import time
-import warnings
 
 import pytest
 
 import fastpipe
 from fastpipe import WorkerPool
 
-from conftest import held_relay, wait_for
+from conftest import exit_code_in_child, held_relay, wait_for
 
 
 def idle_relay(pool: WorkerPool) -> tuple[fastpipe.Relay, int]:
@@ -392,30 +391,23 @@ def test_pool_keeps_working_in_a_forked_child() -> None:
     pool = fastpipe.default_pool()
     relay, w = idle_relay(pool)  # a worker busy in the parent at fork time
     wait_for(lambda: relay.running())
-    with warnings.catch_warnings():
-        # 3.12+ warns that forking a threaded process may deadlock the
-        # child: exactly what the at-fork reset is there to prevent.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        pid = os.fork()
-    if pid == 0:  # the child: report through the exit status only
-        status = 1
-        try:
-            r, w2 = os.pipe()
-            out_r, out_w = os.pipe()
-            # The pipe is empty at first, so the relay needs a worker here.
-            child_relay = fastpipe.relay(r, out_w)
-            os.write(w2, b"from the child")
-            os.close(w2)
-            ok = child_relay.result(timeout=10) == 14 and os.read(out_r, 100) == b"from the child"
-            stats = fastpipe.default_pool().stats()
-            # The parent's busy worker does not exist here.
-            status = 0 if ok and stats["busy"] == 0 and stats["workers"] == 1 else 2
-        finally:
-            os._exit(status)
-    _, status = os.waitpid(pid, 0)
+
+    def child() -> bool:
+        r, w2 = os.pipe()
+        out_r, out_w = os.pipe()
+        # The pipe is empty at first, so the relay needs a worker here.
+        child_relay = fastpipe.relay(r, out_w)
+        os.write(w2, b"from the child")
+        os.close(w2)
+        ok = child_relay.result(timeout=10) == 14 and os.read(out_r, 100) == b"from the child"
+        stats = fastpipe.default_pool().stats()
+        # The parent's busy worker does not exist here.
+        return ok and stats["busy"] == 0 and stats["workers"] == 1
+
+    code = exit_code_in_child(child)
     finish([w])
     assert relay.result(timeout=10) == 1000
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert code == 0
 
 
 @pytest.mark.usefixtures("sigint_raises")
@@ -784,20 +776,15 @@ def test_relays_work_in_a_child_forked_while_their_lock_was_held() -> None:
     holder = threading.Thread(target=hold)
     holder.start()
     held.wait(10)
+
+    def child() -> bool:
+        relay: fastpipe.Relay[int] = fastpipe.Relay()
+        threading.Timer(0.05, relay.set_result, (5,)).start()
+        return relay.result(timeout=5) == 5
+
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            pid = os.fork()
-        if pid == 0:  # the child: report through the exit status only
-            status = 1
-            try:
-                relay: fastpipe.Relay[int] = fastpipe.Relay()
-                threading.Timer(0.05, relay.set_result, (5,)).start()
-                status = 0 if relay.result(timeout=5) == 5 else 2
-            finally:
-                os._exit(status)
+        code = exit_code_in_child(child)
     finally:
         release.set()
         holder.join(10)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert code == 0
