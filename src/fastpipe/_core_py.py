@@ -2579,7 +2579,7 @@ class PoolCore:
         """
         if self.shutting_down or not self._has_room() or self.spawn_head:
             return
-        if not now_please and self.n_workers - self.n_blocking >= self.spawn_cap:
+        if not now_please and not self._spawn_room():
             return
         if not self.queue and not self._unpolled():
             return
@@ -2943,7 +2943,7 @@ class PoolCore:
                     st = self._next_job(w, None)
                     continue
             elif r == STEP_YIELD:
-                st = self._yield(w, st)
+                st = self._yield(st)
                 continue
             self._end(st)
             st = self._next_job(w, st)
@@ -2976,7 +2976,7 @@ class PoolCore:
                     # A slice moved: the pool gets a look, and the copy goes
                     # on here, holding its buffers and its pipe, unless
                     # another copy is owed this thread.
-                    if r == STEP_YIELD and not self._look_at_pool(w):
+                    if r == STEP_YIELD and not self._look_at_pool():
                         st.slice_end = st.copied + SLICE_BYTES
                     # A cancel's eventfd ended a wait in this thread: the
                     # next step sees the flag.
@@ -3060,7 +3060,7 @@ class PoolCore:
             w.blocking = False
             self.n_blocking -= 1
 
-    def _look_at_pool(self, w: CWorker) -> bool:
+    def _look_at_pool(self) -> bool:
         """A running copy has moved a slice: poll for parked copies nobody
         polls for, hand queued ones to idle followers, and say whether the
         copy must give its thread to one of them (a pool at its thread bound
@@ -3081,7 +3081,7 @@ class PoolCore:
         self._post_all(wake)
         return switch
 
-    def _yield(self, w: CWorker, st: CopyState) -> CopyState:
+    def _yield(self, st: CopyState) -> CopyState:
         """st gives its thread to the copy at the head of the queue and
         waits its turn at the tail; return the copy to run (st itself, if
         the queue emptied meanwhile)."""

@@ -282,7 +282,7 @@ cdef class PoolCore:
         cdef CWorker *w
         if self.shutting_down or not self._has_room() or self.spawn_head != NULL:
             return
-        if not now_please and self.n_workers - self.n_blocking >= self.spawn_cap:
+        if not now_please and not self._spawn_room():
             return
         if self.queue_head == NULL and not self._unpolled():
             return
@@ -318,7 +318,7 @@ cdef class PoolCore:
 
     cdef int _check_submit(self, CopyJob job) except -1:
         cdef CopyState *st = &job.st
-        if job.st.started or st.status != STEP_AGAIN or st.owner != NULL:
+        if st.started or st.status != STEP_AGAIN or st.owner != NULL:
             raise RuntimeError("a CopyJob runs only once")
         return 0
 
@@ -758,7 +758,7 @@ cdef class PoolCore:
                         st = self._next_job(w, NULL)
                         continue
                 elif r == STEP_YIELD:
-                    st = self._yield(w, st)
+                    st = self._yield(st)
                     continue
                 self._end(st)
                 st = self._next_job(w, st)
@@ -800,7 +800,7 @@ cdef class PoolCore:
             # A slice moved: the pool gets a look, and the copy goes on here,
             # holding its buffers, its pipe and its armed stall alarm,
             # unless another copy is owed this thread.
-            if r == STEP_YIELD and not self._look_at_pool(w):
+            if r == STEP_YIELD and not self._look_at_pool():
                 st.slice_end = st.copied + SLICE_BYTES
             # EINTR in a worker: handlers run in the main thread, retry.
             elif r != STEP_SIGNALS:
@@ -885,7 +885,7 @@ cdef class PoolCore:
             w.blocking = False
             self.n_blocking -= 1
 
-    cdef bint _look_at_pool(self, CWorker *w) noexcept nogil:
+    cdef bint _look_at_pool(self) noexcept nogil:
         """A running copy has moved a slice: poll for parked copies nobody
         polls for, hand queued ones to idle followers, and say whether the
         copy must give its thread to one of them (a pool at its thread bound
@@ -907,7 +907,7 @@ cdef class PoolCore:
         self._post_all(wake)
         return switch
 
-    cdef CopyState *_yield(self, CWorker *w, CopyState *st) noexcept nogil:
+    cdef CopyState *_yield(self, CopyState *st) noexcept nogil:
         """st gives its thread to the copy at the head of the queue and
         waits its turn at the tail; return the copy to run (st itself, if
         the queue emptied meanwhile)."""
