@@ -257,8 +257,12 @@ class ProxyTask:
         return self.in_c >> (4 * i) & 15
 
     def _closes_in_c(self, e: int, i: int) -> bool:
+        # The users first: a socket both directions use (the common proxy)
+        # is decided without listing its owners.
+        if self._users(e) != 1 << i:
+            return False
         owners = self._owners(e)
-        return self._users(e) == 1 << i and len(owners) == 1 and closes_in_c(owners[0])
+        return len(owners) == 1 and closes_in_c(owners[0])
 
     # -- the pool's protocol ----------------------------------------------
 
