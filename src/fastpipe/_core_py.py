@@ -2442,6 +2442,12 @@ class PoolCore:
         self.shutting_down = False
         self.reset_after_fork()
 
+    def __del__(self) -> None:
+        # As the core's __dealloc__: no worker is left (each holds the pool).
+        if getattr(self, "done_fd", -1) >= 0:
+            os.close(self.done_fd)
+            self.done_fd = -1
+
     def reset_after_fork(self) -> None:
         """Start with no worker: in a child after ``os.fork()``, the parent's
         threads and the copies they ran are not here.  The poller's fds are
@@ -2467,6 +2473,14 @@ class PoolCore:
         self.n_blocking = 0  # workers blocked outside the pool's control
         self.completer_waiting = False
         _poller_close(self.poller)
+        # A caller's event loop that takes finished jobs itself
+        # (take_ready): an eventfd it polls, written once per batch, in
+        # place of waking the completer.  A child's completer takes them:
+        # the loop was the parent's.
+        if getattr(self, "done_fd", -1) >= 0:
+            os.close(self.done_fd)
+        self.done_fd = -1
+        self.done_poked = False
 
     def stats(self) -> dict[str, int]:
         """The counts: ``workers``, ``idle`` (followers, and the leader),
@@ -2754,6 +2768,11 @@ class PoolCore:
         # for it.
         if self.helpers_waiting:
             self.helper_cond.notify()
+        elif self.done_fd >= 0:
+            # Once per batch: take_ready() clears it when it takes them.
+            if not self.done_poked:
+                self.done_poked = True
+                os.eventfd_write(self.done_fd, 1)
         elif self.completer_waiting:
             self.done_cond.notify()
 
@@ -2824,6 +2843,43 @@ class PoolCore:
         if not head and not spawn:
             return None
         return self._adopt(head), [_new_handle(w) for w in spawn]
+
+    def ready_fd(self) -> int:
+        """Have the caller's event loop take finished jobs: return an fd
+        that turns readable when some are ready for take_ready().
+
+        From then on a finished job no longer wakes the completer thread
+        (which still starts the threads the core asks for, and takes what
+        it finds when it wakes).
+
+        Raises:
+            OSError: no eventfd could be made.
+        """
+        with self.lock:
+            if self.done_fd < 0:
+                self.done_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            # Jobs that finished before: the loop's first look takes them.
+            if self.done and not self.done_poked:
+                self.done_poked = True
+                os.eventfd_write(self.done_fd, 1)
+            return self.done_fd
+
+    def take_ready(self) -> list[CopyJob]:
+        """Take every finished job without waiting (the loop of ready_fd()).
+
+        Returns:
+            The CopyJobs that finished, in the order they ended; possibly
+            none.
+        """
+        # Read before the list is taken: a job filed after this read pokes
+        # again, or is in the list taken below.
+        if self.done_fd >= 0:
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(self.done_fd)
+        with self.lock:
+            head, self.done = self.done, []
+            self.done_poked = False
+        return self._adopt(head)
 
     def help_done(self, job: CopyJob, timeout: float) -> list[CopyJob]:
         """Wait up to ``timeout`` seconds for ``job`` to finish, taking over

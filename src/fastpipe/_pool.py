@@ -478,6 +478,26 @@ class WorkerPool:
     def __exit__(self, *exc_info: object) -> None:
         self.shutdown(wait=True)
 
+    # -- a caller's event loop completes the relays -------------------------
+
+    def _ready_fd(self) -> int:
+        """Have the calling thread's event loop complete this pool's relays.
+
+        Returns an fd that turns readable when relays have ended; the loop
+        then calls ``_complete_ready()``, which settles their futures and
+        runs their done-callbacks in its own thread.  A loop that starts
+        relays and handles their ends in one thread (``fastpipe forward``)
+        so spares each relay a hand-over of the GIL to the completer thread
+        and back, which under a stream of short connections costs more than
+        the completion itself.  The completer thread still starts the
+        worker threads, and takes whatever it finds when it wakes.
+        """
+        return int(self._core.ready_fd())
+
+    def _complete_ready(self) -> None:
+        """Settle every relay that has ended (see ``_ready_fd()``)."""
+        complete_all(self._core.take_ready())
+
     # -- hand-off ---------------------------------------------------------
 
     def _start_thread(self, target: Any, args: tuple[Any, ...], kind: str) -> threading.Thread:

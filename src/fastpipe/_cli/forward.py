@@ -449,6 +449,12 @@ class Forwarder:
         self._wake_w.setblocking(False)
         self._epoll = select.epoll()
         self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
+        # Relays are completed here, in the loop's thread, not in the pool's
+        # completer: their done-callbacks (_relay_done) then run between
+        # accepts with no GIL hand-over to another thread and back.
+        self._loop_thread = threading.get_ident()
+        self._ready_fd = pool._ready_fd()
+        self._epoll.register(self._ready_fd, select.EPOLLIN)
         listener.setblocking(False)
         # Linux gives an accepted socket the listener's TCP_NODELAY: one
         # setsockopt here instead of one per client.  Small request/response
@@ -523,6 +529,8 @@ class Forwarder:
             if fd == self._listen_fd:
                 if self._polling:
                     self._accept_all(now)
+            elif fd == self._ready_fd:
+                self.pool._complete_ready()
             elif fd == self._wake_r.fileno():
                 self._drain_wake()
             else:
@@ -789,7 +797,13 @@ class Forwarder:
         self._open.pop(conn.number, None)
         # A paused listener wants every end (it may go on); stopping, only
         # the last one (the loop waits for none to be left).
-        if self._wake_on_end and (self.listener is not None or not self._open):
+        # Ended in the loop's own thread (the common case), it looks again
+        # before it waits.
+        if (
+            self._wake_on_end
+            and (self.listener is not None or not self._open)
+            and threading.get_ident() != self._loop_thread
+        ):
             self.wake()
 
     # -- shutdown ---------------------------------------------------------

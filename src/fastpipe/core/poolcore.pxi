@@ -101,6 +101,11 @@ cdef class PoolCore:
     # finished job wakes one of them before it wakes the completer thread.
     cdef pthread_cond_t helper_cond
     cdef int helpers_waiting
+    # A caller's event loop that takes finished jobs itself (take_ready):
+    # an eventfd it polls, written once per batch (done_poked), in place of
+    # waking the completer thread.  -1: the completer takes them.
+    cdef int done_fd
+    cdef bint done_poked
     cdef Poller poller
 
     def __cinit__(self, max_workers=None, idle_worker_timeout=None):
@@ -108,6 +113,7 @@ cdef class PoolCore:
         pthread_cond_init(&self.done_cond, NULL)
         fp_cond_init_monotonic(&self.helper_cond)
         _poller_init(&self.poller)
+        self.done_fd = -1
         self.max_workers = -1 if max_workers is None else max_workers
         self.idle_ms = _check_idle_timeout(idle_worker_timeout)
         self.spawn_cap = max(SPAWN_CAP_MIN, SPAWN_CAP_PER_CPU * len(_os.sched_getaffinity(0)))
@@ -115,6 +121,8 @@ cdef class PoolCore:
     def __dealloc__(self):
         # No worker is left: each holds a reference to this object.
         _poller_close(&self.poller)
+        if self.done_fd >= 0:
+            close(self.done_fd)
 
     def reset_after_fork(self):
         # The child has none of the parent's threads.  Their CWorker structs
@@ -133,6 +141,12 @@ cdef class PoolCore:
         self.n_workers = self.n_idle = self.n_busy = self.n_queued = self.n_blocking = 0
         self.completer_waiting = False
         _poller_close(&self.poller)
+        # The loop that took finished jobs is the parent's: the child's
+        # completer takes them.
+        if self.done_fd >= 0:
+            close(self.done_fd)
+        self.done_fd = -1
+        self.done_poked = False
 
     def stats(self):
         cdef int workers, idle, busy, queued, peak, parked
@@ -523,6 +537,11 @@ cdef class PoolCore:
         # relay in the thread that waits for it.
         if self.helpers_waiting:
             pthread_cond_signal(&self.helper_cond)
+        elif self.done_fd >= 0:
+            # Once per batch: take_ready() clears it when it takes them.
+            if not self.done_poked:
+                self.done_poked = True
+                fp_eventfd_poke(self.done_fd)
         elif self.completer_waiting:
             pthread_cond_signal(&self.done_cond)
 
@@ -612,6 +631,58 @@ cdef class PoolCore:
             handles.append(handle)
             spawn = nxt
         return self._adopt(head), handles
+
+    def ready_fd(self):
+        """Have the caller's event loop take finished jobs: return an fd
+        that turns readable when some are ready for take_ready().
+
+        From then on a finished job no longer wakes the completer thread
+        (which still starts the threads the core asks for, and takes what
+        it finds when it wakes).  A loop that completes its relays in its
+        own thread spares each one a hand-over of the GIL to the completer
+        and back.
+
+        Raises:
+            OSError: no eventfd could be made.
+        """
+        cdef int fd
+        cdef int err = 0
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+            if self.done_fd < 0:
+                self.done_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
+                if self.done_fd < 0:
+                    err = errno
+                    self.done_fd = -1
+            fd = self.done_fd
+            # Jobs that finished before: the loop's first look takes them.
+            if fd >= 0 and self.done_head != NULL and not self.done_poked:
+                self.done_poked = True
+                fp_eventfd_poke(fd)
+            pthread_mutex_unlock(&self.lock)
+        if fd < 0:
+            raise OSError(err, _os.strerror(err))
+        return fd
+
+    def take_ready(self):
+        """Take every finished job without waiting (the loop of ready_fd()).
+
+        Returns:
+            The CopyJobs that finished, in the order they ended; possibly
+            none.
+        """
+        cdef CopyState *head
+        with nogil:
+            # Read before the list is taken: a job filed after this read
+            # pokes again, or is in the list taken below.
+            if self.done_fd >= 0:
+                fp_eventfd_drain(self.done_fd)
+            pthread_mutex_lock(&self.lock)
+            head = self.done_head
+            self.done_head = self.done_tail = NULL
+            self.done_poked = False
+            pthread_mutex_unlock(&self.lock)
+        return self._adopt(head)
 
     def help_done(self, CopyJob job not None, double timeout):
         """Wait up to ``timeout`` seconds for ``job`` to finish, taking over
