@@ -7,6 +7,7 @@ follows happens to a parked relay and not to one still starting.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 
@@ -127,6 +128,96 @@ def test_a_proxy_parked_both_ways_half_closes_and_ends() -> None:
         assert client.recv(100) == b"reply"
     for sock in (client, server):
         sock.close()
+
+
+def led(pool: WorkerPool, n: int) -> None:
+    """n copies parked and every worker idle: one of them is the leader,
+    polling for them (none runs a copy to come back to it)."""
+    wait_for(
+        lambda: (s := pool.stats())["parked"] == n and s["busy"] == 0 and s["idle"] == s["workers"]
+    )
+
+
+def test_a_new_proxys_idle_directions_park_in_proxy_itself() -> None:
+    """With a leader polling, a direction with nothing to read goes straight
+    to the poller: no worker is woken to find its socket empty."""
+    r, w = os.pipe()
+    client, a = socket.socketpair()
+    b, server = socket.socketpair()
+    late_client, late_a = socket.socketpair()
+    late_b, late_server = socket.socketpair()
+    # Cancelled on the way out: a failed check must not leave shutdown()
+    # waiting for parked relays that never end.
+    pool = WorkerPool()
+    try:
+        waiting = pool.relay(r, os.open(os.devnull, os.O_WRONLY))
+        led(pool, 1)
+        relay = pool.proxy(a, b)
+        # Both parked by the time proxy() returns, not by a worker later.
+        assert pool.stats()["parked"] == 3
+        assert pool.stats()["queued"] == 0
+        # A direction with bytes waiting runs; the other one parks.
+        late_client.sendall(b"early")
+        late = pool.proxy(late_a, late_b)
+        assert late_server.recv(100) == b"early"
+        late_server.sendall(b"reply")
+        assert late_client.recv(100) == b"reply"
+        # The parked ones wake when their bytes come, in order, both ways.
+        data = os.urandom(200_000)
+        client.sendall(data)
+        client.shutdown(socket.SHUT_WR)
+        got = bytearray()
+        while len(got) < len(data):
+            got += server.recv(65536)
+        assert got == data
+        assert server.recv(10) == b""
+        server.sendall(data[::-1])
+        server.shutdown(socket.SHUT_WR)
+        assert relay.result(timeout=10) == (len(data), len(data))
+        back = bytearray()
+        while chunk := client.recv(65536):
+            back += chunk
+        assert back == data[::-1]
+        for sock in (late_client, late_server):
+            sock.shutdown(socket.SHUT_WR)
+        assert late.result(timeout=10) == (5, 5)
+        os.close(w)
+        assert waiting.result(timeout=10) == 0
+    finally:
+        pool.shutdown(cancel_relays=True)
+    for sock in (client, server, late_client, late_server):
+        sock.close()
+
+
+@pytest.mark.parametrize("end", ["listening", "pipe write end"])
+def test_a_new_proxy_whose_source_cannot_be_read_fails_and_does_not_park(end: str) -> None:
+    """poll() finds a listening socket, and a pipe's write end, not readable,
+    as it finds an idle one; they fail at their first read instead."""
+    r, w = os.pipe()
+    a, a_peer = socket.socketpair()
+    # Cancelled on the way out: a failed check must not leave shutdown()
+    # waiting for parked relays that never end.
+    pool = WorkerPool()
+    try:
+        waiting = pool.relay(r, os.open(os.devnull, os.O_WRONLY))
+        led(pool, 1)
+        if end == "listening":
+            listener = socket.socket()
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            relay = pool.proxy(listener, a)
+            errnos = (errno.ENOTCONN, errno.EINVAL, errno.EPIPE)
+        else:
+            pr, pw = os.pipe()
+            relay = pool.proxy((pw, pr), a)
+            errnos = (errno.EBADF,)
+        exc = relay.exception(timeout=10)
+        assert isinstance(exc, OSError) and exc.errno in errnos, exc
+        os.close(w)
+        assert waiting.result(timeout=10) == 0
+    finally:
+        pool.shutdown(cancel_relays=True)
+    a_peer.close()
 
 
 def test_a_relay_parks_in_a_forked_child() -> None:

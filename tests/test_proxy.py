@@ -743,6 +743,10 @@ def test_idle_timeout_of_a_proxy_still_queued() -> None:
         with WorkerPool(max_workers=2) as pool:
             holders = [held_relay(pool) for _ in range(2)]
             wait_for(lambda: all(held.flushing.is_set() for _, held in holders))
+            # A byte to read on each side: both directions are ready to run,
+            # so they queue (a direction with nothing to read would park).
+            for _, peer in pairs:
+                peer.send(b"x")
             relay = pool.proxy(pairs[0][0], pairs[1][0], idle_timeout=0.2)
             assert pool.stats()["queued"] == 2
             with pytest.raises(TimeoutError):

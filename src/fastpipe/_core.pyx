@@ -49,9 +49,9 @@ from concurrent.futures import CancelledError as _CancelledError
 
 from fastpipe._syscalls cimport (
     ECANCELED, EIO, ENOSYS, EPERM, EPIPE, EXDEV, FIONREAD, FP_CANCELLABLE, F_GETFL,
-    F_GETPIPE_SZ, F_SETPIPE_SZ, MSG_DONTWAIT, MSG_NOSIGNAL, O_APPEND, O_CLOEXEC, O_NONBLOCK,
-    POLLIN, POLLNVAL, POLLOUT, RWF_NOWAIT, SEEK_CUR, SHUT_WR, SPLICE_F_NONBLOCK, S_ISBLK,
-    S_ISFIFO, S_ISREG, S_ISSOCK, close, copy_file_range, fcntl, fp_alarm, fp_alarm_arm,
+    F_GETPIPE_SZ, F_SETPIPE_SZ, MSG_DONTWAIT, MSG_NOSIGNAL, MSG_PEEK, O_APPEND, O_CLOEXEC,
+    O_NONBLOCK, POLLIN, POLLNVAL, POLLOUT, RWF_NOWAIT, SEEK_CUR, SHUT_WR, SPLICE_F_NONBLOCK,
+    S_ISBLK, S_ISFIFO, S_ISREG, S_ISSOCK, close, copy_file_range, fcntl, fp_alarm, fp_alarm_arm,
     fp_alarm_disarm, fp_alarm_free, fp_block_sigpipe, fp_cond_init_monotonic,
     fp_cond_wait_until_ms, fp_discard_sigpipe, fp_install_wake_signal, fp_load_int, fp_load_ll,
     fp_sem_wait_ms, fp_set_sigmask, fp_sigpipe_blocked_in, fp_store_int, fp_store_ll, fstat,
@@ -59,8 +59,8 @@ from fastpipe._syscalls cimport (
     pthread_cond_init, pthread_cond_signal, pthread_cond_t, pthread_cond_wait, pthread_kill,
     pthread_mutex_init, pthread_mutex_lock, pthread_mutex_t, pthread_mutex_trylock,
     pthread_mutex_unlock, pthread_self,
-    pthread_setname_np, pthread_t, pwritev2, readv, recvmsg, sem_destroy, sem_init, sem_post,
-    sem_t, sem_wait, sendfile, sendmsg, shutdown, sigset_t, splice, stat, writev,
+    pthread_setname_np, pthread_t, pwritev2, read, readv, recv, recvmsg, sem_destroy, sem_init,
+    sem_post, sem_t, sem_wait, sendfile, sendmsg, shutdown, sigset_t, splice, stat, writev,
 )
 from fastpipe._syscalls cimport (
     EBUSY, EEXIST, EFD_CLOEXEC, EFD_NONBLOCK, ENOENT, EPOLL_CLOEXEC, EPOLL_CTL_ADD,

@@ -553,6 +553,7 @@ class CopyState:
         "draining",
         "src_eof",
         "orphan",
+        "src_known",
         "src_sock",
         "dst_sock",
     )
@@ -664,6 +665,9 @@ class CopyState:
         # The copy was this process's parent's (inherited across fork()): it
         # never runs here, and cancel() leaves it alone.
         self.orphan = False
+        # src_kind, src_dev and src_ino are known already (a copy parked
+        # before it first ran looked at its source then).
+        self.src_known = False
         # Twin: socket objects over a socket end (see _SocketView), made by
         # _prepare and detached by _discard.
         self.src_sock: socket.socket | None = None
@@ -1735,6 +1739,46 @@ def _pipe_leftovers(st: CopyState) -> int:
 # _close_ends after it.
 
 
+def _src_idle(st: CopyState) -> bool:
+    """Whether a new copy whose source poll() found not readable would only
+    wait: a pipe's read end with nothing in it, or a socket whose read would
+    say EAGAIN.  A pipe's write end, a listening socket or one not connected,
+    which poll() finds not readable either, fail at their first read
+    instead, so they must run.
+
+    Its source's kind and identity are kept, as _prepare would find them,
+    and the poller's sweep compares the fd with.  False, and the copy runs
+    as usual, for any other fd, or when a syscall fails (the copy's own
+    first call reports it).
+    """
+    try:
+        st.src_kind, st.src_dev, st.src_ino = _fd_kind(st.src)
+    except OSError:
+        return False
+    st.src_known = True
+    if st.src_kind == KIND_PIPE:
+        # A read of nothing: b"" from a read end, EBADF from a write end.
+        try:
+            return os.read(st.src, 0) == b""
+        except OSError:
+            return False
+    if st.src_kind != KIND_SOCKET:
+        return False
+    try:
+        sock = _socket_over(st.src)
+    except OSError:
+        return False
+    try:
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.detach()
+    return False
+
+
 def _fd_kind(fd: int) -> tuple[int, int, int]:
     """(kind, st_dev, st_ino) of fd.
 
@@ -1855,7 +1899,8 @@ def _check_same_file(st: CopyState) -> int:
 def _prepare(st: CopyState, in_main_thread: bool, zerocopy: bool) -> int:
     """Look at both ends, choose the path and how to wait; -1 with st.err."""
     try:
-        st.src_kind, st.src_dev, st.src_ino = _fd_kind(st.src)
+        if not st.src_known:
+            st.src_kind, st.src_dev, st.src_ino = _fd_kind(st.src)
         st.dst_kind, st.dst_dev, st.dst_ino = _fd_kind(st.dst)
         if st.src_kind == KIND_FILE and st.dst_kind == KIND_FILE and _check_same_file(st) < 0:
             return -1
@@ -2696,13 +2741,50 @@ class PoolCore:
         self._check_submit(b)
         if a is b:
             raise RuntimeError("a CopyJob runs only once")
+        # One poll for both sources, before the lock.  Only while a leader
+        # polls (read here without the lock, as a hint; under it, looked at
+        # again): it watches a parked copy from the start, and otherwise a
+        # copy that is ready and one that waits take the same road.
+        idle = [False, False]
+        if self.leader is not None and self._may_park_first(a) and self._may_park_first(b):
+            poller = select.poll()
+            poller.register(a.st.src, select.POLLIN)
+            if b.st.src != a.st.src:
+                poller.register(b.st.src, select.POLLIN)
+            ready = {fd for fd, _ in poller.poll(0)}
+            idle = [
+                a.st.src not in ready and _src_idle(a.st),
+                b.st.src not in ready and _src_idle(b.st),
+            ]
         with self.lock:
             if self.shutting_down:
                 raise RuntimeError("cannot start a relay after shutdown")
-            for_a = self._place(a, wake)
-            for_b = self._place(b, wake)
+            for_a = False if self._park_first(a, idle[0]) else self._place(a, wake)
+            for_b = False if self._park_first(b, idle[1]) else self._place(b, wake)
         self._post_all(wake)
         return for_a, for_b
+
+    def _park_first(self, job: CopyJob, idle: bool) -> bool:
+        """Under the lock: park a new job whose source has nothing to read
+        (idle) in the poller at once, instead of waking a worker only to
+        find that out; False if it must be placed as usual."""
+        st = job.st
+        if not idle or self.leader is None:
+            return False
+        st.park_fd = st.src
+        st.park_events = POLLIN
+        if _poller_arm(self.poller, st):
+            return False  # epoll takes no such fd (EPERM): it runs as usual
+        self._own(job)
+        return True
+
+    @staticmethod
+    def _may_park_first(job: CopyJob) -> bool:
+        # A fresh job with nothing to do before its first read: no Python
+        # prologue (read-ahead to deliver, a writer to flush) and no idle
+        # deadline (the heap wants one set by the copy itself).
+        st = job.st
+        return not st.needs_prologue and st.idle_ms < 0 and not st.cancel_req
 
     def unqueue(self, job: CopyJob) -> bool:
         """Take a job off the queue, or back from a new worker whose thread

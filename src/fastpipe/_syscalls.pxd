@@ -33,13 +33,16 @@ cdef extern from "_compat.h" nogil:
 
     ssize_t sendmsg(int fd, const msghdr *msg, int flags)
     ssize_t recvmsg(int fd, msghdr *msg, int flags)
+    ssize_t recv(int fd, void *buf, size_t len, int flags)
     enum:
         MSG_NOSIGNAL
         MSG_DONTWAIT
+        MSG_PEEK
     int shutdown(int fd, int how)
     enum:
         SHUT_WR
 
+    ssize_t read(int fd, void *buf, size_t count)
     ssize_t readv(int fd, const iovec *iov, int iovcnt)
     ssize_t preadv2(int fd, const iovec *iov, int iovcnt, long offset, int flags)
     enum:

@@ -131,7 +131,9 @@ cdef int _prepare(CopyState *st, bint in_main_thread, bint zerocopy) noexcept no
     """Look at both ends, choose the path and how to wait; -1 with st.err."""
     cdef bint src_nb = False
     cdef bint dst_nb = False
-    if _fd_kind(st.src, &st.src_kind, &st.err, &st.src_dev, &st.src_ino) < 0:
+    if not st.src_known and _fd_kind(
+        st.src, &st.src_kind, &st.err, &st.src_dev, &st.src_ino
+    ) < 0:
         return -1
     if _fd_kind(st.dst, &st.dst_kind, &st.err, &st.dst_dev, &st.dst_ino) < 0:
         return -1

@@ -129,6 +129,9 @@ cdef struct CopyState:
     # The copy was this process's parent's (inherited across fork()): it
     # never runs here, and cancel() leaves it alone.
     flag orphan
+    # src_kind, src_dev and src_ino are known already (a copy parked before
+    # it first ran looked at its source then): _prepare does not look again.
+    flag src_known
 
 
 cdef inline void _release(CopyState *st) noexcept nogil:
