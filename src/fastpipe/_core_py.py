@@ -554,6 +554,8 @@ class CopyState:
         "src_eof",
         "orphan",
         "src_known",
+        "partner",
+        "pair_ended",
         "src_sock",
         "dst_sock",
     )
@@ -668,6 +670,11 @@ class CopyState:
         # src_kind, src_dev and src_ino are known already (a copy parked
         # before it first ran looked at its source then).
         self.src_known = False
+        # A proxy's other direction, when the two share both fds and the
+        # one that ends last closes them (CopyJob.close_pair_with); read
+        # under the pool's lock.
+        self.partner: CopyState | None = None
+        self.pair_ended = False
         # Twin: socket objects over a socket end (see _SocketView), made by
         # _prepare and detached by _discard.
         self.src_sock: socket.socket | None = None
@@ -2204,6 +2211,25 @@ class CopyJob:
         self.st.close_src = bool(src)
         self.st.close_dst = bool(dst)
 
+    def close_pair_with(self, other: CopyJob) -> None:
+        """Have whichever of this job and ``other`` ends last close both fds:
+        a proxy's two directions over the same two ends.
+
+        Only a job that ends in a worker counts: if either never runs
+        (taken off the queue), neither closes, and the caller closes both.
+
+        Raises:
+            ValueError: ``other`` is not the other direction over two
+                different fds.
+        """
+        a, b = self.st, other.st
+        if other is self or a.src != b.dst or a.dst != b.src:
+            raise ValueError("close_pair_with() wants the other direction over the same fds")
+        if a.src == a.dst:
+            raise ValueError("close_pair_with() wants two different fds")
+        a.partner = b
+        b.partner = a
+
     def shut_wr_at_eof(self, on: bool) -> None:
         """Have the worker ``shutdown(dst, SHUT_WR)`` when the copy ends by
         reaching end of file (not on an error or a cancel)."""
@@ -3260,12 +3286,27 @@ class PoolCore:
         """st has ended: out of the poller, buffers back, ends closed."""
         if st.status == STEP_ERROR and st.err == EPIPE:
             _discard_sigpipe()
-        if st.reg_src or st.reg_dst:
-            # Before its fds close: the number may be reused at once.
+        last = False
+        partner = st.partner
+        if st.reg_src or st.reg_dst or partner is not None:
             with self.lock:
+                # Before its fds close: the number may be reused at once.
                 _poller_release(self.poller, st)
+                if partner is not None:
+                    st.pair_ended = True
+                    last = partner.pair_ended
         _discard(st)
         _close_ends(st)
+        if last:
+            assert partner is not None
+            # Both directions are over and out of the poller: this worker
+            # closes the proxy's two fds.  An fd closed and reused under a
+            # parked copy is not ours.
+            for fd in (st.src, st.dst):
+                if fd not in (st.lost_fd, partner.lost_fd):
+                    _close_quietly(fd)
+            # The two states refer to each other: a cycle for the collector.
+            st.partner = partner.partner = None
 
     def _next_job(self, w: CWorker, done: CopyState | None) -> CopyState | None:
         """File a finished copy (if any) and find the next one to run: from

@@ -108,6 +108,8 @@ _books = threading.Lock()
 # masks below have one bit per standing position.
 _SRC = (0, 2)
 _DST = (3, 1)
+# The ends of a proxy whose sides are one object each: a at 0, b at 2.
+_PAIR = 1 << 0 | 1 << 2
 
 
 class ProxyTask:
@@ -194,7 +196,8 @@ class ProxyTask:
         # An end only one job uses is closed by that job's worker in C the
         # moment it ends (when it is an int or a plain socket): a pipe's
         # write end is half-closed that way without waiting for the GIL.
-        # An end both jobs use is closed here, once both have ended.
+        # An end both jobs use is closed once both have ended: here, or in
+        # C by the last one's worker (the pair, below).
         # in_c: 4 bits per job, the ends its worker closes.
         in_c = 0
         if close:
@@ -205,6 +208,18 @@ class ProxyTask:
                 if src or dst:
                     job.close_fds(src, dst)
                     in_c |= (src << s | dst << d) << (4 * i)
+            # The common socket proxy: each side one object both directions
+            # use, whose fd a worker may close.  Whichever direction ends
+            # last closes both fds in C (bits 8-11 of in_c: the pair).
+            if (
+                not isinstance(self.a, tuple)
+                and not isinstance(self.b, tuple)
+                and a.read_fd != b.read_fd
+                and closes_in_c(self.a)
+                and closes_in_c(self.b)
+            ):
+                self.jobs[0].close_pair_with(self.jobs[1])
+                in_c |= _PAIR << 8
         self.in_c = in_c
         for i, job in enumerate(self.jobs):
             job.task = self
@@ -383,7 +398,12 @@ class ProxyTask:
                 self.closed |= self._in_c(i)
             if self.pending:
                 return
-            if self.close:
+            if self.close and self.in_c >> 8 and not self.dropped:
+                # Both directions ended in a worker, and the last one closed
+                # both fds in C: the objects only need marking closed.
+                forget = [obj for obj in (self.a, self.b) if not isinstance(obj, int)]
+                self.closed = 15
+            elif self.close:
                 in_c = self._in_c(0) | self._in_c(1)
                 for e in self._all_ends():
                     if not self.closed >> e & 1:

@@ -132,6 +132,22 @@ cdef class CopyJob:
         self.st.close_src = src
         self.st.close_dst = dst
 
+    def close_pair_with(self, CopyJob other not None):
+        """Have whichever of this job and ``other`` ends last close both
+        fds in C: a proxy's two directions over the same two ends (one
+        reads what the other writes), whose fds a worker may close.
+
+        Only a job that ends in a worker counts: if either never runs
+        (taken off the queue), neither closes, and the caller closes both.
+        The caller keeps both jobs alive until both have ended.
+        """
+        if other is self or self.st.src != other.st.dst or self.st.dst != other.st.src:
+            raise ValueError("close_pair_with() wants the other direction over the same fds")
+        if self.st.src == self.st.dst:
+            raise ValueError("close_pair_with() wants two different fds")
+        self.st.partner = &other.st
+        other.st.partner = &self.st
+
     def shut_wr_at_eof(self, bint on):
         """Have the worker ``shutdown(dst, SHUT_WR)`` when the copy ends by
         reaching end of file (not on an error or a cancel)."""

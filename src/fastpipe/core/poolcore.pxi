@@ -1071,15 +1071,28 @@ cdef class PoolCore:
 
     cdef void _end(self, CopyState *st) noexcept nogil:
         """st has ended: out of the poller, buffers back, ends closed."""
+        cdef bint last = False
         if st.status == STEP_ERROR and st.err == EPIPE:
             fp_discard_sigpipe()
-        if st.reg_src or st.reg_dst:
-            # Before its fds close: the number may be reused at once.
+        if st.reg_src or st.reg_dst or st.partner != NULL:
             pthread_mutex_lock(&self.lock)
+            # Before its fds close: the number may be reused at once.
             _poller_release(&self.poller, st)
+            if st.partner != NULL:
+                st.pair_ended = True
+                last = st.partner.pair_ended
             pthread_mutex_unlock(&self.lock)
         _discard(st)
         _close_ends(st)
+        if last:
+            # Both directions are over and out of the poller: this worker
+            # closes the proxy's two fds, with no GIL, so that the thread
+            # completing the proxy only has to mark its objects closed.
+            # An fd closed and reused under a parked copy is not ours.
+            if st.src != st.lost_fd and st.src != st.partner.lost_fd:
+                close(st.src)
+            if st.dst != st.lost_fd and st.dst != st.partner.lost_fd:
+                close(st.dst)
 
     cdef CopyState *_next_job(self, CWorker *w, CopyState *done) noexcept nogil:
         """File a finished copy (if any) and find the next one to run: from

@@ -25,6 +25,10 @@ cdef struct CopyState:
     long long slice_end     # copied at which the worker looks at its pool
     long long queued_ms     # when it entered the pool's queue
     fp_alarm *stall         # the running worker's stall alarm, while armed
+    # A proxy's other direction, when the two share both fds and the one
+    # that ends last closes them (CopyJob.close_pair_with): read under the
+    # pool's lock, while the proxy holds both jobs.
+    CopyState *partner
     # Identity of each end, to tell a parked copy whose fd was closed and
     # reused under it (the poller's sweep).
     unsigned long src_dev
@@ -132,6 +136,7 @@ cdef struct CopyState:
     # src_kind, src_dev and src_ino are known already (a copy parked before
     # it first ran looked at its source then): _prepare does not look again.
     flag src_known
+    flag pair_ended         # see partner
 
 
 cdef inline void _release(CopyState *st) noexcept nogil:
