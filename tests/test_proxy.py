@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 import pytest
 
 import fastpipe
-from fastpipe import WorkerPool, _proxy
+from fastpipe import WorkerPool, _impl, _proxy
 
-from conftest import held_relay, tcp_pair, wait_for, write_all
+from conftest import held_relay, is_closed, tcp_pair, wait_for, write_all
 
 FAMILIES = ["tcp", "unix"]
 
@@ -816,3 +816,41 @@ def test_bytes_each_way_is_there_however_the_proxy_ends() -> None:
     assert relay.bytes_each_way == (5,)
     assert read_fd_to_eof(r2) == b"12345"
     os.close(r2)
+
+
+@pytest.mark.parametrize("kind", ["unix", "tcp"])
+def test_the_last_direction_closes_a_socket_proxys_fds(kind: str) -> None:
+    """Whichever direction ends last closes both fds in its worker: once the
+    future completes, the fds are shut and the socket objects closed."""
+    client, a = socket.socketpair() if kind == "unix" else tcp_pair()
+    b, server = socket.socketpair() if kind == "unix" else tcp_pair()
+    fds = (a.fileno(), b.fileno())
+    with WorkerPool() as pool:
+        relay = pool.proxy(a, b)
+        client.sendall(b"ping")
+        client.shutdown(socket.SHUT_WR)
+        assert read_to_eof(server) == b"ping"
+        server.sendall(b"pong")
+        server.shutdown(socket.SHUT_WR)
+        assert relay.result(timeout=10) == (4, 4)
+        assert read_to_eof(client) == b"pong"
+        assert a.fileno() == -1 and b.fileno() == -1
+        assert all(is_closed(fd) for fd in fds)
+    client.close()
+    server.close()
+
+
+def test_close_pair_with_wants_the_other_direction_over_two_fds() -> None:
+    r, w = os.pipe()
+    try:
+        job = _impl.CopyJob(r, w)
+        with pytest.raises(ValueError, match="other direction"):
+            job.close_pair_with(job)
+        with pytest.raises(ValueError, match="other direction"):
+            job.close_pair_with(_impl.CopyJob(r, w))
+        with pytest.raises(ValueError, match="two different fds"):
+            _impl.CopyJob(r, r).close_pair_with(_impl.CopyJob(r, r))
+        job.close_pair_with(_impl.CopyJob(w, r))  # the other direction: fine
+    finally:
+        os.close(r)
+        os.close(w)

@@ -462,6 +462,7 @@ class Forwarder:
         with contextlib.suppress(OSError):
             listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._listen_fd = listener.fileno()
+        self._listen_family = int(listener.family)
         self._polling = False  # the listener is in the epoll set
         # Out of fds (or memory, threads): whether the accepts under way
         # ran into it, when to try accept() again, how many connections had
@@ -471,6 +472,7 @@ class Forwarder:
         self._ended_at_shortage = 0
         self._shortage_logged = -_SHORTAGE_LOG_INTERVAL
         self._next_upstream: socket.socket | None = None
+        self._next_family = -1  # _next_upstream's, as a plain int
         self._resume()
 
     # -- waking the main thread -----------------------------------------
@@ -572,7 +574,10 @@ class Forwarder:
         """
         listener = self.listener
         assert listener is not None
-        accept = listener.accept
+        # The fd, and a socket object made from plain ints: accept() would
+        # spend more on its enum properties than on the syscall.
+        accept = listener._accept  # type: ignore[attr-defined]
+        family = self._listen_family
         limit = self.max_connections
         open_ = self._open
         self._short = False
@@ -583,16 +588,18 @@ class Forwarder:
             # empty it is kept for the next client.
             upstream = self._next_upstream
             if upstream is None:
+                upstream_family = self.addresses[0][0]
                 try:
                     upstream = socket.socket(
-                        self.addresses[0][0], socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+                        upstream_family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
                     )
                 except OSError as exc:
                     self._shortage(now, f"cannot accept: socket(): {_reason(exc)}")
                     return
                 self._next_upstream = upstream
+                self._next_family = upstream_family
             try:
-                client, peer = accept()
+                fd, peer = accept()
             except BlockingIOError:
                 self._resume()
                 return
@@ -607,10 +614,11 @@ class Forwarder:
                 self._shortage(now, f"cannot accept: {_reason(exc)}")
                 return
             self._next_upstream = None
+            client = socket.socket(family, socket.SOCK_STREAM, 0, fd)
             self._numbers += 1
             conn = _Connection(self._numbers, client, peer, now, self.addresses)
             open_[conn.number] = conn
-            self._connect(conn, upstream)
+            self._connect(conn, upstream, self._next_family)
             if self._short:
                 return  # paused by _shortage()
         self._pause()  # at --max-connections
@@ -631,16 +639,19 @@ class Forwarder:
 
     # -- connecting -------------------------------------------------------
 
-    def _connect(self, conn: _Connection, upstream: socket.socket | None = None) -> None:
+    def _connect(
+        self, conn: _Connection, upstream: socket.socket | None = None, upstream_family: int = -1
+    ) -> None:
         """Start connecting to the next address: proxied, waited for, or ended.
 
-        ``upstream``, a new socket, is used if it has the family needed.
+        ``upstream``, a new socket of ``upstream_family``, is used if that
+        is the family needed.
         """
         error: OSError | None = None
         while conn.tried < len(conn.addresses):
             family, sockaddr = conn.addresses[conn.tried]
             conn.tried += 1
-            if upstream is not None and upstream.family != family:
+            if upstream is not None and upstream_family != family:
                 upstream.close()
                 upstream = None
             if upstream is None:
@@ -723,8 +734,8 @@ class Forwarder:
         """The connect succeeded: hand both sockets to the pool."""
         client, upstream = conn.client, conn.upstream
         assert upstream is not None
+        # Left non-blocking: a pool copy parks on EAGAIN either way.
         try:
-            upstream.setblocking(True)
             upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass  # a target that is gone already shows as an error of its relay
