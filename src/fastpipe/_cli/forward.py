@@ -449,6 +449,7 @@ class Forwarder:
         self._wake_w.setblocking(False)
         self._epoll = select.epoll()
         self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
+        self._probe = select.poll()  # see _connect
         # Relays are completed here, in the loop's thread, not in the pool's
         # completer: their done-callbacks (_relay_done) then run between
         # accepts with no GIL hand-over to another thread and back.
@@ -665,9 +666,19 @@ class Forwarder:
             code = upstream.connect_ex(sockaddr)
             if code == errno.EINPROGRESS:
                 conn.upstream = upstream
-                fd = upstream.fileno()
-                self._epoll.register(fd, select.EPOLLOUT)
                 self._connecting[conn.number] = conn
+                # A target on this host has answered within connect() itself
+                # (loopback runs the whole handshake in the call): one look
+                # without waiting spares the epoll set an add and a delete.
+                fd = upstream.fileno()
+                probe = self._probe
+                probe.register(fd, select.POLLOUT)
+                ready = probe.poll(0)
+                probe.unregister(fd)
+                if ready:
+                    self._connected(conn)
+                    return
+                self._epoll.register(fd, select.EPOLLOUT)
                 self._connecting_fds[fd] = conn
                 return
             if code == 0:
@@ -682,12 +693,18 @@ class Forwarder:
         self._connect_failed(conn, error)
 
     def _connect_ready(self, conn: _Connection, mask: int) -> None:
-        """epoll says the connect finished: proxy the pair, or try the next address."""
+        """epoll says the connect finished."""
         upstream = conn.upstream
         assert upstream is not None
         fd = upstream.fileno()
         self._epoll.unregister(fd)
         del self._connecting_fds[fd]
+        self._connected(conn)
+
+    def _connected(self, conn: _Connection) -> None:
+        """The connect finished: proxy the pair, or try the next address."""
+        upstream = conn.upstream
+        assert upstream is not None
         code = upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if code == 0:
             del self._connecting[conn.number]
