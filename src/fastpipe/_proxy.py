@@ -108,7 +108,9 @@ _books = threading.Lock()
 # masks below have one bit per standing position.
 _SRC = (0, 2)
 _DST = (3, 1)
-# The ends of a proxy whose sides are one object each: a at 0, b at 2.
+# A proxy whose sides are one object each: a's fd at positions 0 and 1, b's
+# at 2 and 3 (same), and its two ends (a bit per standing position).
+_SAME_WHOLE = 0 << 0 | 0 << 2 | 2 << 4 | 2 << 6
 _PAIR = 1 << 0 | 1 << 2
 
 
@@ -177,11 +179,16 @@ class ProxyTask:
         self.a = a.given
         self.b = b.given
         # same: 2 bits per position, the first position with its fd.
-        fds = (a.read_fd, a.write_fd, b.read_fd, b.write_fd)
-        same = 0
-        for p, fd in enumerate(fds):
-            same |= fds.index(fd) << (2 * p)
-        self.same = same
+        # (One object per side, the common proxy, is one constant.)
+        whole = a.reader is a.writer and b.reader is b.writer
+        if whole:
+            self.same = _SAME_WHOLE
+        else:
+            fds = (a.read_fd, a.write_fd, b.read_fd, b.write_fd)
+            same = 0
+            for p, fd in enumerate(fds):
+                same |= fds.index(fd) << (2 * p)
+            self.same = same
         # Under _books: the jobs left to end, the jobs taken off the queue
         # (never run), the ends closed so far (bit per standing position).
         self.pending = 2
@@ -200,7 +207,15 @@ class ProxyTask:
         # C by the last one's worker (the pair, below).
         # in_c: 4 bits per job, the ends its worker closes.
         in_c = 0
-        if close:
+        if close and whole:
+            # The common socket proxy: each side one object, which both
+            # directions use, so neither closes it alone.  When a worker may
+            # close both fds, whichever direction ends last closes them in
+            # C (bits 8-11 of in_c: the pair).
+            if closes_in_c(self.a) and closes_in_c(self.b):
+                self.jobs[0].close_pair_with(self.jobs[1])
+                in_c = _PAIR << 8
+        elif close:
             for i, job in enumerate(self.jobs):
                 s, d = self._end(_SRC[i]), self._end(_DST[i])
                 src = self._closes_in_c(s, i)
@@ -208,18 +223,6 @@ class ProxyTask:
                 if src or dst:
                     job.close_fds(src, dst)
                     in_c |= (src << s | dst << d) << (4 * i)
-            # The common socket proxy: each side one object both directions
-            # use, whose fd a worker may close.  Whichever direction ends
-            # last closes both fds in C (bits 8-11 of in_c: the pair).
-            if (
-                not isinstance(self.a, tuple)
-                and not isinstance(self.b, tuple)
-                and a.read_fd != b.read_fd
-                and closes_in_c(self.a)
-                and closes_in_c(self.b)
-            ):
-                self.jobs[0].close_pair_with(self.jobs[1])
-                in_c |= _PAIR << 8
         self.in_c = in_c
         for i, job in enumerate(self.jobs):
             job.task = self
