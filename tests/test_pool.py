@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import select
 import socket
 import threading
 import time
@@ -788,3 +789,72 @@ def test_relays_work_in_a_child_forked_while_their_lock_was_held() -> None:
         release.set()
         holder.join(10)
     assert code == 0
+
+
+# -- a caller's event loop completes the relays (WorkerPool._ready_fd) ------------
+
+
+def test_a_loop_completes_the_relays_in_its_own_thread() -> None:
+    """With _ready_fd(), an ended relay turns the fd readable, and
+    _complete_ready() settles it and runs its callbacks in the calling thread."""
+    r, w = os.pipe()
+    out_r, out_w = os.pipe()
+    pool = WorkerPool()
+    try:
+        ready = pool._ready_fd()
+        relay = pool.relay(r, out_w)
+        ran_in: list[int] = []
+        relay.add_done_callback(lambda _: ran_in.append(threading.get_ident()))
+        os.write(w, b"through the loop")
+        os.close(w)
+        assert select.select([ready], [], [], 30)[0] == [ready]
+        pool._complete_ready()
+        assert relay.done() and relay.result() == 16
+        assert ran_in == [threading.get_ident()]
+        assert os.read(out_r, 100) == b"through the loop"
+        # Taken: the fd is no longer readable until another relay ends.
+        assert select.select([ready], [], [], 0)[0] == []
+    finally:
+        pool.shutdown(cancel_relays=True)
+        os.close(out_r)
+
+
+def test_result_in_the_loops_thread_takes_what_it_waits_for() -> None:
+    """A relay that has ended but that no loop turn has completed yet:
+    result() in any thread takes it from the done list, rather than waiting
+    for a completion only the loop would do."""
+    r, w = os.pipe()
+    pool = WorkerPool()
+    try:
+        ready = pool._ready_fd()
+        relay = pool.relay(r, os.open(os.devnull, os.O_WRONLY))
+        os.write(w, b"1234")
+        os.close(w)
+        assert select.select([ready], [], [], 30)[0] == [ready]  # ended, not completed
+        assert relay.result(timeout=10) == 4
+    finally:
+        pool.shutdown(cancel_relays=True)
+
+
+def test_cancel_of_a_parked_relay_needs_no_loop_turn() -> None:
+    """cancel() ends a parked relay in the calling thread, and waits for its
+    completion: with a loop completing the pool's relays, it completes it
+    itself instead of waiting for a loop turn that may never come."""
+    r, w = os.pipe()
+    pool = WorkerPool()
+    try:
+        pool._ready_fd()
+        relay = pool.relay(r, os.open(os.devnull, os.O_WRONLY))
+        wait_for(lambda: pool.stats()["parked"] == 1)
+        answer: list[bool] = []
+        canceller = threading.Thread(target=lambda: answer.append(relay.cancel()))
+        canceller.start()
+        canceller.join(30)
+        stuck = canceller.is_alive()
+        pool._complete_ready()  # lets a stuck cancel() go, to fail cleanly
+        canceller.join(30)
+        assert not stuck
+        assert answer == [True] and relay.cancelled()
+    finally:
+        os.close(w)
+        pool.shutdown(cancel_relays=True)

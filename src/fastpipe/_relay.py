@@ -271,7 +271,12 @@ class Relay(Future[_T]):
         while not self.done():
             pending = [job for job in task.jobs if not job.finished]
             if not pending:
-                break  # finished; the completer is completing it right now
+                # Finished: in the done list, or taken by another thread that
+                # is completing it now.  What is still in the list is taken
+                # here: an event loop that completes its own relays
+                # (WorkerPool._ready_fd) may be this very thread.
+                complete_all(task.core.help_done(task.jobs[0], 0.0))
+                break
             left = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
             if main and not 0 <= left < _MAIN_THREAD_SLICE:
                 # Slices, so that Ctrl-C and other signal handlers run.
