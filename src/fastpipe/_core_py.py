@@ -2511,6 +2511,12 @@ class PoolCore:
         self.peak = 0
         self.spawn_ms = 0  # when a thread was last asked for
         self.shutting_down = False
+        # A caller's event loop that takes finished jobs itself
+        # (take_ready): an eventfd it polls, written once per batch
+        # (done_poked), in place of waking the completer.  -1: the
+        # completer takes them.
+        self.done_fd = -1
+        self.done_poked = False
         self.reset_after_fork()
 
     def __del__(self) -> None:
@@ -2544,11 +2550,9 @@ class PoolCore:
         self.n_blocking = 0  # workers blocked outside the pool's control
         self.completer_waiting = False
         _poller_close(self.poller)
-        # A caller's event loop that takes finished jobs itself
-        # (take_ready): an eventfd it polls, written once per batch, in
-        # place of waking the completer.  A child's completer takes them:
-        # the loop was the parent's.
-        if getattr(self, "done_fd", -1) >= 0:
+        # The loop that took finished jobs is the parent's: the child's
+        # completer takes them.
+        if self.done_fd >= 0:
             os.close(self.done_fd)
         self.done_fd = -1
         self.done_poked = False
