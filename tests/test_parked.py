@@ -7,9 +7,11 @@ follows happens to a parked relay and not to one still starting.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
+from collections.abc import Iterator
 
 import pytest
 
@@ -138,20 +140,36 @@ def led(pool: WorkerPool, n: int) -> None:
     )
 
 
-def test_a_new_proxys_idle_directions_park_in_proxy_itself() -> None:
-    """With a leader polling, a direction with nothing to read goes straight
-    to the poller: no worker is woken to find its socket empty."""
+@contextlib.contextmanager
+def pool_with_a_leader() -> Iterator[WorkerPool]:
+    """A pool whose worker leads, polling for a relay parked on an empty pipe.
+
+    What is left is cancelled on the way out: a failed check must not leave
+    shutdown() waiting for parked relays that never end.
+    """
     r, w = os.pipe()
-    client, a = socket.socketpair()
-    b, server = socket.socketpair()
-    late_client, late_a = socket.socketpair()
-    late_b, late_server = socket.socketpair()
-    # Cancelled on the way out: a failed check must not leave shutdown()
-    # waiting for parked relays that never end.
     pool = WorkerPool()
     try:
         waiting = pool.relay(r, os.open(os.devnull, os.O_WRONLY))
         led(pool, 1)
+        yield pool
+        os.close(w)
+        w = -1
+        assert waiting.result(timeout=10) == 0
+    finally:
+        if w >= 0:
+            os.close(w)
+        pool.shutdown(cancel_relays=True)
+
+
+def test_a_new_proxys_idle_directions_park_in_proxy_itself() -> None:
+    """With a leader polling, a direction with nothing to read goes straight
+    to the poller: no worker is woken to find its socket empty."""
+    client, a = socket.socketpair()
+    b, server = socket.socketpair()
+    late_client, late_a = socket.socketpair()
+    late_b, late_server = socket.socketpair()
+    with pool_with_a_leader() as pool:
         relay = pool.proxy(a, b)
         # Both parked by the time proxy() returns, not by a worker later.
         assert pool.stats()["parked"] == 3
@@ -181,10 +199,6 @@ def test_a_new_proxys_idle_directions_park_in_proxy_itself() -> None:
         for sock in (late_client, late_server):
             sock.shutdown(socket.SHUT_WR)
         assert late.result(timeout=10) == (5, 5)
-        os.close(w)
-        assert waiting.result(timeout=10) == 0
-    finally:
-        pool.shutdown(cancel_relays=True)
     for sock in (client, server, late_client, late_server):
         sock.close()
 
@@ -193,14 +207,8 @@ def test_a_new_proxys_idle_directions_park_in_proxy_itself() -> None:
 def test_a_new_proxy_whose_source_cannot_be_read_fails_and_does_not_park(end: str) -> None:
     """poll() finds a listening socket, and a pipe's write end, not readable,
     as it finds an idle one; they fail at their first read instead."""
-    r, w = os.pipe()
     a, a_peer = socket.socketpair()
-    # Cancelled on the way out: a failed check must not leave shutdown()
-    # waiting for parked relays that never end.
-    pool = WorkerPool()
-    try:
-        waiting = pool.relay(r, os.open(os.devnull, os.O_WRONLY))
-        led(pool, 1)
+    with pool_with_a_leader() as pool:
         if end == "listening":
             listener = socket.socket()
             listener.bind(("127.0.0.1", 0))
@@ -213,10 +221,6 @@ def test_a_new_proxy_whose_source_cannot_be_read_fails_and_does_not_park(end: st
             errnos = (errno.EBADF,)
         exc = relay.exception(timeout=10)
         assert isinstance(exc, OSError) and exc.errno in errnos, exc
-        os.close(w)
-        assert waiting.result(timeout=10) == 0
-    finally:
-        pool.shutdown(cancel_relays=True)
     a_peer.close()
 
 
