@@ -171,9 +171,11 @@ def test_a_new_proxys_idle_directions_park_in_proxy_itself() -> None:
     late_b, late_server = socket.socketpair()
     with pool_with_a_leader() as pool:
         relay = pool.proxy(a, b)
-        # Both parked by the time proxy() returns, not by a worker later.
+        # Both parked by the time proxy() returns, not by a worker later:
+        # parked, it is running, as any parked relay is.
         assert pool.stats()["parked"] == 3
         assert pool.stats()["queued"] == 0
+        assert relay.running()
         # A direction with bytes waiting runs; the other one parks.
         late_client.sendall(b"early")
         late = pool.proxy(late_a, late_b)
@@ -201,6 +203,35 @@ def test_a_new_proxys_idle_directions_park_in_proxy_itself() -> None:
         assert late.result(timeout=10) == (5, 5)
     for sock in (client, server, late_client, late_server):
         sock.close()
+
+
+def test_a_proxy_parked_in_proxy_itself_is_cancelled_at_once() -> None:
+    """Parked before either direction ran: cancel() ends it in the calling
+    thread, closes its ends, and leaves the poller clean for the fd numbers
+    that come next."""
+    client, a = socket.socketpair()
+    b, server = socket.socketpair()
+    with pool_with_a_leader() as pool:
+        relay = pool.proxy(a, b)
+        assert pool.stats()["parked"] == 3
+        assert relay.cancel() and relay.cancelled()
+        assert relay.bytes_each_way == (0, 0)
+        assert a.fileno() == -1 and b.fileno() == -1
+        assert pool.stats()["parked"] == 1
+        assert client.recv(10) == b"" and server.recv(10) == b""
+        # New sockets take the freed fd numbers: they park and proxy as any.
+        client2, a2 = socket.socketpair()
+        b2, server2 = socket.socketpair()
+        again = pool.proxy(a2, b2)
+        client2.sendall(b"again")
+        client2.shutdown(socket.SHUT_WR)
+        assert server2.recv(10) == b"again"
+        server2.shutdown(socket.SHUT_WR)
+        assert again.result(timeout=10) == (5, 0)
+        for sock in (client2, server2):
+            sock.close()
+    client.close()
+    server.close()
 
 
 @pytest.mark.parametrize("end", ["listening", "pipe write end"])

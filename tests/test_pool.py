@@ -289,15 +289,23 @@ def test_shutdown_is_idempotent_and_refuses_new_relays() -> None:
         assert not t.is_alive()
     assert pool.stats()["workers"] == 0
     r, w = os.pipe()
+    a, b = socket.socketpair()
     try:
         with pytest.raises(RuntimeError):
             pool.relay(r, w)
-        # Refused before anything was taken over: both fds are still open.
+        with pytest.raises(RuntimeError):
+            pool.proxy(a, b)
+        # Refused before anything was taken over: every end is still open.
         os.fstat(r)
         os.fstat(w)
+        assert a.fileno() >= 0 and b.fileno() >= 0
+        a.sendall(b"open")
+        assert b.recv(10) == b"open"
     finally:
         os.close(r)
         os.close(w)
+        a.close()
+        b.close()
 
 
 def test_shutdown_waits_for_running_relays() -> None:

@@ -521,6 +521,7 @@ class CopyState:
         "dst_ino",
         "lost_fd",
         "in_worker",
+        "prepared",
         "close_src",
         "close_dst",
         "shut_wr_at_eof",
@@ -616,7 +617,11 @@ class CopyState:
         self.dst_dev = 0
         self.dst_ino = 0
         self.lost_fd = -1  # that fd, if it happened (else -1): EBADF
-        self.in_worker = False  # a worker has taken the job
+        # The pool holds the job beyond its queue: a worker has taken it, or
+        # it parked before it first ran.  It is running, and only a cancel
+        # stops it (it is no longer simply taken off the queue).
+        self.in_worker = False
+        self.prepared = False  # _prepare has looked at its ends
         self.close_src = False  # close these int fds when the copy ends
         self.close_dst = False
         self.shut_wr_at_eof = False  # shutdown(dst, SHUT_WR) when the source ends
@@ -2806,6 +2811,8 @@ class PoolCore:
         if _poller_arm(self.poller, st):
             return False  # epoll takes no such fd (EPERM): it runs as usual
         self._own(job)
+        # Parked: it has started, as a copy that parked after running has.
+        st.in_worker = True
         return True
 
     @staticmethod
@@ -3120,7 +3127,8 @@ class PoolCore:
         """Run st until it ends (STEP_DONE, with st.status set), must wait
         (STEP_PARK) or has moved a slice (STEP_YIELD)."""
         try:
-            if not st.in_worker:
+            if not st.prepared:
+                st.prepared = True
                 st.in_worker = True
                 if st.needs_prologue and not st.cancel_req:
                     # Python code that may wait, or block in a flush: copies

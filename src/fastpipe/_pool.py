@@ -302,9 +302,11 @@ class WorkerPool:
                 ``2**31 - 1``, a ``count`` above ``2**63 - 1``, an
                 ``idle_timeout`` that is not above 0, or a closed file or
                 socket.
-            RuntimeError: the pool has been shut down, or no thread could
-                be started for a new worker.  Nothing has started then, and
-                the ends are closed as ``close`` says.
+            RuntimeError: the pool has been shut down: the relay is
+                refused before its ends are taken, and they stay open
+                whatever ``close`` says.  Or no thread could be started for
+                a new worker: nothing has started, and the ends are closed
+                as ``close`` says.
         """
         deferred: list[OSError] = []
         src_fd, dst_fd = coerce(src, dst, deferred)
@@ -389,8 +391,11 @@ class WorkerPool:
             ValueError: a negative fd, an ``idle_timeout`` that is not
                 above 0, a closed file or socket, or two directions on one
                 stream (see above).
-            RuntimeError: the pool has been shut down, or no thread could
-                be started for a new worker.
+            RuntimeError: the pool has been shut down: the proxy is
+                refused before its ends are taken, and they stay open
+                whatever ``close`` says.  Or no thread could be started for
+                a new worker: nothing has started, and the ends are closed
+                as ``close`` says.
         """
         relay: Relay[tuple[int, int]] = Relay(directions=2)
         deferred: list[OSError] = []

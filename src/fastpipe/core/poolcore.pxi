@@ -427,6 +427,8 @@ cdef class PoolCore:
         if _poller_arm(&self.poller, st):
             return False  # epoll takes no such fd (EPERM): it runs as usual
         self._own(job)
+        # Parked: it has started, as a copy that parked after running has.
+        st.in_worker = True
         return True
 
     cdef bint _may_park_first(self, CopyJob job) noexcept:
@@ -893,7 +895,8 @@ cdef class PoolCore:
         """Run st until it ends (STEP_DONE, with st.status set), must wait
         (STEP_PARK) or has moved a slice (STEP_YIELD)."""
         cdef int r
-        if not st.in_worker:
+        if not st.prepared:
+            st.prepared = True
             st.in_worker = True
             if st.needs_prologue and not fp_load_int(&st.cancel_req):
                 # Python code that may wait for the GIL, or block in a flush:

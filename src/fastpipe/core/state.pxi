@@ -110,7 +110,11 @@ cdef struct CopyState:
     flag reg_src            # the copy counts among its fd's users in the
     flag reg_dst            # poller's table (see _poller_release)
     flag stall_armed
-    flag in_worker          # a worker has taken the job
+    # The pool holds the job beyond its queue: a worker has taken it, or it
+    # parked before it first ran.  It is running, for Relay.running(), and
+    # only a cancel stops it (it is no longer simply taken off the queue).
+    flag in_worker
+    flag prepared           # _prepare has looked at its ends
     flag close_src          # close these int fds in C when the copy ends
     flag close_dst
     flag shut_wr_at_eof     # shutdown(dst, SHUT_WR) when the source ends
