@@ -674,15 +674,28 @@ def thread_count(pid: int) -> int:
 
 
 def fd_count(pid: int) -> int:
-    """The process's fds, less its pool's poller (an epoll set and an
-    eventfd), which opens when a relay first waits: a connection leaves
-    sockets or pipes behind, if anything."""
-    fds = 0
+    """The process's fds that a connection could leave behind.
+
+    Left out: the pool's poller and the loop's eventfd (anonymous inodes),
+    and one socket that is neither bound nor connected (in none of
+    /proc/net's tables): the one made for the next client, which the loop
+    may be just about to make when a connection's line is logged.  Any more
+    such sockets count.
+    """
+    known = {row[8] for row in tcp_table()}
+    with open("/proc/net/unix") as table:
+        next(table)
+        known.update(line.split()[6] for line in table)
+    fds = unlisted = 0
     for name in os.listdir(f"/proc/{pid}/fd"):
         with contextlib.suppress(FileNotFoundError):
-            if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("anon_inode:"):
-                fds += 1
-    return fds
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
+            if target.startswith("anon_inode:"):
+                continue
+            fds += 1
+            if target.startswith("socket:[") and target[len("socket:[") : -1] not in known:
+                unlisted += 1
+    return fds - min(unlisted, 1)
 
 
 def tcp_table() -> list[list[str]]:
