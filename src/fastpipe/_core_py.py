@@ -1777,17 +1777,12 @@ def _src_idle(st: CopyState) -> bool:
     if st.src_kind != KIND_SOCKET:
         return False
     try:
-        sock = _socket_over(st.src)
-    except OSError:
-        return False
-    try:
-        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        with _socket_view(st.src) as view:
+            view.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except BlockingIOError:
         return True
     except OSError:
         return False
-    finally:
-        sock.detach()
     return False
 
 
