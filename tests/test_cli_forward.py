@@ -217,16 +217,22 @@ class EchoServer:
         with self._lock:
             self.active += 1
             self.peak = max(self.peak, self.active)
-        try:
-            with conn, contextlib.suppress(OSError):
-                conn.settimeout(30)
-                while chunk := conn.recv(1 << 16):
-                    conn.sendall(chunk)
+        with conn:
+            try:
+                with contextlib.suppress(OSError):
+                    conn.settimeout(30)
+                    while chunk := conn.recv(1 << 16):
+                        conn.sendall(chunk)
+            finally:
+                # Counted out before the end of file is sent: the forwarder
+                # can end the proxy, and let the next client in, only after
+                # it sees that end of file, so ``peak`` never counts a
+                # connection that has in fact finished.
+                with self._lock:
+                    self.active -= 1
+                    self.served += 1
+            with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_WR)
-        finally:
-            with self._lock:
-                self.active -= 1
-                self.served += 1
 
     def close(self) -> None:
         self._stop.set()
