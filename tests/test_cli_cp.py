@@ -28,17 +28,21 @@ from conftest import wait_for
 CP = [sys.executable, "-m", "fastpipe", "cp"]
 
 
-def cp_command(*, tqdm: bool = True) -> list[str]:
+def cp_command(*, tqdm: bool = True, hup: str = "SIG_DFL") -> list[str]:
     """``fastpipe cp`` with Ctrl-C turned back on; optionally with tqdm unimportable.
 
     Python leaves SIGINT alone when it starts with SIGINT ignored (as under a
-    shell without job control, which a CI runner may be), so the tests that
-    interrupt the copy set the default handler explicitly.  Making tqdm
+    shell without job control, which a CI runner may be), and ``cp`` leaves
+    SIGTERM and SIGHUP alone when it starts with them ignored (as under
+    ``nohup``), so the tests that interrupt the copy set each one's start
+    explicitly: ``hup="SIG_IGN"`` starts it as ``nohup`` would.  Making tqdm
     unimportable selects the plain fallback display.
     """
     hide_tqdm = "" if tqdm else "sys.modules['tqdm'] = None; "
     prelude = (
         "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "signal.signal(signal.SIGTERM, signal.SIG_DFL); "
+        f"signal.signal(signal.SIGHUP, signal.{hup}); "
         f"{hide_tqdm}from fastpipe.__main__ import main; sys.exit(main())"
     )
     return [sys.executable, "-c", prelude, "cp"]
@@ -412,6 +416,35 @@ def test_sigterm_or_sighup_interrupts_like_ctrl_c(
         assert kept == data[: len(kept)]
     else:
         assert not dst.exists()
+
+
+def test_sighup_ignored_at_start_stays_ignored(tmp_path: Path) -> None:
+    """Under ``nohup`` a closed terminal does not stop the copy: it goes on
+    to the end, whole."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    dst = tmp_path / "copy.bin"
+    data = os.urandom(1 << 20)
+    hold = threading.Event()
+    feeder = feed_fifo(fifo, data, chunk=1 << 14, hold=hold)
+    with subprocess.Popen(
+        [*cp_command(hup="SIG_IGN"), str(fifo), str(dst)],
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    ) as proc:
+        try:
+            wait_for(lambda: dst.exists() and dst.stat().st_size > 0)
+            # An ignored signal is dropped when it is sent: once kill()
+            # returns, it can no longer reach the copy.
+            proc.send_signal(signal.SIGHUP)
+        finally:
+            hold.set()
+        assert proc.stderr is not None
+        err = proc.stderr.read()
+        status = proc.wait(20)
+    feeder.join(10)
+    assert (status, err) == (0, b"")
+    assert dst.read_bytes() == data
 
 
 # ---------------------------------------------------------------------------
