@@ -297,6 +297,9 @@ def test_a_proxy_stopping_its_other_direction_has_it_asked_again(monkeypatch) ->
     r4, w4 = os.pipe()
     os.close(r2)
     relay = fastpipe.proxy((r1, w4), (r3, w2))
+    # Started: a direction still waiting for its worker's thread would be
+    # taken back and dropped, with nothing to ask again.
+    wait_for(lambda: relay._jobs[1].started)
     os.write(w1, b"data that cannot be delivered")
     with pytest.raises(BrokenPipeError):
         relay.result(timeout=10)
