@@ -173,11 +173,13 @@ def test_keyboard_interrupt_reaches_copy_fd_in_main_thread() -> None:
 def test_idle_timeout_fails_with_timeout_error() -> None:
     r, w = os.pipe()
     devnull = os.open(os.devnull, os.O_WRONLY)
-    relay = fastpipe.relay(r, devnull, idle_timeout=0.2)
-    # Before the write: the last byte moves after it, so the timeout cannot
-    # fire sooner than 0.2 s from here, however this thread is scheduled.
-    start = time.monotonic()
+    # The bytes are there before the relay starts: a timeout that fired
+    # before this thread wrote them would copy none.  The clock starts
+    # before the relay, so the timeout cannot fire sooner than 0.2 s from
+    # here, however this thread is scheduled.
     os.write(w, b"abc")
+    start = time.monotonic()
+    relay = fastpipe.relay(r, devnull, idle_timeout=0.2)
     exc = relay.exception(timeout=30)
     assert isinstance(exc, TimeoutError)
     # Not early (the core rounds the deadline to whole milliseconds), and
