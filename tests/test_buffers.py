@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 
 import fastpipe
 
@@ -59,22 +58,22 @@ def test_trim_buffers_frees_only_idle_ones(endpoints: Endpoints) -> None:
     r, w = os.pipe()
     # Nobody reads the pipe yet: the relay fills it and then holds its
     # buffers with the bytes still in flight.
-    relay = fastpipe.relay(src.disown(), w, zerocopy=False)
-    deadline = time.monotonic() + 10
-    while fastpipe.buffer_stats()["in_use"] == 0:
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    held = fastpipe.buffer_stats()["in_use"]
-    fastpipe.trim_buffers()
-    stats = fastpipe.buffer_stats()
-    assert stats["in_use"] == held
-    assert stats["free"] == 0
-    assert stats["allocated"] == held
-    got = bytearray()
-    while chunk := os.read(r, 1 << 20):
-        got += chunk
-    os.close(r)
-    assert relay.result(timeout=10) == len(data)
+    with fastpipe.WorkerPool() as pool:
+        relay = pool.relay(src.disown(), w, zerocopy=False)
+        # Parked on the full pipe: no longer taking buffers as it reads ahead.
+        wait_for(lambda: pool.stats()["parked"] == 1)
+        held = fastpipe.buffer_stats()["in_use"]
+        assert held > 0
+        fastpipe.trim_buffers()
+        stats = fastpipe.buffer_stats()
+        assert stats["in_use"] == held
+        assert stats["free"] == 0
+        assert stats["allocated"] == held
+        got = bytearray()
+        while chunk := os.read(r, 1 << 20):
+            got += chunk
+        os.close(r)
+        assert relay.result(timeout=10) == len(data)
     assert bytes(got) == data
     stats = fastpipe.buffer_stats()
     assert stats["in_use"] == 0
