@@ -810,11 +810,20 @@ def test_a_loop_completes_the_relays_in_its_own_thread() -> None:
     pool = WorkerPool()
     try:
         ready = pool._ready_fd()
+        # The completer thread takes whatever it finds when it wakes, and it
+        # wakes to start the first worker.  A first relay has it do that;
+        # asleep again, with that worker idle, nothing wakes it.
+        warm_up = pool.relay(os.open(os.devnull, os.O_RDONLY), os.open(os.devnull, os.O_WRONLY))
+        assert warm_up.result(timeout=30) == 0
+        wait_for(lambda: pool._core.completer_asleep() and pool.stats()["idle"] == 1)
+        pool._complete_ready()
+        assert select.select([ready], [], [], 0)[0] == []
+        # Its bytes there first: the idle worker runs it to the end at once.
+        os.write(w, b"through the loop")
+        os.close(w)
         relay = pool.relay(r, out_w)
         ran_in: list[int] = []
         relay.add_done_callback(lambda _: ran_in.append(threading.get_ident()))
-        os.write(w, b"through the loop")
-        os.close(w)
         assert select.select([ready], [], [], 30)[0] == [ready]
         pool._complete_ready()
         assert relay.done() and relay.result() == 16

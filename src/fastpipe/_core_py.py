@@ -2958,6 +2958,11 @@ class PoolCore:
             return None
         return self._adopt(head), [_new_handle(w) for w in spawn]
 
+    def completer_asleep(self) -> bool:
+        """Whether the completer thread waits in take_done() for a wake-up."""
+        with self.lock:
+            return self.completer_waiting
+
     def ready_fd(self) -> int:
         """Have the caller's event loop take finished jobs: return an fd
         that turns readable when some are ready for take_ready().

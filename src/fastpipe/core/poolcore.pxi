@@ -686,6 +686,15 @@ cdef class PoolCore:
             spawn = nxt
         return self._adopt(head), handles
 
+    def completer_asleep(self):
+        """Whether the completer thread waits in take_done() for a wake-up."""
+        cdef bint asleep
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+            asleep = self.completer_waiting
+            pthread_mutex_unlock(&self.lock)
+        return asleep
+
     def ready_fd(self):
         """Have the caller's event loop take finished jobs: return an fd
         that turns readable when some are ready for take_ready().
