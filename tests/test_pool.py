@@ -68,30 +68,62 @@ def test_n_running_relays_grow_to_n_workers_and_are_reused(n: int) -> None:
     with WorkerPool() as pool:
         before = worker_threads()
         wave = [held_relay(pool) for _ in range(n)]
-        wait_for(lambda: pool.stats()["busy"] == n)
-        assert pool.stats() == {
-            "workers": n,
-            "idle": 0,
-            "busy": n,
-            "queued": 0,
-            "peak": n,
-            "parked": 0,
-        }
-        first = worker_threads() - before
-        assert len(first) == n
-        for _, held in wave:
-            held.release()
+        try:  # released whatever happens: shutdown() waits for them
+            wait_for(lambda: pool.stats()["busy"] == n)
+            assert pool.stats() == {
+                "workers": n,
+                "idle": 0,
+                "busy": n,
+                "queued": 0,
+                "peak": n,
+                "parked": 0,
+            }
+            first = worker_threads() - before
+            assert len(first) == n
+        finally:
+            for _, held in wave:
+                held.release()
         assert [r.result(timeout=10) for r, _ in wave] == [0] * n
         wait_for(lambda: pool.stats()["idle"] == n)
 
         wave = [held_relay(pool) for _ in range(n)]
-        wait_for(lambda: pool.stats()["busy"] == n)
-        assert pool.stats()["workers"] == n
-        assert worker_threads() - before == first  # the same threads again
-        for _, held in wave:
-            held.release()
+        try:
+            wait_for(lambda: pool.stats()["busy"] == n)
+            assert pool.stats()["workers"] == n
+            assert worker_threads() - before == first  # the same threads again
+        finally:
+            for _, held in wave:
+                held.release()
         assert [r.result(timeout=10) for r, _ in wave] == [0] * n
         assert pool.stats()["peak"] == n
+
+
+def test_threads_slow_to_start_are_not_asked_for_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a busy machine a new thread may take a while to run.  Workers that
+    block meanwhile (each relay here holds its worker in a flush) see the
+    copies still queued, but the threads asked for already will take them:
+    the pool still ends with one worker per running relay, and none idle."""
+    n = 12
+    with WorkerPool() as pool:
+        start_thread = pool._start_thread
+
+        def slow_start(target, args, kind):  # type: ignore[no-untyped-def]
+            def late(*a):  # type: ignore[no-untyped-def]
+                time.sleep(0.3)  # a machine slow to run a new thread
+                return target(*a)
+
+            return start_thread(late, args, kind)
+
+        monkeypatch.setattr(pool, "_start_thread", slow_start)
+        wave = [held_relay(pool) for _ in range(n)]
+        try:
+            wait_for(lambda: all(held.flushing.is_set() for _, held in wave), timeout=60)
+            stats = pool.stats()
+        finally:
+            for _, held in wave:
+                held.release()
+        assert [r.result(timeout=30) for r, _ in wave] == [0] * n
+        assert (stats["workers"], stats["busy"], stats["idle"]) == (n, n, 0), stats
 
 
 @pytest.mark.parametrize("n", [1, 16, 200])

@@ -2462,7 +2462,7 @@ SPAWN_CAP_MIN = 4
 class CWorker:
     """One worker: its semaphore and what is handed to it."""
 
-    __slots__ = ("wake", "job", "idle", "blocking", "exit_flag")
+    __slots__ = ("wake", "job", "idle", "blocking", "coming", "exit_flag")
 
     def __init__(self) -> None:
         # The semaphore: held until posted (released), once per hand-out.
@@ -2471,6 +2471,7 @@ class CWorker:
         self.job: CopyState | None = None  # set by whoever posts wake
         self.idle = False  # a follower, on the idle list
         self.blocking = False  # counted in n_blocking (see _before_blocking)
+        self.coming = False  # counted in n_coming (see _maybe_spawn)
         self.exit_flag = False
 
 
@@ -2548,6 +2549,7 @@ class PoolCore:
         self.n_busy = 0
         self.n_queued = 0
         self.n_blocking = 0  # workers blocked outside the pool's control
+        self.n_coming = 0  # asked for by _maybe_spawn, not yet looked at the pool
         self.completer_waiting = False
         _poller_close(self.poller)
         # The loop that took finished jobs is the parent's: the child's
@@ -2672,6 +2674,11 @@ class PoolCore:
             return
         if not self.queue and not self._unpolled():
             return
+        # Threads asked for and not started yet will take those copies: a
+        # thread that is slow to start (a busy machine) must not have every
+        # worker that blocks meanwhile ask for one more.
+        if self.n_coming >= self.n_queued + int(self._unpolled()):
+            return
         if not now_please:
             now = _now_ms()
             if now - self.spawn_ms < SPAWN_AFTER_MS:
@@ -2680,7 +2687,10 @@ class PoolCore:
                 if not self._unpolled():
                     return
             self.spawn_ms = now
-        self.spawn_head.append(self._new_worker(None))
+        w = self._new_worker(None)
+        w.coming = True
+        self.n_coming += 1
+        self.spawn_head.append(w)
         if self.completer_waiting:
             self.done_cond.notify()
 
@@ -2912,6 +2922,8 @@ class PoolCore:
             st = w.job
             w.job = None
             self.n_workers -= 1
+            if w.coming:
+                self.n_coming -= 1
             taken_back = False
             if st is not None and st.jstate == J_HANDED:
                 self.n_busy -= 1
@@ -3329,6 +3341,10 @@ class PoolCore:
         counted_out = False
         self.lock.acquire()
         try:
+            if w.coming:
+                # Here at last: from this lock on, it takes what it was asked for.
+                w.coming = False
+                self.n_coming -= 1
             self._unblocked(w)  # a copy that waited in its thread has ended or parked
             if done is not None:
                 self._file_done(done)

@@ -48,6 +48,7 @@ cdef struct CWorker:
     CopyState *job          # set by whoever posts wake; read by the worker
     bint idle               # a follower, on the idle list
     bint blocking           # counted in n_blocking (see _before_blocking)
+    bint coming             # counted in n_coming (see _maybe_spawn)
     bint exit_flag
     fp_alarm alarm          # this thread's stall alarm (see _arm_stall)
 
@@ -87,6 +88,7 @@ cdef class PoolCore:
     cdef CopyState *done_tail
     cdef int n_workers, n_idle, n_busy, n_queued, peak
     cdef int n_blocking           # workers blocked outside the pool's control
+    cdef int n_coming             # asked for by _maybe_spawn, not yet looked at the pool
     cdef int max_workers          # -1: no limit
     # Past this many workers, copies that are merely ready (not stranded by
     # a worker about to block) wait for a running one instead of getting a
@@ -139,6 +141,7 @@ cdef class PoolCore:
         self.queue_head = self.queue_tail = NULL
         self.done_head = self.done_tail = NULL
         self.n_workers = self.n_idle = self.n_busy = self.n_queued = self.n_blocking = 0
+        self.n_coming = 0
         self.completer_waiting = False
         _poller_close(&self.poller)
         # The loop that took finished jobs is the parent's: the child's
@@ -300,6 +303,11 @@ cdef class PoolCore:
             return
         if self.queue_head == NULL and not self._unpolled():
             return
+        # Threads asked for and not started yet will take those copies: a
+        # thread that is slow to start (a busy machine) must not have every
+        # worker that blocks meanwhile ask for one more.
+        if self.n_coming >= self.n_queued + <int>self._unpolled():
+            return
         if not now_please:
             now = _now_ms()
             if now - self.spawn_ms < SPAWN_AFTER_MS:
@@ -311,6 +319,8 @@ cdef class PoolCore:
         w = self._new_worker(NULL)
         if w == NULL:
             return  # no memory: the copies wait for the workers there are
+        w.coming = True
+        self.n_coming += 1
         w.next = self.spawn_head
         self.spawn_head = w
         if self.completer_waiting:
@@ -624,6 +634,8 @@ cdef class PoolCore:
             st = w.job
             w.job = NULL
             self.n_workers -= 1
+            if w.coming:
+                self.n_coming -= 1
             if st != NULL and st.jstate == J_HANDED:
                 self.n_busy -= 1
                 st.jstate = J_DONE
@@ -1116,6 +1128,10 @@ cdef class PoolCore:
         cdef bint counted_out = False
         cdef int r
         pthread_mutex_lock(&self.lock)
+        if w.coming:
+            # Here at last: from this lock on, it takes what it was asked for.
+            w.coming = False
+            self.n_coming -= 1
         self._unblocked(w)  # a copy that waited in its thread has ended or parked
         if done != NULL:
             self._file_done(done)
