@@ -358,25 +358,48 @@ def test_help() -> None:
     assert b"--keep-partial" in proc.stdout
 
 
-def test_sigint_without_a_terminal_exits_130_and_removes_the_partial_file(
-    tmp_path: Path,
-) -> None:
+def signal_mid_copy(
+    tmp_path: Path, signum: int, *args: str, hup: str = "SIG_DFL", finish: bool = False
+) -> tuple[int, bytes, Path, bytes]:
+    """``fastpipe cp ARGS FIFO DST``, sent ``signum`` once its first bytes
+    are in DST; returns its exit status, its stderr, DST and the bytes fed.
+
+    The rest of the bytes wait until the copy has exited, so an interrupted
+    copy is partial whatever the machine's speed; with ``finish`` they come
+    once the signal is sent, for a copy that goes on to the end.  ``hup`` is
+    as ``cp_command()`` takes it.
+    """
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     dst = tmp_path / "copy.bin"
     data = os.urandom(1 << 20)
     hold = threading.Event()
     feeder = feed_fifo(fifo, data, chunk=1 << 14, hold=hold)
-    with subprocess.Popen(
-        [*cp_command(), str(fifo), str(dst)], stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
-    ) as proc:
-        wait_for(lambda: dst.exists() and dst.stat().st_size > 0)
-        proc.send_signal(signal.SIGINT)
-        assert proc.stderr is not None
-        err = proc.stderr.read()
-        status = proc.wait(20)
-    hold.set()  # the rest finds no reader
-    feeder.join(10)
+    try:
+        with subprocess.Popen(
+            [*cp_command(hup=hup), *args, str(fifo), str(dst)],
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+        ) as proc:
+            try:
+                wait_for(lambda: dst.exists() and dst.stat().st_size > 0)
+                proc.send_signal(signum)
+            finally:
+                if finish:
+                    hold.set()
+            assert proc.stderr is not None
+            err = proc.stderr.read()
+            status = proc.wait(20)
+    finally:
+        hold.set()  # the rest finds no reader, if the copy is gone
+        feeder.join(10)
+    return status, err, dst, data
+
+
+def test_sigint_without_a_terminal_exits_130_and_removes_the_partial_file(
+    tmp_path: Path,
+) -> None:
+    status, err, dst, _ = signal_mid_copy(tmp_path, signal.SIGINT)
     assert status == 130
     assert err == b"fastpipe: interrupted\n"
     assert not dst.exists()
@@ -389,25 +412,8 @@ def test_sigterm_or_sighup_interrupts_like_ctrl_c(
 ) -> None:
     """What `timeout`, `kill` or a closed terminal send: the same clean-up as
     Ctrl-C (the partial file removed unless --keep-partial), and 128 + N."""
-    fifo = tmp_path / "fifo"
-    os.mkfifo(fifo)
-    dst = tmp_path / "copy.bin"
-    data = os.urandom(1 << 20)
-    hold = threading.Event()
-    feeder = feed_fifo(fifo, data, chunk=1 << 14, hold=hold)
     extra = ["--keep-partial"] if keep else []
-    with subprocess.Popen(
-        [*cp_command(), *extra, str(fifo), str(dst)],
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-    ) as proc:
-        wait_for(lambda: dst.exists() and dst.stat().st_size > 0)
-        proc.send_signal(signum)
-        assert proc.stderr is not None
-        err = proc.stderr.read()
-        status = proc.wait(20)
-    hold.set()  # the rest finds no reader
-    feeder.join(10)
+    status, err, dst, data = signal_mid_copy(tmp_path, signum, *extra)
     assert status == 128 + signum
     assert err == f"fastpipe: stopped by {signum.name}\n".encode()
     if keep:
@@ -420,29 +426,9 @@ def test_sigterm_or_sighup_interrupts_like_ctrl_c(
 
 def test_sighup_ignored_at_start_stays_ignored(tmp_path: Path) -> None:
     """Under ``nohup`` a closed terminal does not stop the copy: it goes on
-    to the end, whole."""
-    fifo = tmp_path / "fifo"
-    os.mkfifo(fifo)
-    dst = tmp_path / "copy.bin"
-    data = os.urandom(1 << 20)
-    hold = threading.Event()
-    feeder = feed_fifo(fifo, data, chunk=1 << 14, hold=hold)
-    with subprocess.Popen(
-        [*cp_command(hup="SIG_IGN"), str(fifo), str(dst)],
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-    ) as proc:
-        try:
-            wait_for(lambda: dst.exists() and dst.stat().st_size > 0)
-            # An ignored signal is dropped when it is sent: once kill()
-            # returns, it can no longer reach the copy.
-            proc.send_signal(signal.SIGHUP)
-        finally:
-            hold.set()
-        assert proc.stderr is not None
-        err = proc.stderr.read()
-        status = proc.wait(20)
-    feeder.join(10)
+    to the end, whole.  (An ignored signal is dropped when it is sent: once
+    kill() returns, it can no longer reach the copy.)"""
+    status, err, dst, data = signal_mid_copy(tmp_path, signal.SIGHUP, hup="SIG_IGN", finish=True)
     assert (status, err) == (0, b"")
     assert dst.read_bytes() == data
 
