@@ -9,13 +9,14 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
 import fastpipe
 from fastpipe import WorkerPool
 
-from conftest import exit_code_in_child, held_relay, wait_for
+from conftest import HeldWriter, exit_code_in_child, held_relay, wait_for
 
 
 def idle_relay(pool: WorkerPool) -> tuple[fastpipe.Relay, int]:
@@ -63,12 +64,25 @@ def test_sequential_relays_start_no_new_threads() -> None:
         assert pool.stats()["peak"] == 1
 
 
+@contextlib.contextmanager
+def held_wave(pool: WorkerPool, n: int) -> Iterator[list[HeldWriter]]:
+    """n relays, each holding its worker in a flush until the block ends;
+    then released whatever happens (shutdown() would wait for them), and
+    checked to end with 0."""
+    wave = [held_relay(pool) for _ in range(n)]
+    try:
+        yield [held for _, held in wave]
+    finally:
+        for _, held in wave:
+            held.release()
+    assert [r.result(timeout=30) for r, _ in wave] == [0] * n
+
+
 @pytest.mark.parametrize("n", [1, 5, 16])
 def test_n_running_relays_grow_to_n_workers_and_are_reused(n: int) -> None:
     with WorkerPool() as pool:
         before = worker_threads()
-        wave = [held_relay(pool) for _ in range(n)]
-        try:  # released whatever happens: shutdown() waits for them
+        with held_wave(pool, n):
             wait_for(lambda: pool.stats()["busy"] == n)
             assert pool.stats() == {
                 "workers": n,
@@ -80,21 +94,12 @@ def test_n_running_relays_grow_to_n_workers_and_are_reused(n: int) -> None:
             }
             first = worker_threads() - before
             assert len(first) == n
-        finally:
-            for _, held in wave:
-                held.release()
-        assert [r.result(timeout=10) for r, _ in wave] == [0] * n
         wait_for(lambda: pool.stats()["idle"] == n)
 
-        wave = [held_relay(pool) for _ in range(n)]
-        try:
+        with held_wave(pool, n):
             wait_for(lambda: pool.stats()["busy"] == n)
             assert pool.stats()["workers"] == n
             assert worker_threads() - before == first  # the same threads again
-        finally:
-            for _, held in wave:
-                held.release()
-        assert [r.result(timeout=10) for r, _ in wave] == [0] * n
         assert pool.stats()["peak"] == n
 
 
@@ -115,14 +120,9 @@ def test_threads_slow_to_start_are_not_asked_for_twice(monkeypatch: pytest.Monke
             return start_thread(late, args, kind)
 
         monkeypatch.setattr(pool, "_start_thread", slow_start)
-        wave = [held_relay(pool) for _ in range(n)]
-        try:
-            wait_for(lambda: all(held.flushing.is_set() for _, held in wave), timeout=60)
+        with held_wave(pool, n) as held:
+            wait_for(lambda: all(h.flushing.is_set() for h in held), timeout=60)
             stats = pool.stats()
-        finally:
-            for _, held in wave:
-                held.release()
-        assert [r.result(timeout=30) for r, _ in wave] == [0] * n
         assert (stats["workers"], stats["busy"], stats["idle"]) == (n, n, 0), stats
 
 
